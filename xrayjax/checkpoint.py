@@ -1,0 +1,84 @@
+"""Checkpoints: the only module that imports orbax.
+
+One CheckpointManager per (fold, stage) directory keeps the latest checkpoint
+(to resume) and the best by validation accuracy (to evaluate). A stage that
+finished writes `summary.json` beside them; its presence means "skip me".
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from xrayjax import files
+
+SUMMARY = "summary.json"
+
+
+def _metric(metrics) -> float:
+  return float(metrics["select_metric"])
+
+
+class StageCheckpoints:
+  """Latest + best checkpoints of one training stage."""
+
+  def __init__(self, directory: str):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_metric, best_mode="max",
+        preservation_policy=pp.AnyPreservationPolicy(
+            [pp.LatestN(1), pp.BestN(get_metric_fn=_metric, n=1)]),
+        cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def save(self, state, step: int, metrics: dict) -> None:
+    """Saves `state` at `step` with `metrics` (which must hold `select_metric`)."""
+    # Orbax silently skips a step that exists even with force=True: never re-save one.
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.StandardSave(state),
+                       metrics={k: float(v) for k, v in metrics.items()})
+    self._manager.wait_until_finished()
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    return self._manager.best_step()
+
+  def restore(self, step: int, like):
+    """Restores `step` into the structure and shardings of `like`."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def restore_or_init(self, init_state):
+    """(state, step): the latest checkpoint, or `init_state` and 0 if there is none."""
+    step = self.latest_step()
+    if step is None:
+      return init_state, 0
+    return self.restore(step, init_state), step
+
+  def best(self, like):
+    step = self.best_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}; train this stage first")
+    return self.restore(step, like)
+
+  def metrics(self, step: int) -> dict:
+    return dict(self._manager.metrics(step) or {})
+
+  def finish(self, summary: dict) -> None:
+    files.write_json(os.path.join(self.directory, SUMMARY), summary)
+
+  def summary(self) -> dict | None:
+    path = os.path.join(self.directory, SUMMARY)
+    if not os.path.exists(path):
+      return None
+    return files.read_json(path)
+
+  def close(self) -> None:
+    self._manager.close()
+

@@ -1,0 +1,46 @@
+"""Run outputs: results.json, per-fold CSV, per-image predictions, printed summary."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from xrayjax import files
+from xrayjax.evaluate import metrics as metrics_lib
+
+
+def write(workdir: str, results: dict, predictions: list[dict], name: str = "results") -> None:
+  """Writes `{name}.json`, `{name}_folds.csv` and `{name}_predictions.csv`."""
+  files.write_json(os.path.join(workdir, f"{name}.json"), results)
+  rows = [{"fold": i, **metrics_lib.flat(m)} for i, m in enumerate(results["fold_metrics"])]
+  files.write_csv(os.path.join(workdir, f"{name}_folds.csv"), rows)
+  files.write_csv(os.path.join(workdir, f"{name}_predictions.csv"), predictions)
+
+
+def summary_text(results: dict) -> str:
+  """A short human summary: protocol, fold mean ± sd, per-class, summed confusion."""
+  classes = results["classes"]
+  agg = results["across_folds"]["metrics"]
+  lines = [
+      f"xrayjax DETL | model {results['model']} | protocol {results['protocol']} | "
+      f"data {results['data']} | stage A: {results['stage_a']}",
+  ]
+  if results.get("warnings"):
+    lines += [f"WARNING: {w}" for w in results["warnings"]]
+  lines.append(f"{results['across_folds']['folds']}-fold cross-validation on Data-B "
+               f"({results['num_images']} images, {results['num_patients']} patients):")
+  for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
+    lines.append(f"  {key:<18} {100 * agg[key]['mean']:6.2f}% ± {100 * agg[key]['sd']:.2f}")
+  lines.append("  per class (mean over folds): sensitivity / specificity / PPV / AUROC")
+  for c in classes:
+    lines.append("    {:<14} {:6.2f}% / {:6.2f}% / {:6.2f}% / {:.3f}".format(
+        c, *(100 * agg[f"{c}/{m}"]["mean"] for m in ("sensitivity", "specificity", "ppv")),
+        agg[f"{c}/auroc"]["mean"]))
+  cm = np.array(results["across_folds"]["confusion_summed"])
+  width = max(len(c) for c in classes) + 2
+  lines.append("  confusion matrix summed over folds (rows = truth, columns = prediction):")
+  lines.append(" " * (width + 4) + "".join(f"{c[:width]:>{width}}" for c in classes))
+  for c, row in zip(classes, cm):
+    lines.append(f"    {c:<{width}}" + "".join(f"{v:>{width}d}" for v in row))
+  return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""DETL experiments: data plan per protocol, stage A -> stage B per fold, aggregation.
+
+Protocols (config.protocol):
+  corrected (default): patient-grouped stratified folds (a true partition); a
+    validation split carved from each fold's training patients selects the
+    stage-B checkpoint; no Data-A patient is in Data-B; Data-A's validation
+    split is patient-grouped too.
+  paper: the published recipe: image-level folds, stage B keeps its last
+    weights (the paper names no stage-B selection rule and no validation split),
+    Data-A and Data-B are drawn independently (patients may be shared), and
+    Data-A's validation split is a random image-level carve.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import flax
+import jax
+import numpy as np
+from absl import logging
+
+from xrayjax import files, models, train
+from xrayjax.data import pipeline, sources, splits, tasks
+from xrayjax.evaluate import metrics as metrics_lib
+from xrayjax.evaluate import report
+from xrayjax import sharding
+
+PROTOCOLS = ("corrected", "paper")
+MODES = ("train", "eval")
+
+
+def _seed(*parts: int) -> int:
+  return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] % (2**31))
+
+
+# --- data plan --------------------------------------------------------------------------------
+
+
+def plan(meta: dict[str, np.ndarray], config) -> dict:
+  """Image indices of every partition, from metadata only; checked for integrity."""
+  if config.protocol not in PROTOCOLS:
+    raise ValueError(f"unknown protocol {config.protocol!r}; valid protocols: {PROTOCOLS}")
+  grouped = config.protocol == "corrected"
+  rng = np.random.default_rng(_seed(config.seed, 0))
+  patients = meta["patient_id"]
+  task_a, task_b = tasks.get("data_a"), tasks.get("data_b")
+  labels_a, labels_b = task_a.labels(meta["label"]), task_b.labels(meta["label"])
+
+  def sample(labels, classes, sizes, exclude=()):
+    excluded = np.isin(patients, list(exclude))
+    chosen = []
+    for c, name in enumerate(classes):
+      candidates = np.flatnonzero((labels == c) & ~excluded)
+      chosen.append(splits.sample_patients(candidates, patients, int(sizes.get(name, 0)), rng))
+    return np.sort(np.concatenate(chosen))
+
+  data_b = sample(labels_b, task_b.classes, config.data_b.images_per_class)
+  # Corrected: Data-A never contains a Data-B patient (the paper drew both from NIH).
+  exclude = set(patients[data_b]) if grouped else ()
+  data_a = sample(labels_a, task_a.classes, config.data_a.images_per_class, exclude)
+  a_train, a_val = splits.carve(data_a, labels_a, patients, config.data_a.val_fraction,
+                                _seed(config.seed, 1), grouped)
+  folds = []
+  for k, test in enumerate(splits.kfold(labels_b[data_b], patients[data_b], config.folds,
+                                        _seed(config.seed, 2), grouped)):
+    test = data_b[test]
+    rest = np.setdiff1d(data_b, test)
+    if grouped:
+      b_train, b_val = splits.carve(rest, labels_b, patients, config.data_b.val_fraction,
+                                    _seed(config.seed, 3, k), grouped)
+      splits.check_disjoint_patients({"train": b_train, "val": b_val, "test": test}, patients)
+    else:
+      b_train, b_val = rest, np.array([], np.int64)
+    folds.append({"train": b_train, "val": b_val, "test": test})
+  splits.check_folds([np.searchsorted(data_b, f["test"]) for f in folds], len(data_b))
+  if grouped:
+    splits.check_disjoint_patients({"data_a_train": a_train, "data_a_val": a_val}, patients)
+    splits.check_disjoint_patients({"data_a": data_a, "data_b": data_b}, patients)
+  return {"labels_a": labels_a, "labels_b": labels_b, "a_train": a_train, "a_val": a_val,
+          "data_b": data_b, "folds": folds}
+
+
+def describe(meta, p, config) -> dict:
+  """Counts per class for every partition, per site for Data-B, and patient overlap."""
+  def counts(idx, labels, classes):
+    return {c: int(np.sum(labels[idx] == i)) for i, c in enumerate(classes)}
+
+  a, b = tasks.get("data_a").classes, tasks.get("data_b").classes
+  out = {"data_a_train": counts(p["a_train"], p["labels_a"], a),
+         "data_a_val": counts(p["a_val"], p["labels_a"], a),
+         "data_b": counts(p["data_b"], p["labels_b"], b)}
+  for k, f in enumerate(p["folds"]):
+    for part in ("train", "val", "test"):
+      out[f"fold{k}_{part}"] = counts(f[part], p["labels_b"], b)
+  sites = meta["site"][p["data_b"]]
+  out["data_b_label_by_site"] = {
+      s: counts(p["data_b"][sites == s], p["labels_b"], b) for s in sorted(set(sites))}
+  a_patients = set(meta["patient_id"][np.concatenate([p["a_train"], p["a_val"]])])
+  out["data_b_patients_also_in_data_a"] = len(set(meta["patient_id"][p["data_b"]]) & a_patients)
+  return out
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+
+def transfer(source, target, head_layer: str):
+  """`target` with every layer but `head_layer` taken from `source` (DETL's head swap)."""
+  src = flax.traverse_util.flatten_dict(source, sep="/")
+  out = {}
+  for path, value in flax.traverse_util.flatten_dict(target, sep="/").items():
+    if path.split("/")[0] == head_layer:
+      out[path] = value
+      continue
+    if path not in src or src[path].shape != value.shape:
+      found = src[path].shape if path in src else "missing"
+      raise ValueError(f"cannot transfer stage-A weights: layer {path} expects {value.shape}, "
+                       f"stage A has {found}; stage A and B must use the same model config")
+    out[path] = src[path]
+  return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def _init_params(model, image_size: int, seed: int):
+  dummy = np.zeros((1, image_size, image_size, 1), np.float32)
+  return jax.jit(lambda k: model.init({"params": k}, dummy, train=False)["params"])(
+      jax.random.PRNGKey(seed))
+
+
+# --- run --------------------------------------------------------------------------------------
+
+
+def check_workdir_config(workdir: str, config, allow_change: bool) -> None:
+  """Refuses to reuse a workdir whose saved config differs (unless allowed)."""
+  path = os.path.join(workdir, "config.json")
+  current = config.to_dict()
+  if os.path.exists(path):
+    saved = files.read_json(path)
+    diffs = _diff(flax.traverse_util.flatten_dict(saved, sep="."),
+                  flax.traverse_util.flatten_dict(_jsonable(current), sep="."))
+    if diffs and not allow_change:
+      raise ValueError(
+          f"{workdir} holds a run with a different config; differing fields:\n  "
+          + "\n  ".join(diffs)
+          + "\nUse a new --workdir, or pass --allow_config_change to resume with the new "
+            "config (finished stages are kept as they are).")
+    if diffs:
+      logging.warning("config changed in %s: %s", workdir, "; ".join(diffs))
+      files.write_json(os.path.join(workdir, f"config.{int(time.time())}.json"), saved)
+  files.write_json(path, _jsonable(current))
+
+
+def _jsonable(obj):
+  if isinstance(obj, dict):
+    return {k: _jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  return obj
+
+
+def _diff(old: dict, new: dict) -> list[str]:
+  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def run(config, workdir: str, mode: str = "train", allow_config_change: bool = False) -> dict:
+  """Runs (or, with mode="eval", re-evaluates) a DETL experiment in `workdir`."""
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; valid modes: {MODES}")
+  if not config.stage_a.enabled and any(r == "freeze" for _, r in config.stage_b.param_rules):
+    raise ValueError("stage_a.enabled=False with frozen stage-B layers would train a head on "
+                     "random features; use the config arg init=scratch")
+  os.makedirs(workdir, exist_ok=True)
+  if mode == "train":
+    check_workdir_config(workdir, config, allow_config_change)
+  start = time.time()
+  mesh = sharding.make_mesh()
+  model_cls, spec = models.get(config.model_name), models.spec(config.model_name)
+
+  # --- data ---
+  builder = sources.builder(config.data)
+  meta = pipeline.read_metadata(builder)
+  p = plan(meta, config)
+  files.write_json(os.path.join(workdir, "splits.json"), {
+      "data_a_train": meta["image_id"][p["a_train"]].tolist(),
+      "data_a_val": meta["image_id"][p["a_val"]].tolist(),
+      "folds": [{k: meta["image_id"][v].tolist() for k, v in f.items()} for f in p["folds"]]})
+  data_summary = describe(meta, p, config)
+  logging.info("data plan: %s", {k: v for k, v in data_summary.items() if k.startswith("data")})
+
+  def dataset(idx, labels):
+    return pipeline.select(builder, meta["image_id"][idx], labels[idx], config.data.image_size)
+
+  common = dict(augment_cfg=config.augment, mesh=mesh, log_every=config.log_every,
+                require_finished=mode == "eval")
+
+  # --- stage A: from scratch on Data-A ---
+  stage_a_summary = None
+  if config.stage_a.enabled:
+    model_a = model_cls(num_classes=2, **config.model)
+    params_a, stage_a_summary = train.train_stage(
+        name="stage_a", model=model_a,
+        init_params=_init_params(model_a, config.data.image_size, _seed(config.seed, 10)),
+        rules=((".*", "train"),), groups=spec.PARAM_GROUPS, cfg=config.stage_a, select="best",
+        data=train.StageData(dataset(p["a_train"], p["labels_a"]), len(p["a_train"]),
+                             dataset(p["a_val"], p["labels_a"]), len(p["a_val"])),
+        ckpt_dir=os.path.join(workdir, "stage_a"), seed=_seed(config.seed, 11),
+        tb_dir=os.path.join(workdir, "tensorboard", "stage_a"), **common)
+
+  # --- stage B: per fold, on Data-B ---
+  classes = tasks.get("data_b").classes
+  model_b = model_cls(num_classes=len(classes), **config.model)
+  fold_metrics, predictions, fold_summaries = [], [], []
+  for k, fold in enumerate(p["folds"]):
+    init = _init_params(model_b, config.data.image_size, _seed(config.seed, 20, k))
+    if config.stage_a.enabled:
+      init = transfer(params_a, init, spec.HEAD_LAYER)
+    val = (dataset(fold["val"], p["labels_b"]), len(fold["val"])) if len(fold["val"]) else \
+        (None, 0)
+    params_b, summary = train.train_stage(
+        name=f"fold{k}/stage_b", model=model_b, init_params=init,
+        rules=tuple(config.stage_b.param_rules), groups=spec.PARAM_GROUPS, cfg=config.stage_b,
+        select="best" if config.protocol == "corrected" else "last",
+        data=train.StageData(dataset(fold["train"], p["labels_b"]), len(fold["train"]), *val),
+        ckpt_dir=os.path.join(workdir, f"fold{k}", "stage_b"), seed=_seed(config.seed, 21, k),
+        tb_dir=os.path.join(workdir, "tensorboard", f"fold{k}"), **common)
+    fold_summaries.append(summary)
+    probs, labels, index = train.predict_dataset(
+        train.make_predict_fn(model_b, mesh), params_b, dataset(fold["test"], p["labels_b"]),
+        len(fold["test"]), config.stage_b.eval_batch_size, mesh)
+    m = metrics_lib.classification(labels, probs, classes)
+    fold_metrics.append(m)
+    logging.info("[fold%d] test accuracy %.4f, macro F1 %.4f", k, m["accuracy"], m["macro_f1"])
+    rows = fold["test"][index]
+    for i, r in enumerate(rows):
+      predictions.append({"fold": k, "image_id": meta["image_id"][r],
+                          "patient_id": meta["patient_id"][r], "site": meta["site"][r],
+                          "label": classes[labels[i]], "prediction": classes[probs[i].argmax()],
+                          **{f"p_{c}": float(probs[i, j]) for j, c in enumerate(classes)}})
+
+  # --- aggregate and report ---
+  warnings = []
+  if config.data.source == "synthetic" and config.data.synthetic.site_confounding > 0:
+    warnings.append(f"the data are site-confounded (site_confounding="
+                    f"{config.data.synthetic.site_confounding}): site markers and exposure "
+                    "curves predict the label, so these scores may measure a shortcut")
+  if data_summary["data_b_patients_also_in_data_a"]:
+    warnings.append(f"{data_summary['data_b_patients_also_in_data_a']} Data-B patients are also "
+                    "in Data-A (paper protocol): stage A has seen them")
+  results = {
+      "method": "DETL", "protocol": config.protocol, "model": config.model_name,
+      "data": f"{config.data.source}", "classes": list(classes),
+      "stage_a": ("trained on Data-A, val accuracy "
+                  f"{stage_a_summary['selected_metrics'].get('val_accuracy', float('nan')):.4f}"
+                  if stage_a_summary else "none (trained from scratch on Data-B)"),
+      "stage_a_summary": stage_a_summary, "stage_b_summaries": fold_summaries,
+      "num_images": int(len(p["data_b"])),
+      "num_patients": int(len(set(meta["patient_id"][p["data_b"]]))),
+      "data_summary": data_summary, "warnings": warnings,
+      "fold_metrics": fold_metrics, "across_folds": metrics_lib.across_folds(fold_metrics),
+      "seconds": time.time() - start, "devices": jax.device_count(),
+  }
+  name = "results" if mode == "train" else "eval"
+  text = report.summary_text(results)
+  if jax.process_index() == 0:
+    report.write(workdir, results, predictions, name)
+    with open(os.path.join(workdir, f"{name}_summary.txt"), "w") as f:
+      f.write(text + "\n")
+  print(text, flush=True)
+  return results

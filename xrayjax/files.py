@@ -1,0 +1,32 @@
+"""Run-directory files written atomically: a crash never leaves half a file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+
+def write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=float)
+  os.replace(tmp, path)
+
+
+def read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+  """Rows of dicts; the header is the union of keys in first-seen order."""
+  fields: list[str] = []
+  for row in rows:
+    fields.extend(k for k in row if k not in fields)
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(tmp, path)

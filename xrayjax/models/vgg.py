@@ -1,0 +1,51 @@
+"""VGG16 as in the DETL paper (Keras layout: 13 3x3 convs in 5 blocks, 3 FC layers).
+
+`width` scales every channel count (1.0 = the published 64..512 convs and 4096
+FC units); small widths give CPU demo and test variants of the same topology.
+Keras's VGG16 top has no dropout; `dropout` defaults to 0 to match it.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
+
+# Regexes over '/'-joined parameter paths; configs refer to them by name.
+PARAM_GROUPS = {
+    "before_last_conv_block": r"^block[1-4]_conv\d/",
+    "last_conv_block": r"^block5_conv\d/",
+    "head": r"^(fc1|fc2|predictions)/",
+}
+HEAD_LAYER = "predictions"
+
+
+def _ch(c: int, width: float) -> int:
+  return max(1, int(round(c * width)))
+
+
+class VGG16(nn.Module):
+  num_classes: int
+  width: float = 1.0
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    out = {}
+    x = images
+    for b, (convs, channels) in enumerate(BLOCKS, start=1):
+      for c in range(1, convs + 1):
+        x = nn.relu(nn.Conv(_ch(channels, self.width), (3, 3), padding="SAME",
+                            name=f"block{b}_conv{c}")(x))
+      out[f"block{b}"] = x
+      if b == len(BLOCKS):
+        out["features"] = x  # last conv block output, before its pooling (Grad-CAM target)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    for name in ("fc1", "fc2"):
+      x = nn.relu(nn.Dense(_ch(4096, self.width), name=name)(x))
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    out["pre_logits"] = x
+    logits = nn.Dense(self.num_classes, name=HEAD_LAYER)(x)
+    out["logits"] = logits
+    return logits, out

@@ -1,0 +1,214 @@
+"""One training stage: init or restore, jitted train/predict steps, loop, best checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tensorflow as tf
+from absl import logging
+
+from xrayjax import checkpoint, optim, sharding
+from xrayjax.data import pipeline
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def make_train_step(model, tx: optax.GradientTransformation, key: jax.Array) -> Callable:
+  """Pure `train_step(state, batch) -> (state, metrics)`; randomness = fold_in(key, step)."""
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(key, state.step)
+
+    def loss_fn(params):
+      logits, _ = model.apply({"params": params}, batch["image"], train=True,
+                              rngs={"dropout": rng})
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+      return loss, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, {"loss": loss, "accuracy": accuracy}
+
+  return train_step
+
+
+def make_predict_fn(model, mesh) -> Callable:
+  """Jitted `predict(params, batch) -> class probabilities`, replicated on every host."""
+
+  def predict(params, batch):
+    logits, _ = model.apply({"params": params}, batch["image"], train=False)
+    return jax.nn.softmax(logits.astype(jnp.float32))
+
+  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def predict_dataset(predict_fn, params, ds, num_examples: int, batch_size: int, mesh):
+  """(probs [n, C], labels [n], index [n]) for every example exactly once."""
+  probs, labels, index = [], [], []
+  for batch in pipeline.eval_batches(ds, num_examples, batch_size, jax.process_index(),
+                                     jax.process_count()):
+    mask = batch.pop("mask")
+    out = predict_fn(params, sharding.to_global({"image": batch["image"]}, mesh))
+    # Every process holds the full replicated output; keep this process's rows.
+    out = np.asarray(jax.device_get(out))
+    local = _local_rows(out, len(mask))
+    keep = mask > 0
+    probs.append(local[keep])
+    labels.append(batch["label"][keep])
+    index.append(batch["index"][keep])
+  probs, labels, index = (np.concatenate(x) for x in (probs, labels, index))
+  order = np.argsort(index)
+  return probs[order], labels[order], index[order]
+
+
+def _local_rows(global_out: np.ndarray, local_batch: int) -> np.ndarray:
+  start = jax.process_index() * local_batch
+  return global_out[start:start + local_batch]
+
+
+@dataclasses.dataclass
+class StageData:
+  """What a stage trains and validates on (datasets from `pipeline.select`)."""
+  train: Any
+  num_train: int
+  val: Any = None
+  num_val: int = 0
+
+
+def train_stage(*, name: str, model, init_params, rules, groups, cfg, data: StageData, select: str,
+                ckpt_dir: str, seed: int, augment_cfg, mesh, log_every: int,
+                tb_dir: str | None, require_finished: bool = False) -> tuple[Any, dict]:
+  """Trains one stage (or skips it when finished) and returns (selected params, summary).
+
+  Args:
+    name: label for logs, e.g. "stage_a" or "fold2/stage_b".
+    model: Flax module.
+    init_params: starting parameters (host or device pytree).
+    rules: freezing rules (see optim.param_labels); groups: the model's PARAM_GROUPS.
+    cfg: the stage config (epochs, batch_size, eval_batch_size, optimizer).
+    data: the stage's datasets.
+    select: which checkpoint the stage returns: "best" validation accuracy or "last".
+    ckpt_dir: this stage's checkpoint directory.
+    seed: seeds the data order, augmentation and dropout.
+    augment_cfg: config.augment.
+    mesh: device mesh.
+    log_every: steps between progress lines.
+    tb_dir: TensorBoard directory (None: no events).
+    require_finished: only restore (evaluation): fail if the stage never finished.
+  """
+  ckpts = checkpoint.StageCheckpoints(ckpt_dir)
+  replicated = sharding.replicated(mesh)
+  steps_per_epoch = pipeline.steps_per_epoch(data.num_train, cfg.batch_size)
+  total_steps = steps_per_epoch * cfg.epochs
+  tx = optim.make(cfg.optimizer, total_steps, init_params, rules, groups)
+  init_params = jax.device_put(init_params, replicated)
+  state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+                  out_shardings=replicated)(init_params)
+  predict_fn = make_predict_fn(model, mesh)
+
+  summary = ckpts.summary()
+  if summary is not None:
+    logging.info("[%s] finished earlier (best step %d): skipping", name, summary["selected_step"])
+    params = ckpts.best(state).params
+    ckpts.close()
+    return params, summary
+
+  if require_finished:
+    ckpts.close()
+    raise FileNotFoundError(f"[{name}] has not finished training in {ckpt_dir}: run "
+                            "--mode=train with this workdir first")
+  if select == "best" and data.val is None:
+    raise ValueError(f"[{name}] select='best' needs a validation split; use select='last'")
+  sharding.check_batch_size(cfg.batch_size, mesh, "batch_size")
+  state, step = ckpts.restore_or_init(state)
+  if step % steps_per_epoch:
+    raise ValueError(f"[{name}] checkpoint step {step} is not at an epoch end of "
+                     f"{steps_per_epoch} steps: {ckpt_dir} was written by a different config")
+  if step:
+    logging.info("[%s] resuming from step %d (epoch %d of %d)", name, step,
+                 step // steps_per_epoch, cfg.epochs)
+
+  key = jax.random.PRNGKey(seed)
+  step_fn = jax.jit(make_train_step(model, tx, key),
+                    in_shardings=(replicated, sharding.batch_sharding(mesh)),
+                    out_shardings=(replicated, replicated), donate_argnums=0)
+  writer = tf.summary.create_file_writer(tb_dir) if tb_dir and jax.process_index() == 0 else None
+  start_time, start_step = time.time(), step
+  for epoch in range(step // steps_per_epoch, cfg.epochs):
+    sums = None
+    batches = pipeline.train_batches(data.train, data.num_train, cfg.batch_size, seed, epoch,
+                                     augment_cfg, jax.process_index(), jax.process_count())
+    for batch in batches:
+      state, metrics = step_fn(state, sharding.to_global(batch, mesh))
+      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+      step += 1
+      if step % log_every == 0:
+        loss = float(metrics["loss"])
+        _check_finite(name, step, loss, ckpts)
+        rate = (step - start_step) / (time.time() - start_time)
+        eta = (total_steps - step) / max(rate, 1e-9)
+        logging.info("[%s] epoch %d/%d step %d/%d loss %.4f | %.2f steps/s, ETA %s", name,
+                     epoch + 1, cfg.epochs, step, total_steps, loss, rate, _hms(eta))
+        _write_scalars(writer, step, {"train/loss_step": loss})
+    epoch_metrics = {f"train_{k}": float(v) / steps_per_epoch for k, v in sums.items()}
+    _check_finite(name, step, epoch_metrics["train_loss"], ckpts)
+    if data.val is not None:
+      probs, labels, _ = predict_dataset(predict_fn, state.params, data.val, data.num_val,
+                                         cfg.eval_batch_size, mesh)
+      epoch_metrics["val_accuracy"] = float(np.mean(probs.argmax(-1) == labels))
+    epoch_metrics["select_metric"] = (epoch_metrics["val_accuracy"] if select == "best"
+                                      else float(step))
+    ckpts.save(state, step, epoch_metrics)
+    _write_scalars(writer, step, epoch_metrics)
+    logging.info("[%s] epoch %d/%d done: %s", name, epoch + 1, cfg.epochs,
+                 ", ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items()
+                           if k != "select_metric"))
+
+  best_step = ckpts.best_step()
+  params = ckpts.best(state).params
+  summary = {"selected_step": int(best_step), "select": select, "total_steps": total_steps,
+             "selected_metrics": ckpts.metrics(best_step)}
+  ckpts.finish(summary)
+  ckpts.close()
+  if writer:
+    writer.flush()
+  return params, summary
+
+
+def _check_finite(name: str, step: int, loss: float, ckpts) -> None:
+  if not math.isfinite(loss):
+    raise FloatingPointError(
+        f"[{name}] training loss is {loss} at step {step}. Nothing was saved after the last "
+        f"good checkpoint (step {ckpts.latest_step()}) in {ckpts.directory}. Lower the "
+        "learning rate (--config.stage_*.optimizer.lr) and run again with the same workdir to "
+        "resume from it.")
+
+
+def _write_scalars(writer, step: int, scalars: dict) -> None:
+  if writer is None:
+    return
+  with writer.as_default(step=step):
+    for k, v in scalars.items():
+      tf.summary.scalar(k, v)
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
