@@ -75,7 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- stage A: from scratch on Data-A (paper: Adam 1e-3, cosine decay, best val accuracy) ---
   c.stage_a = dict(enabled=args["init"] == "detl", epochs=8, batch_size=32, eval_batch_size=64)
-  c.stage_a.optimizer = dict(name="adam", lr=1e-3, schedule="cosine", momentum=0.0)
+  # The paper: Adam 1e-3. At demo scale (a 1/8-width net, 8 epochs) 3e-4 learns faster.
+  c.stage_a.optimizer = dict(name="adam", lr=3e-4, schedule="cosine", momentum=0.0)
 
   # --- stage B: new 4-way head, layers before the last conv block frozen, SGD 1e-4 m 0.9 ---
   c.stage_b = dict(epochs=15, batch_size=16, eval_batch_size=64)
@@ -94,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data_a.val_fraction = 20_000 / sum(PAPER_DATA_A.values())
     c.data_b.images_per_class = PAPER_DATA_B
     c.model.width = 1.0
+    c.stage_a.optimizer.lr = 1e-3
     c.stage_a.epochs = c.stage_b.epochs = 100
     c.log_every = 100
 

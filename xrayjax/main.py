@@ -30,7 +30,7 @@ def _quiet_library_info(record) -> bool:
 
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_quiet_library_info)
+  logging.get_absl_handler().python_handler.addFilter(_quiet_library_info)
   # tf.data must not take the accelerator from JAX.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")

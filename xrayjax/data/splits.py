@@ -36,7 +36,8 @@ def kfold(labels: np.ndarray, patients: np.ndarray, k: int, seed: int,
     splitter = model_selection.StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
   else:
     splitter = model_selection.StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-  folds = [np.sort(test) for _, test in splitter.split(np.zeros(n), labels, patients)]
+  folds = [np.sort(test) for _, test in
+           splitter.split(np.zeros(n), labels, patients if grouped else None)]
   check_folds(folds, n)
   return folds
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from xrayjax.models.vgg import HE_INIT  # same reason as there
+
 PARAM_GROUPS = {
     "before_last_conv_block": r"^conv[12]/",
     "last_conv_block": r"^conv[345]/",
@@ -37,7 +39,7 @@ class AlexNet(nn.Module):
   def __call__(self, images, *, train: bool):
     out = {}
     conv = lambda c, name, stride=1: nn.Conv(_ch(c, self.width), (3, 3), strides=stride,
-                                             padding="SAME", name=name)
+                                             padding="SAME", kernel_init=HE_INIT, name=name)
     x = _pool(nn.relu(conv(96, "conv1", 2)(images)))
     out["block1"] = x
     x = _pool(nn.relu(conv(256, "conv2")(x)))
@@ -48,7 +50,7 @@ class AlexNet(nn.Module):
     x = _pool(x).reshape((x.shape[0], -1))
     for name in ("fc1", "fc2"):
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-      x = nn.relu(nn.Dense(_ch(4096, self.width), name=name)(x))
+      x = nn.relu(nn.Dense(_ch(4096, self.width), kernel_init=HE_INIT, name=name)(x))
     out["pre_logits"] = x
     logits = nn.Dense(self.num_classes, name=HEAD_LAYER)(x)
     out["logits"] = logits

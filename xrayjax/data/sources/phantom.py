@@ -209,7 +209,7 @@ def render(rng: np.random.Generator, *, size: int, label: str, anatomy: Anatomy,
       centers = [(0.5 + sd * a.lung_dx + rng.uniform(-0.5, 0.5) * a.lung_rx,
                   a.lung_cy + rng.uniform(-0.5, 0.6) * a.lung_ry) for sd in sides]
       lesion = _draw_blobs(rng, x, y, centers, rng.uniform(0.05, 0.09, size=n), noise) * lungs
-    density += (0.10 + 0.22 * severity) * lesion
+    density += (0.14 + 0.22 * severity) * lesion
   elif label == "covid":
     centers, radii = [], []
     sides = [-1, 1] if rng.random() < 0.85 else [rng.choice((-1, 1))]
@@ -220,7 +220,7 @@ def render(rng: np.random.Generator, *, size: int, label: str, anatomy: Anatomy,
         centers.append((cx, cy))
         radii.append(rng.uniform(0.04, 0.08))
     lesion = _draw_blobs(rng, x, y, centers, radii, noise, edge=0.04) * lungs
-    density += (0.05 + 0.11 * severity) * lesion  # ground glass: faint, vessels stay visible
+    density += (0.06 + 0.12 * severity) * lesion  # ground glass: faint, vessels stay visible
   elif label == "other_disease":
     if finding == "Cardiomegaly":
       lesion = heart
@@ -228,7 +228,7 @@ def render(rng: np.random.Generator, *, size: int, label: str, anatomy: Anatomy,
       side = rng.choice((-1, 1))
       lung = lung_r if side < 0 else lung_l
       dome = a.dome_right if side < 0 else a.dome_left
-      level = dome - (0.04 + 0.12 * severity)
+      level = dome - (0.06 + 0.12 * severity)
       lateral = np.clip(side * (x - 0.5) - a.lung_dx, 0, None)
       meniscus = level - 0.6 * lateral  # fluid climbs the lateral chest wall
       lesion = _soft(y - meniscus, 0.01) * lung
@@ -237,9 +237,9 @@ def render(rng: np.random.Generator, *, size: int, label: str, anatomy: Anatomy,
       side = rng.choice((-1, 1))
       cx = 0.5 + side * (a.lung_dx + rng.uniform(-0.5, 0.6) * a.lung_rx)
       cy = a.lung_cy + rng.uniform(-0.6, 0.5) * a.lung_ry
-      r = rng.uniform(0.012, 0.022) if finding == "Nodule" else rng.uniform(0.035, 0.065)
+      r = rng.uniform(0.016, 0.028) if finding == "Nodule" else rng.uniform(0.04, 0.07)
       lesion = _draw_blobs(rng, x, y, [(cx, cy)], [r], np.ones_like(x) * 0.6, edge=0.006) * lungs
-      density += (0.12 + 0.2 * severity) * lesion
+      density += (0.18 + 0.2 * severity) * lesion
     elif finding == "Atelectasis":
       side = rng.choice((-1, 1))
       cx = 0.5 + side * (a.lung_dx + rng.uniform(-0.3, 0.3) * a.lung_rx)
@@ -247,8 +247,8 @@ def render(rng: np.random.Generator, *, size: int, label: str, anatomy: Anatomy,
       ang = rng.uniform(-0.3, 0.3)
       u = (x - cx) * np.cos(ang) + (y - cy) * np.sin(ang)
       v = -(x - cx) * np.sin(ang) + (y - cy) * np.cos(ang)
-      lesion = _soft(1 - np.sqrt((u / 0.09) ** 2 + (v / 0.012) ** 2), 0.15) * lungs
-      density += (0.12 + 0.18 * severity) * lesion
+      lesion = _soft(1 - np.sqrt((u / 0.1) ** 2 + (v / 0.016) ** 2), 0.15) * lungs
+      density += (0.18 + 0.18 * severity) * lesion
     else:
       raise ValueError(f"unknown finding {finding!r}; expected one of {OTHER_FINDINGS}")
   # A calcified granuloma is a normal variant in any class: a distractor for nodules.

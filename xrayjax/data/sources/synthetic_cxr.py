@@ -109,7 +109,7 @@ def generate(cfg: SyntheticCxrConfig):
     label = pat["label"]
     finding = str(rng.choice(phantom.OTHER_FINDINGS)) if label == "other_disease" else None
     # Severity is a patient property (the disease), mild cases are common.
-    severity = 0.0 if label == "normal" else float(rng.beta(1.6, 1.4))
+    severity = 0.0 if label == "normal" else float(rng.beta(2.0, 1.5))
     names = {"pneumonia": ["Pneumonia"], "covid": ["COVID-19"],
              "other_disease": [finding], "normal": []}[label]
     findings = np.zeros(len(tasks.FINDINGS), np.bool_)

@@ -1,0 +1,47 @@
+import itertools
+
+import pytest
+
+from configs import detl
+from xrayjax import models, optim
+
+
+@pytest.mark.parametrize("model,protocol,init,scale,runlocal", list(itertools.product(
+    ("vgg16", "alexnet"), ("corrected", "paper"), ("detl", "scratch"), ("demo", "paper"),
+    (False, True))))
+def test_every_variant_builds(model, protocol, init, scale, runlocal):
+  arg = f"model={model},protocol={protocol},init={init},scale={scale}" + (
+      ",runlocal" if runlocal else "")
+  c = detl.get_config(arg)
+  assert c.model_name == model and c.protocol == protocol
+  assert c.stage_a.enabled == (init == "detl")
+  if scale == "paper" and not runlocal:
+    assert c.data.image_size == 224 and c.stage_a.epochs == 100 and c.model.width == 1.0
+    assert c.stage_a.optimizer.lr == 1e-3
+  # The stage-B freezing rules resolve against the model's parameter groups.
+  for regex, rule in c.stage_b.param_rules:
+    regex.format(**models.spec(model).PARAM_GROUPS)
+    assert rule in optim.RULES
+
+
+def test_default_is_demo_vgg16_corrected():
+  c = detl.get_config()
+  assert (c.model_name, c.protocol, c.folds) == ("vgg16", "corrected", 5)
+  assert c.stage_b.optimizer.name == "sgd" and c.stage_b.optimizer.lr == 1e-4
+  assert c.stage_b.optimizer.momentum == 0.9
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("model=resnet9", "choose one of"),
+    ("protocol=loose", "choose one of"),
+    ("data=imagenet", "choose one of"),
+    ("bogus=1", "unknown config arg"),
+])
+def test_bad_args_list_valid_choices(arg, message):
+  with pytest.raises(ValueError, match=message):
+    detl.get_config(arg)
+
+
+def test_unknown_model_lists_registry():
+  with pytest.raises(ValueError, match=r"valid models: \['alexnet', 'vgg16'\]"):
+    models.get("resnet9")

@@ -1,0 +1,106 @@
+"""End to end on tiny synthetic data: stage A, stage B per fold, eval, resume, bad input."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+from xrayjax import checkpoint, experiment, files
+
+
+def _predictions(workdir, name="results"):
+  with open(os.path.join(workdir, f"{name}_predictions.csv")) as f:
+    return list(csv.DictReader(f))
+
+
+def test_tiny_run_trains_evaluates_and_reports(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  results = experiment.run(tiny_config, workdir)
+  assert results["protocol"] == "corrected" and len(results["fold_metrics"]) == 2
+  for name in ("config.json", "splits.json", "results.json", "results_folds.csv",
+               "results_predictions.csv", "results_summary.txt"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "tensorboard", "stage_a"))
+  preds = _predictions(workdir)
+  assert len(preds) == results["num_images"]  # every Data-B image evaluated exactly once
+  assert len({p["image_id"] for p in preds}) == len(preds)
+  cm = np.array(results["across_folds"]["confusion_summed"])
+  assert cm.sum() == results["num_images"]
+  assert results["data_summary"]["data_b_patients_also_in_data_a"] == 0
+  # Eval mode restores the best checkpoints and recomputes the same metrics.
+  again = experiment.run(tiny_config, workdir, mode="eval")
+  np.testing.assert_equal(again["fold_metrics"], results["fold_metrics"])  # NaN == NaN here
+  # A second train run skips every finished stage and changes nothing.
+  third = experiment.run(tiny_config, workdir)
+  np.testing.assert_equal(third["fold_metrics"], results["fold_metrics"])
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path, monkeypatch):
+  tiny_config.stage_a.epochs = 2
+  tiny_config.stage_b.epochs = 2
+  straight = str(tmp_path / "straight")
+  experiment.run(tiny_config, straight)
+
+  resumed = str(tmp_path / "resumed")
+  real_save, saves = checkpoint.StageCheckpoints.save, []
+
+  def save_then_die(self, state, step, metrics):
+    real_save(self, state, step, metrics)
+    saves.append(step)
+    if len(saves) == 3:  # stage A done (2 saves), fold 0 after its first epoch
+      raise _Killed()
+
+  monkeypatch.setattr(checkpoint.StageCheckpoints, "save", save_then_die)
+  with pytest.raises(_Killed):
+    experiment.run(tiny_config, resumed)
+  monkeypatch.setattr(checkpoint.StageCheckpoints, "save", real_save)
+  assert not os.path.exists(os.path.join(resumed, "results.json"))
+  experiment.run(tiny_config, resumed)
+  a, b = _predictions(straight), _predictions(resumed)
+  assert [r["image_id"] for r in a] == [r["image_id"] for r in b]
+  for ra, rb in zip(a, b):
+    for k in ra:
+      if k.startswith("p_"):
+        assert float(ra[k]) == float(rb[k]), (ra["image_id"], k)
+
+
+def test_workdir_with_other_config_is_refused(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  files.write_json(os.path.join(workdir, "config.json"), {**tiny_config.to_dict(), "seed": 7})
+  with pytest.raises(ValueError, match=r"seed: 7 -> 0"):
+    experiment.run(tiny_config, workdir)
+  assert files.read_json(os.path.join(workdir, "config.json"))["seed"] == 7  # untouched
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_config, tmp_path):
+  tiny_config.stage_a.optimizer.update(name="sgd", lr=1e12)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(FloatingPointError, match="Lower the learning rate"):
+    experiment.run(tiny_config, workdir)
+  # Nothing non-finite was saved.
+  assert not [d for d in os.listdir(os.path.join(workdir, "stage_a")) if d.isdigit()]
+
+
+def test_paper_protocol_runs_image_level(tiny_config, tmp_path):
+  tiny_config.protocol = "paper"
+  results = experiment.run(tiny_config, str(tmp_path / "run"))
+  assert results["protocol"] == "paper"
+  assert all(s["select"] == "last" for s in results["stage_b_summaries"])
+
+
+def test_scratch_run_and_bad_scratch_config(tfds_dir, tmp_path):
+  from configs import detl
+  c = detl.get_config("runlocal,init=scratch")
+  c.data.tfds_dir = tfds_dir
+  results = experiment.run(c, str(tmp_path / "scratch"))
+  assert results["stage_a_summary"] is None
+  c = detl.get_config("runlocal")
+  c.stage_a.enabled = False
+  with pytest.raises(ValueError, match="init=scratch"):
+    experiment.run(c, str(tmp_path / "bad"))

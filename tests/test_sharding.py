@@ -1,0 +1,47 @@
+"""8 simulated CPU devices agree with 1 device on the same global batch."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh
+    from xrayjax import models, optim, sharding, train
+    assert jax.device_count() == 8, jax.devices()
+    model = models.get("vgg16")(num_classes=4, width=1 / 16)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(16, 32, 32, 1)).astype(np.float32),
+             "label": rng.integers(0, 4, 16).astype(np.int32)}
+    params = model.init(jax.random.PRNGKey(0), batch["image"][:1], train=False)["params"]
+    cfg = type("C", (), dict(name="adam", lr=1e-3, momentum=0.0, schedule="constant"))
+    tx = optim.make(cfg, 10, params, ((".*", "train"),), {})
+    out = {}
+    for n in (1, 8):
+      mesh = Mesh(np.array(jax.devices()[:n]), (sharding.DATA_AXIS,))
+      rep = sharding.replicated(mesh)
+      state = jax.device_put(train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), rep)
+      step = jax.jit(train.make_train_step(model, tx, jax.random.PRNGKey(1)),
+                     in_shardings=(rep, sharding.batch_sharding(mesh)), out_shardings=(rep, rep))
+      gbatch = sharding.to_global(batch, mesh)
+      assert len(gbatch["image"].sharding.device_set) == n
+      losses = []
+      for _ in range(3):
+        state, m = step(state, gbatch)
+        losses.append(float(m["loss"]))
+      out[n] = (losses, jax.device_get(state.params))
+    np.testing.assert_allclose(out[1][0], out[8][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[8][1])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    print("LOSSES", out[1][0], out[8][0])
+""")
+
+
+def test_eight_devices_match_one():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "LOSSES" in proc.stdout
