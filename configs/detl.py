@@ -80,12 +80,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- stage B: new 4-way head, layers before the last conv block frozen, SGD 1e-4 m 0.9 ---
   c.stage_b = dict(epochs=15, batch_size=16, eval_batch_size=64)
-  c.stage_b.optimizer = dict(name="sgd", lr=1e-4, schedule="constant", momentum=0.9)
+  # The paper: SGD 1e-4, momentum 0.9. At demo scale (15 short epochs) 1e-4 barely moves
+  # the new head (val accuracy 0.36 after 10 epochs, measured), so the demo uses 3e-3.
+  c.stage_b.optimizer = dict(name="sgd", lr=3e-3, schedule="constant", momentum=0.9)
   c.stage_b.param_rules = (("{before_last_conv_block}", "freeze"),
                            ("{last_conv_block}|{head}", "train"))
-  if args["init"] == "scratch":
-    c.stage_b.optimizer = c.stage_a.optimizer.to_dict()
-    c.stage_b.param_rules = ((".*", "train"),)
 
   if args["scale"] == "paper":
     c.data.image_size = 224
@@ -96,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data_b.images_per_class = PAPER_DATA_B
     c.model.width = 1.0
     c.stage_a.optimizer.lr = 1e-3
+    c.stage_b.optimizer.lr = 1e-4
     c.stage_a.epochs = c.stage_b.epochs = 100
     c.log_every = 100
 
@@ -109,4 +109,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage_a.update(epochs=1, batch_size=8, eval_batch_size=16)
     c.stage_b.update(epochs=1, batch_size=8, eval_batch_size=16)
     c.log_every = 1
+
+  if args["init"] == "scratch":  # same network, every layer trained on Data-B, stage-A recipe
+    c.stage_b.optimizer = c.stage_a.optimizer.to_dict()
+    c.stage_b.param_rules = ((".*", "train"),)
   return c

@@ -18,6 +18,8 @@ def test_every_variant_builds(model, protocol, init, scale, runlocal):
   if scale == "paper" and not runlocal:
     assert c.data.image_size == 224 and c.stage_a.epochs == 100 and c.model.width == 1.0
     assert c.stage_a.optimizer.lr == 1e-3
+    if init == "detl":
+      assert (c.stage_b.optimizer.name, c.stage_b.optimizer.lr) == ("sgd", 1e-4)
   # The stage-B freezing rules resolve against the model's parameter groups.
   for regex, rule in c.stage_b.param_rules:
     regex.format(**models.spec(model).PARAM_GROUPS)
@@ -27,7 +29,7 @@ def test_every_variant_builds(model, protocol, init, scale, runlocal):
 def test_default_is_demo_vgg16_corrected():
   c = detl.get_config()
   assert (c.model_name, c.protocol, c.folds) == ("vgg16", "corrected", 5)
-  assert c.stage_b.optimizer.name == "sgd" and c.stage_b.optimizer.lr == 1e-4
+  assert c.stage_b.optimizer.name == "sgd" and c.stage_b.optimizer.lr == 3e-3
   assert c.stage_b.optimizer.momentum == 0.9
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging as pylogging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
@@ -23,14 +24,17 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host jobs).")
 
 
+_CHATTY = ("/orbax/", "/tensorflow_datasets/")
+
+
 def _quiet_library_info(record) -> bool:
-  # Orbax logs every save at INFO; keep its warnings, drop the chatter.
-  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+  # Orbax and TFDS log every checkpoint and dataset operation at INFO; keep their warnings.
+  return record.levelno >= pylogging.WARNING or not any(c in record.pathname for c in _CHATTY)
 
 
 def main(argv):
   del argv
-  logging.get_absl_handler().python_handler.addFilter(_quiet_library_info)
+  logging.get_absl_handler().addFilter(_quiet_library_info)
   # tf.data must not take the accelerator from JAX.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
