@@ -82,7 +82,7 @@ def plan(meta: dict[str, np.ndarray], config) -> dict:
           "data_b": data_b, "folds": folds}
 
 
-def describe(meta, p, config) -> dict:
+def describe(meta, p) -> dict:
   """Counts per class for every partition, per site for Data-B, and patient overlap."""
   def counts(idx, labels, classes):
     return {c: int(np.sum(labels[idx] == i)) for i, c in enumerate(classes)}
@@ -185,7 +185,7 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
       "data_a_train": meta["image_id"][p["a_train"]].tolist(),
       "data_a_val": meta["image_id"][p["a_val"]].tolist(),
       "folds": [{k: meta["image_id"][v].tolist() for k, v in f.items()} for f in p["folds"]]})
-  data_summary = describe(meta, p, config)
+  data_summary = describe(meta, p)
   logging.info("data plan: %s", {k: v for k, v in data_summary.items() if k.startswith("data")})
 
   def dataset(idx, labels):

@@ -21,11 +21,14 @@ import tensorflow_datasets as tfds
 METADATA_KEYS = ("image_id", "patient_id", "label", "source", "site", "view")
 
 
+def _skip_images(builder) -> dict:
+  return {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
+          if isinstance(f, tfds.features.Image)}
+
+
 def read_metadata(builder: tfds.core.DatasetBuilder, split: str = "train") -> dict[str, np.ndarray]:
   """Per-image metadata (no image is decoded), sorted by image_id."""
-  skip = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
-          if isinstance(f, tfds.features.Image)}
-  ds = builder.as_dataset(split=split, decoders=skip, shuffle_files=False)
+  ds = builder.as_dataset(split=split, decoders=_skip_images(builder), shuffle_files=False)
   keys = [k for k in METADATA_KEYS if k in builder.info.features]
   ds = ds.map(lambda ex: {k: ex[k] for k in keys}).batch(4096)
   cols: dict[str, list] = {k: [] for k in keys}
@@ -54,19 +57,18 @@ def select(builder: tfds.core.DatasetBuilder, image_ids: np.ndarray, labels: np.
   def keep(ex):
     return table.lookup(ex["image_id"]) >= 0
 
+  image_feature = builder.info.features["image"]
+
   def prepare(ex):
     index = table.lookup(ex["image_id"])
-    image = ex["image"]
+    image = image_feature.decode_example(ex["image"])  # only the selected images are decoded
     if image.shape[0] != image_size or image.shape[1] != image_size:
       image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size),
                               antialias=True)
       image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
     return {"image": image, "label": tf.gather(label_of, index), "index": tf.cast(index, tf.int32)}
 
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={k: tfds.decode.SkipDecoding() for k in ("lesion_mask",
-                                                                            "lung_mask")
-                                    if k in builder.info.features})
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_images(builder))
   return ds.filter(keep).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).cache()
 
 

@@ -20,7 +20,7 @@ from xrayjax.data import tasks
 from xrayjax.data.sources import phantom
 
 SOURCE = "synthetic_cxr"
-DEFAULT_PATIENTS = (500, 60, 500, 60)  # normal, pneumonia, other_disease, covid
+DEFAULT_PATIENTS = (800, 60, 800, 60)  # normal, pneumonia, other_disease, covid
 
 
 @dataclasses.dataclass(eq=False)
@@ -109,7 +109,7 @@ def generate(cfg: SyntheticCxrConfig):
     label = pat["label"]
     finding = str(rng.choice(phantom.OTHER_FINDINGS)) if label == "other_disease" else None
     # Severity is a patient property (the disease), mild cases are common.
-    severity = 0.0 if label == "normal" else float(rng.beta(2.0, 1.5))
+    severity = 0.0 if label == "normal" else 0.25 + 0.75 * float(rng.beta(2.0, 1.5))
     names = {"pneumonia": ["Pneumonia"], "covid": ["COVID-19"],
              "other_disease": [finding], "normal": []}[label]
     findings = np.zeros(len(tasks.FINDINGS), np.bool_)
