@@ -2,8 +2,8 @@ r"""DETL (Basu, Mitra & Saha 2020): train on Data-A from scratch, fine-tune on D
 
 Commands (from the project root):
 
-  # Demo scale (default): synthetic 128 px data, a 1/8-width VGG16; about
-  # 10 minutes on a 2-core CPU, data generation included.
+  # Demo scale (default): synthetic 128 px data resized to 96 px, a 1/8-width VGG16;
+  # about 8 minutes on a 2-core CPU, data generation included.
   python -m xrayjax.main --config=configs/detl.py
 
   # AlexNet, the paper's protocol, or training from scratch on Data-B (no stage A):
@@ -23,7 +23,8 @@ Commands (from the project root):
 Config args (comma separated): model=vgg16|alexnet, data=synthetic,
 protocol=corrected|paper, init=detl|scratch, scale=demo|paper, runlocal.
 
-What to expect at demo scale: see README ("Results").
+What to expect at demo scale (README, "Results"): 5-fold accuracy about 58% ± 1.5
+(chance 25%), macro AUROC about 0.85; init=scratch about 53% ± 10.6, AUROC 0.77.
 
 Where the paper is silent we chose, and say so here:
   - input size: 224 (paper scale); batch size 32; stage-B epochs: the stage-A count;

@@ -104,3 +104,27 @@ def test_scratch_run_and_bad_scratch_config(tfds_dir, tmp_path):
   c.stage_a.enabled = False
   with pytest.raises(ValueError, match="init=scratch"):
     experiment.run(c, str(tmp_path / "bad"))
+
+
+def test_reports_warn_about_confounding_and_leakage(tiny_config):
+  summary = {"data_b_patients_also_in_data_a": 0}
+  assert experiment.warnings(tiny_config, summary) == []
+  tiny_config.data.synthetic.site_confounding = 0.8
+  summary["data_b_patients_also_in_data_a"] = 3
+  found = experiment.warnings(tiny_config, summary)
+  assert len(found) == 2 and "site-confounded" in found[0] and "3 Data-B patients" in found[1]
+
+
+def test_paper_protocol_plan_draws_cohorts_independently(tfds_dir):
+  from configs import detl
+  from xrayjax.data import pipeline, sources
+  c = detl.get_config("runlocal,protocol=paper")
+  c.data.tfds_dir = tfds_dir
+  meta = pipeline.read_metadata(sources.builder(c.data))
+  paper = experiment.plan(meta, c)
+  c.protocol = "corrected"
+  corrected = experiment.plan(meta, c)
+  assert experiment.describe(meta, corrected)["data_b_patients_also_in_data_a"] == 0
+  # Paper: Data-A may contain Data-B patients; folds are image-level, no stage-B validation.
+  assert all(len(f["val"]) == 0 for f in paper["folds"])
+  assert all(len(f["val"]) > 0 for f in corrected["folds"])

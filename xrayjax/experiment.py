@@ -102,6 +102,19 @@ def describe(meta, p) -> dict:
   return out
 
 
+def warnings(config, data_summary: dict) -> list[str]:
+  """What a reader of the results must know about how far to trust them."""
+  out = []
+  if config.data.source == "synthetic" and config.data.synthetic.site_confounding > 0:
+    out.append(f"the data are site-confounded (site_confounding="
+               f"{config.data.synthetic.site_confounding}): site markers and exposure curves "
+               "predict the label, so these scores may measure a shortcut")
+  if data_summary["data_b_patients_also_in_data_a"]:
+    out.append(f"{data_summary['data_b_patients_also_in_data_a']} Data-B patients are also in "
+               "Data-A (paper protocol): stage A has seen them")
+  return out
+
+
 # --- stages -----------------------------------------------------------------------------------
 
 
@@ -239,14 +252,6 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
                           **{f"p_{c}": float(probs[i, j]) for j, c in enumerate(classes)}})
 
   # --- aggregate and report ---
-  warnings = []
-  if config.data.source == "synthetic" and config.data.synthetic.site_confounding > 0:
-    warnings.append(f"the data are site-confounded (site_confounding="
-                    f"{config.data.synthetic.site_confounding}): site markers and exposure "
-                    "curves predict the label, so these scores may measure a shortcut")
-  if data_summary["data_b_patients_also_in_data_a"]:
-    warnings.append(f"{data_summary['data_b_patients_also_in_data_a']} Data-B patients are also "
-                    "in Data-A (paper protocol): stage A has seen them")
   results = {
       "method": "DETL", "protocol": config.protocol, "model": config.model_name,
       "data": f"{config.data.source}", "classes": list(classes),
@@ -256,7 +261,7 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
       "stage_a_summary": stage_a_summary, "stage_b_summaries": fold_summaries,
       "num_images": int(len(p["data_b"])),
       "num_patients": int(len(set(meta["patient_id"][p["data_b"]]))),
-      "data_summary": data_summary, "warnings": warnings,
+      "data_summary": data_summary, "warnings": warnings(config, data_summary),
       "fold_metrics": fold_metrics, "across_folds": metrics_lib.across_folds(fold_metrics),
       "seconds": time.time() - start, "devices": jax.device_count(),
   }

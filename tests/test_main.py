@@ -1,0 +1,36 @@
+"""The command line, end to end, on 8 simulated CPU devices: train, then --mode=eval."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def _main(*args, env):
+  return subprocess.run([sys.executable, "-m", "xrayjax.main", *args], env=env,
+                        capture_output=True, text=True, timeout=900,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_cli_trains_then_evaluates_on_eight_devices(tfds_dir, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  workdir = str(tmp_path / "run")
+  proc = _main("--config=configs/detl.py:runlocal", f"--workdir={workdir}",
+               f"--config.data.tfds_dir={tfds_dir}", env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "2-fold cross-validation on Data-B" in proc.stdout
+  assert "confusion matrix summed over folds" in proc.stdout
+  assert "steps/s, ETA" in proc.stderr  # progress lines
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["devices"] == 8
+
+  proc = _main("--mode=eval", f"--workdir={workdir}", env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "eval.json")) as f:
+    evaluated = json.load(f)
+  assert evaluated["across_folds"] == results["across_folds"]
+
+  proc = _main("--mode=eval", f"--workdir={tmp_path / 'nothing'}", env=env)
+  assert proc.returncode != 0 and "not an xrayjax run directory" in proc.stderr
