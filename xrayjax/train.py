@@ -49,38 +49,31 @@ def make_train_step(model, tx: optax.GradientTransformation, key: jax.Array) -> 
 
 
 def make_predict_fn(model, mesh) -> Callable:
-  """Jitted `predict(params, batch) -> class probabilities`, replicated on every host."""
+  """Jitted `predict(params, batch)`: class probabilities with the batch's label, index and mask.
+
+  Outputs are replicated, so on multi-host jobs every process sees the whole global batch.
+  """
 
   def predict(params, batch):
     logits, _ = model.apply({"params": params}, batch["image"], train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32))
+    return {"probs": jax.nn.softmax(logits.astype(jnp.float32)), "label": batch["label"],
+            "index": batch["index"], "mask": batch["mask"]}
 
   return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
 
 def predict_dataset(predict_fn, params, ds, num_examples: int, batch_size: int, mesh):
-  """(probs [n, C], labels [n], index [n]) for every example exactly once."""
-  probs, labels, index = [], [], []
+  """(probs [n, C], labels [n], index [n]) for every example exactly once, sorted by index."""
+  outs = []
   for batch in pipeline.eval_batches(ds, num_examples, batch_size, jax.process_index(),
                                      jax.process_count()):
-    mask = batch.pop("mask")
-    out = predict_fn(params, sharding.to_global({"image": batch["image"]}, mesh))
-    # Every process holds the full replicated output; keep this process's rows.
-    out = np.asarray(jax.device_get(out))
-    local = _local_rows(out, len(mask))
-    keep = mask > 0
-    probs.append(local[keep])
-    labels.append(batch["label"][keep])
-    index.append(batch["index"][keep])
-  probs, labels, index = (np.concatenate(x) for x in (probs, labels, index))
+    out = jax.device_get(predict_fn(params, sharding.to_global(batch, mesh)))
+    keep = out["mask"] > 0
+    outs.append({k: np.asarray(v)[keep] for k, v in out.items()})
+  probs, labels, index = (np.concatenate([o[k] for o in outs]) for k in ("probs", "label", "index"))
   order = np.argsort(index)
   return probs[order], labels[order], index[order]
-
-
-def _local_rows(global_out: np.ndarray, local_batch: int) -> np.ndarray:
-  start = jax.process_index() * local_batch
-  return global_out[start:start + local_batch]
 
 
 @dataclasses.dataclass
