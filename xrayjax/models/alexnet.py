@@ -6,13 +6,14 @@ three overlapping 3x3/2 max-pools and its dropout-0.5 FC layers, and make the
 first conv stride 2 (a 3x3 kernel at stride 4 would skip pixels). The blocks
 are cut where the resolution changes: block1 = conv1, block2 = conv2,
 block3 = conv3..conv5 (the last conv block, fine-tuned in DETL stage B).
+Weights use He initialisation (see models/common.py for why).
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 
-from xrayjax.models.vgg import HE_INIT  # same reason as there
+from xrayjax.models.common import HE_INIT, scaled
 
 PARAM_GROUPS = {
     "before_last_conv_block": r"^conv[12]/",
@@ -20,10 +21,6 @@ PARAM_GROUPS = {
     "head": r"^(fc1|fc2|predictions)/",
 }
 HEAD_LAYER = "predictions"
-
-
-def _ch(c: int, width: float) -> int:
-  return max(1, int(round(c * width)))
 
 
 def _pool(x):
@@ -38,7 +35,7 @@ class AlexNet(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool):
     out = {}
-    conv = lambda c, name, stride=1: nn.Conv(_ch(c, self.width), (3, 3), strides=stride,
+    conv = lambda c, name, stride=1: nn.Conv(scaled(c, self.width), (3, 3), strides=stride,
                                              padding="SAME", kernel_init=HE_INIT, name=name)
     x = _pool(nn.relu(conv(96, "conv1", 2)(images)))
     out["block1"] = x
@@ -50,7 +47,7 @@ class AlexNet(nn.Module):
     x = _pool(x).reshape((x.shape[0], -1))
     for name in ("fc1", "fc2"):
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-      x = nn.relu(nn.Dense(_ch(4096, self.width), kernel_init=HE_INIT, name=name)(x))
+      x = nn.relu(nn.Dense(scaled(4096, self.width), kernel_init=HE_INIT, name=name)(x))
     out["pre_logits"] = x
     logits = nn.Dense(self.num_classes, name=HEAD_LAYER)(x)
     out["logits"] = logits

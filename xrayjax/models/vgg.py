@@ -3,14 +3,14 @@
 `width` scales every channel count (1.0 = the published 64..512 convs and 4096
 FC units); small widths give CPU demo and test variants of the same topology.
 Keras's VGG16 top has no dropout; `dropout` defaults to 0 to match it.
-Weights use He (fan-in, normal) initialisation: with Keras's Glorot default a
-plain 16-layer ReLU stack trained from scratch stalls at chance (we measured
-loss 0.693 for 5 epochs on the demo), and the paper does not name its init.
+Weights use He initialisation (see models/common.py for why).
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+
+from xrayjax.models.common import HE_INIT, scaled
 
 BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 
@@ -21,11 +21,6 @@ PARAM_GROUPS = {
     "head": r"^(fc1|fc2|predictions)/",
 }
 HEAD_LAYER = "predictions"
-HE_INIT = nn.initializers.he_normal()
-
-
-def _ch(c: int, width: float) -> int:
-  return max(1, int(round(c * width)))
 
 
 class VGG16(nn.Module):
@@ -39,7 +34,7 @@ class VGG16(nn.Module):
     x = images
     for b, (convs, channels) in enumerate(BLOCKS, start=1):
       for c in range(1, convs + 1):
-        x = nn.relu(nn.Conv(_ch(channels, self.width), (3, 3), padding="SAME",
+        x = nn.relu(nn.Conv(scaled(channels, self.width), (3, 3), padding="SAME",
                             kernel_init=HE_INIT, name=f"block{b}_conv{c}")(x))
       out[f"block{b}"] = x
       if b == len(BLOCKS):
@@ -47,7 +42,7 @@ class VGG16(nn.Module):
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     for name in ("fc1", "fc2"):
-      x = nn.relu(nn.Dense(_ch(4096, self.width), kernel_init=HE_INIT, name=name)(x))
+      x = nn.relu(nn.Dense(scaled(4096, self.width), kernel_init=HE_INIT, name=name)(x))
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     out["pre_logits"] = x
     logits = nn.Dense(self.num_classes, name=HEAD_LAYER)(x)
