@@ -87,10 +87,11 @@ def test_nan_loss_stops_with_a_clear_message(tiny_config, tmp_path):
   assert not [d for d in os.listdir(os.path.join(workdir, "stage_a")) if d.isdigit()]
 
 
-def test_paper_protocol_runs_image_level(tiny_config, tmp_path):
+def test_paper_protocol_runs_image_level_with_alexnet(tiny_config, tmp_path):
   tiny_config.protocol = "paper"
+  tiny_config.model_name = "alexnet"  # with dropout, on the data-parallel mesh
   results = experiment.run(tiny_config, str(tmp_path / "run"))
-  assert results["protocol"] == "paper"
+  assert results["protocol"] == "paper" and results["model"] == "alexnet"
   assert all(s["select"] == "last" for s in results["stage_b_summaries"])
 
 

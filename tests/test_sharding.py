@@ -7,10 +7,9 @@ import textwrap
 
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh
     from xrayjax import models, optim, sharding, train
     assert jax.device_count() == 8, jax.devices()
-    model = models.get("vgg16")(num_classes=4, width=1 / 16)
+    model = models.get("alexnet")(num_classes=4, width=1 / 16, dropout=0.5)  # dropout too
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(16, 32, 32, 1)).astype(np.float32),
              "label": rng.integers(0, 4, 16).astype(np.int32)}
@@ -19,7 +18,7 @@ SCRIPT = textwrap.dedent("""
     tx = optim.make(cfg, 10, params, ((".*", "train"),), {})
     out = {}
     for n in (1, 8):
-      mesh = Mesh(np.array(jax.devices()[:n]), (sharding.DATA_AXIS,))
+      mesh = sharding.make_mesh(jax.devices()[:n])
       rep = sharding.replicated(mesh)
       state = jax.device_put(train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), rep)
       step = jax.jit(train.make_train_step(model, tx, jax.random.PRNGKey(1)),

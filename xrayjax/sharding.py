@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -22,8 +22,16 @@ def initialize_distributed(enabled: bool) -> None:
                  jax.process_count(), jax.device_count())
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D `data` mesh over `devices` (default: every device of every process).
+
+  The axis is Auto: jit propagates shardings from the explicit in/out shardings. (Newer JAX
+  defaults `make_mesh` to Explicit axes, under which e.g. Flax dropout's unsharded random
+  mask fails to combine with sharded activations.)
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+                       devices=devices)
 
 
 def batch_sharding(mesh) -> NamedSharding:
