@@ -76,6 +76,11 @@ def test_workdir_with_other_config_is_refused(tiny_config, tmp_path):
   with pytest.raises(ValueError, match=r"seed: 7 -> 0"):
     experiment.run(tiny_config, workdir)
   assert files.read_json(os.path.join(workdir, "config.json"))["seed"] == 7  # untouched
+  # The explicit flag accepts the change and keeps the old config beside the new one.
+  experiment.check_workdir_config(workdir, tiny_config, allow_change=True)
+  assert files.read_json(os.path.join(workdir, "config.json"))["seed"] == 0
+  kept = [f for f in os.listdir(workdir) if f.startswith("config.") and f != "config.json"]
+  assert len(kept) == 1 and files.read_json(os.path.join(workdir, kept[0]))["seed"] == 7
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_config, tmp_path):
