@@ -20,6 +20,8 @@ def test_every_variant_builds(model, protocol, init, scale, runlocal):
     assert c.stage_a.optimizer.lr == 1e-3
     if init == "detl":
       assert (c.stage_b.optimizer.name, c.stage_b.optimizer.lr) == ("sgd", 1e-4)
+  if model == "alexnet":  # dropout off only for the narrow demo network
+    assert c.model.dropout == (0.5 if scale == "paper" else 0.0)
   # The stage-B freezing rules resolve against the model's parameter groups.
   for regex, rule in c.stage_b.param_rules:
     regex.format(**models.spec(model).PARAM_GROUPS)
