@@ -3,6 +3,7 @@
 import csv
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -83,13 +84,27 @@ def test_workdir_with_other_config_is_refused(tiny_config, tmp_path):
   assert len(kept) == 1 and files.read_json(os.path.join(workdir, kept[0]))["seed"] == 7
 
 
-def test_nan_loss_stops_with_a_clear_message(tiny_config, tmp_path):
-  tiny_config.stage_a.optimizer.update(name="sgd", lr=1e12)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path,
+                                                            monkeypatch):
+  from xrayjax import train
+  tiny_config.stage_a.epochs = 2
+  real = train.make_train_step
+
+  def poisoned(model, tx, key):  # the loss turns NaN from step 8 on (epoch 2 here)
+    step = real(model, tx, key)
+
+    def wrapped(state, batch):
+      new, metrics = step(state, batch)
+      bad = state.step >= 8
+      return new, {**metrics, "loss": jnp.where(bad, jnp.nan, metrics["loss"])}
+    return wrapped
+
+  monkeypatch.setattr(train, "make_train_step", poisoned)
   workdir = str(tmp_path / "run")
-  with pytest.raises(FloatingPointError, match="Lower the learning rate"):
+  with pytest.raises(FloatingPointError, match=r"last good checkpoint \(step 7\)"):
     experiment.run(tiny_config, workdir)
-  # Nothing non-finite was saved.
-  assert not [d for d in os.listdir(os.path.join(workdir, "stage_a")) if d.isdigit()]
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "stage_a")) if d.isdigit())
+  assert saved == [7]  # epoch 1 (7 steps) is kept; nothing from the NaN epoch was written
 
 
 def test_paper_protocol_runs_image_level_with_alexnet(tiny_config, tmp_path):
