@@ -114,7 +114,6 @@ def train_stage(*, name: str, model, init_params, rules, groups, cfg, data: Stag
   init_params = jax.device_put(init_params, replicated)
   state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                   out_shardings=replicated)(init_params)
-  predict_fn = make_predict_fn(model, mesh)
 
   summary = ckpts.summary()
   if summary is not None:
@@ -129,7 +128,8 @@ def train_stage(*, name: str, model, init_params, rules, groups, cfg, data: Stag
                             "--mode=train with this workdir first")
   if select == "best" and data.val is None:
     raise ValueError(f"[{name}] select='best' needs a validation split; use select='last'")
-  sharding.check_batch_size(cfg.batch_size, mesh, "batch_size")
+  sharding.check_batch_size(cfg.batch_size, mesh, f"[{name}] batch_size")
+  sharding.check_batch_size(cfg.eval_batch_size, mesh, f"[{name}] eval_batch_size")
   state, step = ckpts.restore_or_init(state)
   if step % steps_per_epoch:
     raise ValueError(f"[{name}] checkpoint step {step} is not at an epoch end of "
@@ -139,6 +139,7 @@ def train_stage(*, name: str, model, init_params, rules, groups, cfg, data: Stag
                  step // steps_per_epoch, cfg.epochs)
 
   key = jax.random.PRNGKey(seed)
+  predict_fn = make_predict_fn(model, mesh)
   step_fn = jax.jit(make_train_step(model, tx, key),
                     in_shardings=(replicated, sharding.batch_sharding(mesh)),
                     out_shardings=(replicated, replicated), donate_argnums=0)
