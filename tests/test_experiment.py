@@ -3,6 +3,7 @@
 import csv
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,6 +38,13 @@ def test_tiny_run_trains_evaluates_and_reports(tiny_config, tmp_path):
   np.testing.assert_equal(third["fold_metrics"], results["fold_metrics"])
 
 
+def _latest_state(stage_dir):
+  """The raw saved state of a stage's latest checkpoint (numpy leaves)."""
+  import orbax.checkpoint as ocp  # tests may look inside checkpoints; the library uses checkpoint.py
+  step = max(int(d) for d in os.listdir(stage_dir) if d.isdigit())
+  return ocp.StandardCheckpointer().restore(os.path.join(stage_dir, str(step), "default"))
+
+
 class _Killed(Exception):
   pass
 
@@ -62,6 +70,12 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path, monke
   monkeypatch.setattr(checkpoint.StageCheckpoints, "save", real_save)
   assert not os.path.exists(os.path.join(resumed, "results.json"))
   experiment.run(tiny_config, resumed)
+  # Every stage ends with bit-identical parameters (and optimizer state).
+  for stage in ("stage_a", "fold0/stage_b", "fold1/stage_b"):
+    x, y = _latest_state(os.path.join(straight, stage)), _latest_state(os.path.join(resumed, stage))
+    assert jax.tree.structure(x) == jax.tree.structure(y)
+    for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+      np.testing.assert_array_equal(u, v)
   a, b = _predictions(straight), _predictions(resumed)
   assert [r["image_id"] for r in a] == [r["image_id"] for r in b]
   for ra, rb in zip(a, b):
