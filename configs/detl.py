@@ -11,6 +11,11 @@ Commands (from the project root):
   python -m xrayjax.main --config=configs/detl.py:protocol=paper
   python -m xrayjax.main --config=configs/detl.py:init=scratch
 
+  # Real images listed in a manifest CSV (path, label4, patient_id, source), e.g. the
+  # shared 4-class benchmark at 64 px:
+  python -m xrayjax.main --config=configs/detl.py:data=manifest \
+      --config.data.manifest.path=../shared/data/cxr_bench_64/manifest.csv
+
   # Tiny (for tests and smoke runs, seconds):
   python -m xrayjax.main --config=configs/detl.py:runlocal --workdir=/tmp/detl_tiny
 
@@ -20,7 +25,7 @@ Commands (from the project root):
 
   # Any field can be overridden: --config.stage_b.epochs=30 --config.model.width=0.25
 
-Config args (comma separated): model=vgg16|alexnet, data=synthetic,
+Config args (comma separated): model=vgg16|alexnet, data=synthetic|manifest,
 protocol=corrected|paper, init=detl|scratch, scale=demo|paper, runlocal.
 
 What to expect at demo scale (README, "Results"): 5-fold accuracy 58.3% ± 1.5
@@ -52,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       arg,
       defaults={"model": "vgg16", "data": "synthetic", "protocol": "corrected", "init": "detl",
                 "scale": "demo"},
-      choices={"model": ("vgg16", "alexnet"), "data": ("synthetic",),
+      choices={"model": ("vgg16", "alexnet"), "data": ("synthetic", "manifest"),
                "protocol": ("corrected", "paper"), "init": ("detl", "scratch"),
                "scale": ("demo", "paper")},
       flags=("runlocal",))
@@ -68,6 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 tfds_dir=ml_collections.config_dict.placeholder(str))
   c.data.synthetic = dict(image_size=128, patients=(800, 60, 800, 60), site_confounding=0.0,
                           seed=0)
+  # data=manifest: a CSV (path, label column, patient_id, source), e.g. the shared 4-class
+  # benchmark ../shared/data/cxr_bench_64/manifest.csv (path also from $XRAYJAX_MANIFEST).
+  c.data.manifest = dict(path=ml_collections.config_dict.placeholder(str), label_column="label4",
+                         image_size=64)
   # Images per class (whole patients are drawn; 0 = every available image).
   c.data_a = dict(images_per_class={"normal": 0, "disease": 0}, val_fraction=0.2)
   c.data_b = dict(images_per_class={"normal": 120, "pneumonia": 0, "other_disease": 120,
@@ -94,6 +103,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stage_b.optimizer = dict(name="sgd", lr=3e-3, schedule="constant", momentum=0.9)
   c.stage_b.param_rules = (("{before_last_conv_block}", "freeze"),
                            ("{last_conv_block}|{head}", "train"))
+
+  if args["data"] == "manifest":  # sized for the 64 px benchmark (about 400 images per class)
+    c.data.image_size = 64
+    c.data_b.images_per_class = {"normal": 120, "pneumonia": 120, "other_disease": 120,
+                                 "covid": 120}
 
   if args["scale"] == "paper":
     c.data.image_size = 224

@@ -142,12 +142,19 @@ def test_scratch_run_and_bad_scratch_config(tfds_dir, tmp_path):
 
 
 def test_reports_warn_about_confounding_and_leakage(tiny_config):
-  summary = {"data_b_patients_also_in_data_a": 0}
+  mixed = {"a": {"normal": 10, "covid": 9}, "b": {"normal": 8, "covid": 11}}
+  summary = {"data_b_patients_also_in_data_a": 0, "data_b_label_by_site": mixed}
   assert experiment.warnings(tiny_config, summary) == []
   tiny_config.data.synthetic.site_confounding = 0.8
   summary["data_b_patients_also_in_data_a"] = 3
+  summary["data_b_label_by_site"] = {"a": {"normal": 10, "covid": 1}, "b": {"normal": 2, "covid": 30}}
   found = experiment.warnings(tiny_config, summary)
-  assert len(found) == 2 and "site-confounded" in found[0] and "3 Data-B patients" in found[1]
+  assert len(found) == 4 and "site-confounded" in found[0] and "3 Data-B patients" in found[3]
+  assert "covid images come from sources where covid makes up" in found[1]
+  assert "normal images come from" in found[2]
+  # normal: 10 of 12 images come from site a, where normal is 10/11 -> flagged too at 0.8.
+  assert experiment.source_confounded(summary["data_b_label_by_site"]) == {
+      "normal": pytest.approx(10 / 12), "covid": pytest.approx(30 / 31)}
 
 
 def test_paper_protocol_plan_draws_cohorts_independently(tfds_dir):

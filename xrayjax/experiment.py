@@ -109,9 +109,27 @@ def warnings(config, data_summary: dict) -> list[str]:
     out.append(f"the data are site-confounded (site_confounding="
                f"{config.data.synthetic.site_confounding}): site markers and exposure curves "
                "predict the label, so these scores may measure a shortcut")
+  for name, share in source_confounded(data_summary["data_b_label_by_site"]).items():
+    out.append(f"label and source are confounded: {100 * share:.0f}% of Data-B's {name} images "
+               f"come from sources where {name} makes up at least 80% of the images, so a model "
+               "can score by recognising the source")
   if data_summary["data_b_patients_also_in_data_a"]:
     out.append(f"{data_summary['data_b_patients_also_in_data_a']} Data-B patients are also in "
                "Data-A (paper protocol): stage A has seen them")
+  return out
+
+
+def source_confounded(label_by_site: dict[str, dict[str, int]],
+                      threshold: float = 0.8) -> dict[str, float]:
+  """Classes whose images mostly (>= threshold) come from sites they dominate (>= threshold)."""
+  out = {}
+  classes = {c for counts in label_by_site.values() for c in counts}
+  for c in sorted(classes):
+    total = sum(counts.get(c, 0) for counts in label_by_site.values())
+    dominated = sum(counts.get(c, 0) for counts in label_by_site.values()
+                    if counts.get(c, 0) >= threshold * sum(counts.values()))
+    if total and dominated / total >= threshold:
+      out[c] = dominated / total
   return out
 
 

@@ -1,0 +1,138 @@
+"""The `manifest` source: native files written here, and the shared benchmark when present."""
+
+import csv
+import collections
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import detl
+from xrayjax import experiment
+from xrayjax.data import pipeline, sources
+from xrayjax.data.sources import manifest, phantom
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+BENCH_64 = os.path.join(SHARED, "cxr_bench_64", "manifest.csv")
+
+
+def _write_manifest(root, rows, columns=("path", "label", "patient_id", "source", "view")):
+  path = os.path.join(root, "manifest.csv")
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
+
+
+def _data_config(path, tfds_dir, size=32, label_column="label"):
+  c = detl.get_config("data=manifest")
+  c.data.tfds_dir = tfds_dir
+  c.data.manifest.update(path=path, label_column=label_column, image_size=size)
+  return c.data
+
+
+def test_odd_files_are_converted_or_skipped_with_reasons(tmp_path):
+  rng = np.random.default_rng(0)
+  grey = rng.integers(0, 256, (40, 48), dtype=np.uint8)
+  rows = []
+
+  def add(name, image=None, label="normal", mode=None, fmt="PNG", raw=None):
+    path = tmp_path / name
+    if raw is not None:
+      path.write_bytes(raw)
+    elif image is not None:
+      img = Image.fromarray(image)
+      img = img.convert(mode) if mode else img
+      img.save(path, fmt)
+    rows.append({"path": name, "label": label, "patient_id": f"p{len(rows)}", "source": "test",
+                 "view": "PA"})
+
+  add("grey.png", grey)
+  add("rgb.png", grey, mode="RGB")
+  add("rgba.png", grey, mode="RGBA")
+  add("palette.png", grey, mode="P")
+  add("cmyk.jpg", grey, mode="CMYK", fmt="JPEG")
+  add("bilevel.png", grey, mode="1")
+  add("sixteen.png", (grey.astype(np.uint16) * 200))  # 16-bit PNG
+  add("missing.png")
+  add("blank.png", np.full((40, 48), 7, np.uint8))
+  add("unlabelled.png", grey, label="")
+  full = (tmp_path / "grey.png").read_bytes()
+  add("truncated.png", raw=full[: len(full) // 2])
+  add("not_an_image.png", raw=b"hello")
+  b = sources.builder(_data_config(_write_manifest(tmp_path, rows), str(tmp_path / "tfds")))
+  report = sources.build_report(b)
+  assert report["built"] == 7 and report["skipped"] == 5
+  reasons = {r["path"]: r["reason"] for r in report["skipped_rows"]}
+  assert reasons["missing.png"] == "missing file"
+  assert reasons["blank.png"].startswith("blank image")
+  assert reasons["unlabelled.png"].startswith("empty label")
+  assert reasons["truncated.png"].startswith("unreadable image")
+  assert reasons["not_an_image.png"].startswith("unreadable image")
+  assert report["skipped_by_reason"] == {"missing file": 1, "blank image (every pixel is the same)":
+                                         1, "empty label in column 'label'": 1,
+                                         "unreadable image": 2}
+  meta = pipeline.read_metadata(b)
+  assert len(meta["image_id"]) == 7 and set(meta["site"]) == {"test"}
+  images = {ex["image_id"].decode(): ex["image"] for ex in b.as_dataset(split="train")
+            .as_numpy_iterator()}
+  assert all(im.shape == (32, 32, 1) and im.dtype == np.uint8 for im in images.values())
+  # The 16-bit image is windowed to its own range, so it matches the 8-bit original.
+  np.testing.assert_allclose(images["sixteen.png"].astype(float),
+                             images["grey.png"].astype(float), atol=2)
+
+
+def test_layout_errors_name_what_was_expected(tmp_path):
+  bad = _write_manifest(tmp_path, [], columns=("file", "label", "patient_id"))
+  with pytest.raises(ValueError, match=r"columns \['path', 'source'\] are missing"):
+    manifest.make_config(bad)
+  with pytest.raises(FileNotFoundError, match="XRAYJAX_MANIFEST"):
+    manifest.make_config(str(tmp_path / "nope.csv"))
+  c = detl.get_config("data=manifest")
+  with pytest.raises(ValueError, match="needs a CSV"):
+    os.environ.pop(sources.MANIFEST_ENV, None)
+    sources.builder(c.data)
+
+
+def test_detl_runs_on_a_manifest_and_flags_source_confounding(tmp_path):
+  """Phantom images written as PNGs; covid comes from its own source, as in real collections."""
+  rng = np.random.default_rng(0)
+  rows = []
+  for label, count in (("normal", 30), ("pneumonia", 8), ("other_disease", 30), ("covid", 8)):
+    for p in range(count):
+      out = phantom.render(rng, size=64, label=label, anatomy=phantom.sample_anatomy(rng),
+                           site=phantom.SITES[0], view="PA", severity=0.8,
+                           finding="Mass" if label == "other_disease" else None)
+      name = f"{label}-{p}.png"
+      Image.fromarray(out["image"]).save(tmp_path / name)
+      rows.append({"path": name, "label": label, "patient_id": f"{label}-{p}",
+                   "source": "covid_site" if label == "covid" else "hospital", "view": "PA"})
+  c = detl.get_config("data=manifest,runlocal")
+  c.data.tfds_dir = str(tmp_path / "tfds")
+  c.data.manifest.update(path=_write_manifest(tmp_path, rows), label_column="label",
+                         image_size=32)
+  results = experiment.run(c, str(tmp_path / "run"))
+  assert results["data"] == "manifest" and len(results["fold_metrics"]) == 2
+  assert any("covid images come from sources" in w for w in results["warnings"])
+
+
+@pytest.mark.skipif(not os.path.exists(BENCH_64),
+                    reason="../shared/data/cxr_bench_64 is not beside this checkout")
+def test_shared_benchmark_builds_with_every_image(tmp_path):
+  b = sources.builder(_data_config(BENCH_64, str(tmp_path), size=32, label_column="label4"))
+  with open(BENCH_64) as f:
+    rows = list(csv.DictReader(f))
+  report = sources.build_report(b)
+  assert report["skipped"] == 0 and report["built"] == len(rows)
+  meta = pipeline.read_metadata(b)
+  assert collections.Counter(meta["label"]) == collections.Counter(r["label4"] for r in rows)
+  c = detl.get_config("data=manifest")
+  c.data.manifest.path = BENCH_64
+  p = experiment.plan(meta, c)
+  summary = experiment.describe(meta, p)
+  assert summary["data_b_patients_also_in_data_a"] == 0
+  # The benchmark's known confounding: covid only from ieee8023, other_disease only from 64 px NIH.
+  assert set(experiment.source_confounded(summary["data_b_label_by_site"])) >= {"covid",
+                                                                                 "other_disease"}
