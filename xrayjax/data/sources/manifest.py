@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from xrayjax.data import tasks
+from xrayjax.data.sources import schema
 
 REQUIRED = ("path", "patient_id", "source")
 
@@ -94,18 +95,8 @@ class Manifest(tfds.core.GeneratorBasedBuilder):
     self.skipped: list[dict] = []
 
   def _info(self) -> tfds.core.DatasetInfo:
-    s = self.builder_config.image_size
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(s, s, 1)),
-            "label": tfds.features.Text(),
-            "findings": tfds.features.Tensor(shape=(len(tasks.FINDINGS),), dtype=np.bool_),
-            "patient_id": tfds.features.Text(),
-            "image_id": tfds.features.Text(),
-            "source": tfds.features.Text(),
-            "site": tfds.features.Text(),
-            "view": tfds.features.Text(),
-        }),
+        features=schema.features(self.builder_config.image_size),
         description=__doc__,
     )
 

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from xrayjax.data import tasks
-from xrayjax.data.sources import phantom
+from xrayjax.data.sources import phantom, schema
 
 SOURCE = "synthetic_cxr"
 DEFAULT_PATIENTS = (800, 60, 800, 60)  # normal, pneumonia, other_disease, covid
@@ -61,19 +61,10 @@ class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(s, s, 1)),
-            "lesion_mask": tfds.features.Image(shape=(s, s, 1)),
-            "lung_mask": tfds.features.Image(shape=(s, s, 1)),
-            "label": tfds.features.Text(),
-            "findings": tfds.features.Tensor(shape=(len(tasks.FINDINGS),), dtype=np.bool_),
-            "severity": tfds.features.Scalar(dtype=np.float32),
-            "patient_id": tfds.features.Text(),
-            "image_id": tfds.features.Text(),
-            "source": tfds.features.Text(),
-            "site": tfds.features.Text(),
-            "view": tfds.features.Text(),
-        }),
+        features=schema.features(
+            s, lesion_mask=tfds.features.Image(shape=(s, s, 1)),
+            lung_mask=tfds.features.Image(shape=(s, s, 1)),
+            severity=tfds.features.Scalar(dtype=np.float32)),
         description=__doc__,
     )
 
