@@ -25,8 +25,10 @@ Commands (from the project root):
 
   # Any field can be overridden: --config.stage_b.epochs=30 --config.model.width=0.25
 
-Config args (comma separated): model=vgg16|alexnet, data=synthetic|manifest,
-protocol=corrected|paper, init=detl|scratch, scale=demo|paper, runlocal.
+Config args (comma separated): model=vgg16|alexnet|resnet50|resnet50v2|xception|concat
+(resnet50 is the paper's 3x3-stem variant; the last three are paper 2's networks),
+data=synthetic|manifest, protocol=corrected|paper, init=detl|scratch, scale=demo|paper,
+runlocal.
 
 What to expect at demo scale (README, "Results"): 5-fold accuracy 58.3% ± 1.5
 (chance 25%), macro AUROC 0.85; model=alexnet 55.4% ± 11.2, AUROC 0.81;
@@ -48,6 +50,7 @@ import ml_collections
 
 from configs import common
 
+MODELS = ("vgg16", "alexnet", "resnet50", "resnet50v2", "xception", "concat")
 PAPER_DATA_A = {"normal": 57_560, "disease": 50_819}  # train 47,560/40,819 + val 10,000/10,000
 PAPER_DATA_B = {"normal": 350, "pneumonia": 322, "other_disease": 300, "covid": 305}
 
@@ -57,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       arg,
       defaults={"model": "vgg16", "data": "synthetic", "protocol": "corrected", "init": "detl",
                 "scale": "demo"},
-      choices={"model": ("vgg16", "alexnet"), "data": ("synthetic", "manifest"),
+      choices={"model": MODELS, "data": ("synthetic", "manifest"),
                "protocol": ("corrected", "paper"), "init": ("detl", "scratch"),
                "scale": ("demo", "paper")},
       flags=("runlocal",))
@@ -85,7 +88,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- model ---
   c.model_name = args["model"]
-  c.model = dict(width=0.125)
+  # init_from: Keras weight file(s) (.keras, .weights.h5, .h5; comma separated) loaded over the
+  # random initialisation of the first stage that trains (models/keras_weights.py).
+  c.model = dict(width=0.125, init_from=ml_collections.config_dict.placeholder(str))
+  if args["model"] == "resnet50":
+    c.model.stem_kernel = 3  # the DETL variant: 3x3 kernels in place of ResNet50's 7x7 stem
   if args["model"] == "alexnet":
     # AlexNet's dropout 0.5 on 1/8-width (512-unit) FC layers: stage-B SGD drove 99.9% of
     # conv5 units dead and the demo stayed at chance (measured); full width keeps 0.5.

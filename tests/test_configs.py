@@ -7,7 +7,7 @@ from xrayjax import models, optim
 
 
 @pytest.mark.parametrize("model,protocol,init,scale,runlocal", list(itertools.product(
-    ("vgg16", "alexnet"), ("corrected", "paper"), ("detl", "scratch"), ("demo", "paper"),
+    detl.MODELS, ("corrected", "paper"), ("detl", "scratch"), ("demo", "paper"),
     (False, True))))
 def test_every_variant_builds(model, protocol, init, scale, runlocal):
   arg = f"model={model},protocol={protocol},init={init},scale={scale}" + (
@@ -47,5 +47,10 @@ def test_bad_args_list_valid_choices(arg, message):
 
 
 def test_unknown_model_lists_registry():
-  with pytest.raises(ValueError, match=r"valid models: \['alexnet', 'vgg16'\]"):
+  with pytest.raises(ValueError, match=r"valid models: \['alexnet', 'concat', 'resnet50', "
+                                       r"'resnet50v2', 'vgg16', 'xception'\]"):
     models.get("resnet9")
+
+
+def test_config_args_cover_the_model_registry():
+  assert sorted(detl.MODELS) == models.names()

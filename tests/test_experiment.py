@@ -104,8 +104,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path
   tiny_config.stage_a.epochs = 2
   real = train.make_train_step
 
-  def poisoned(model, tx, key):  # the loss turns NaN from step 8 on (epoch 2 here)
-    step = real(model, tx, key)
+  def poisoned(*args):  # the loss turns NaN from step 8 on (epoch 2 here)
+    step = real(*args)
 
     def wrapped(state, batch):
       new, metrics = step(state, batch)
@@ -127,6 +127,22 @@ def test_paper_protocol_runs_image_level_with_alexnet(tiny_config, tmp_path):
   results = experiment.run(tiny_config, str(tmp_path / "run"))
   assert results["protocol"] == "paper" and results["model"] == "alexnet"
   assert all(s["select"] == "last" for s in results["stage_b_summaries"])
+
+
+def test_resnet50_run_restores_batch_norm_statistics(tfds_dir, tmp_path):
+  from configs import detl
+  c = detl.get_config("model=resnet50,runlocal")
+  c.data.tfds_dir = tfds_dir
+  workdir = str(tmp_path / "run")
+  results = experiment.run(c, workdir)
+  state = _latest_state(os.path.join(workdir, "fold0", "stage_b"))
+  assert not np.allclose(state["batch_stats"]["conv5_block3_3_bn"]["var"], 1.0)  # updated
+  # Stage B froze conv1..conv5_block2, and with them their running statistics.
+  a = _latest_state(os.path.join(workdir, "stage_a"))
+  np.testing.assert_array_equal(state["batch_stats"]["conv1_bn"]["mean"],
+                                a["batch_stats"]["conv1_bn"]["mean"])
+  again = experiment.run(c, workdir, mode="eval")  # needs the saved statistics to agree
+  np.testing.assert_equal(again["fold_metrics"], results["fold_metrics"])
 
 
 def test_scratch_run_and_bad_scratch_config(tfds_dir, tmp_path):

@@ -6,41 +6,59 @@ import pytest
 from xrayjax import models, optim, train
 
 
-def _setup(model_name="vgg16", rules=(("{before_last_conv_block}", "freeze"),
-                                      ("{last_conv_block}|{head}", "train"))):
+DETL_RULES = (("{before_last_conv_block}", "freeze"), ("{last_conv_block}|{head}", "train"))
+
+
+def _setup(model_name="vgg16", rules=DETL_RULES):
   model = models.get(model_name)(num_classes=4, width=1 / 16)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 1)), jnp.float32)
-  params = model.init(jax.random.PRNGKey(0), x, train=False)["params"]
+  variables = train.variables_of(model.init(jax.random.PRNGKey(0), x, train=False))
   cfg = type("Cfg", (), dict(name="sgd", lr=0.1, momentum=0.9, schedule="constant"))
-  tx = optim.make(cfg, 10, params, rules, models.spec(model_name).PARAM_GROUPS)
-  return model, params, tx, {"image": x, "label": jnp.array([0, 1, 2, 3])}
+  tx = optim.make(cfg, 10, variables["params"], rules, models.spec(model_name).PARAM_GROUPS)
+  return model, variables, tx, {"image": x, "label": jnp.array([0, 1, 2, 3])}
 
 
-@pytest.mark.parametrize("model_name", ["vgg16", "alexnet"])
+@pytest.mark.parametrize("model_name", models.names())
+def test_param_groups_partition_every_variable(model_name):
+  """before_last_conv_block, last_conv_block and head: each variable in exactly one."""
+  _, variables, _, _ = _setup(model_name)
+  groups = models.spec(model_name).PARAM_GROUPS
+  rules = (("{before_last_conv_block}", "freeze"), ("{last_conv_block}", "train"),
+           ("{head}", "train"))
+  for collection in variables.values():
+    optim.param_labels(collection, rules, groups)  # raises unless exactly one rule matches
+  labels = jax.tree.leaves(optim.param_labels(variables["params"], rules[:2], {
+      **groups, "last_conv_block": f"{groups['last_conv_block']}|{groups['head']}"}))
+  assert labels.count("freeze") and labels.count("train")
+
+
+@pytest.mark.parametrize("model_name", ["vgg16", "alexnet", "resnet50"])
 def test_frozen_params_stay_bit_identical_and_trainable_ones_move(model_name):
-  model, params, tx, batch = _setup(model_name)
-  labels = optim.param_labels(params, (("{before_last_conv_block}", "freeze"),
-                                       ("{last_conv_block}|{head}", "train")),
-                              models.spec(model_name).PARAM_GROUPS)
-  state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  step = jax.jit(train.make_train_step(model, tx, jax.random.PRNGKey(1)))
+  model, variables, tx, batch = _setup(model_name)
+  groups = models.spec(model_name).PARAM_GROUPS
+  labels = {k: optim.param_labels(v, DETL_RULES, groups) for k, v in variables.items()}
+  state = train.TrainState.create(variables, tx)
+  step = jax.jit(train.make_train_step(model, tx, jax.random.PRNGKey(1),
+                                       labels["batch_stats"]))
   for _ in range(3):
     state, _ = step(state, batch)
   flat_labels = dict(jax.tree_util.tree_leaves_with_path(labels))
+  after = dict(jax.tree_util.tree_leaves_with_path(state.variables))
   n_frozen = n_train = 0
-  for path, before in jax.tree_util.tree_leaves_with_path(params):
-    after = dict(jax.tree_util.tree_leaves_with_path(state.params))[path]
-    if flat_labels[path] == "freeze":
+  for path, before in jax.tree_util.tree_leaves_with_path(variables):
+    if flat_labels[path] == "freeze":  # weights and BatchNorm running statistics alike
       n_frozen += 1
-      np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+      np.testing.assert_array_equal(np.asarray(before), np.asarray(after[path]))
     else:
       n_train += 1
-      assert not np.array_equal(np.asarray(before), np.asarray(after)), optim.path_str(path)
+      assert not np.array_equal(np.asarray(before), np.asarray(after[path])), \
+          optim.path_str(path)
   assert n_frozen and n_train
 
 
 def test_frozen_leaves_carry_no_optimizer_state():
-  _, params, tx, _ = _setup()
+  _, variables, tx, _ = _setup()
+  params = variables["params"]
   opt_state = tx.init(params)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   n_trainable = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
@@ -50,7 +68,7 @@ def test_frozen_leaves_carry_no_optimizer_state():
 
 
 def test_every_param_must_match_exactly_one_rule():
-  _, params, _, _ = _setup()
+  params = _setup()[1]["params"]
   groups = models.spec("vgg16").PARAM_GROUPS
   with pytest.raises(ValueError, match="matches 2 freezing rules"):
     optim.param_labels(params, ((".*", "train"), ("{head}", "freeze")), groups)

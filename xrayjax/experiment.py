@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from xrayjax import files, models, train
+from xrayjax.models import keras_weights
 from xrayjax.data import pipeline, sources, splits, tasks
 from xrayjax.evaluate import metrics as metrics_lib
 from xrayjax.evaluate import report
@@ -136,25 +137,38 @@ def source_confounded(label_by_site: dict[str, dict[str, int]],
 
 
 def transfer(source, target, head_layer: str):
-  """`target` with every layer but `head_layer` taken from `source` (DETL's head swap)."""
+  """`target` variables with every layer but `head_layer` taken from `source` (DETL's head swap).
+
+  Both are {"params", "batch_stats"} collections; BatchNorm statistics move with their layers.
+  """
   src = flax.traverse_util.flatten_dict(source, sep="/")
   out = {}
   for path, value in flax.traverse_util.flatten_dict(target, sep="/").items():
-    if path.split("/")[0] == head_layer:
+    if path.split("/")[1] == head_layer:
       out[path] = value
       continue
     if path not in src or src[path].shape != value.shape:
       found = src[path].shape if path in src else "missing"
-      raise ValueError(f"cannot transfer stage-A weights: layer {path} expects {value.shape}, "
+      raise ValueError(f"cannot transfer stage-A weights: {path} expects {value.shape}, "
                        f"stage A has {found}; stage A and B must use the same model config")
     out[path] = src[path]
   return flax.traverse_util.unflatten_dict(out, sep="/")
 
 
-def _init_params(model, image_size: int, seed: int):
+def init_variables(model, image_size: int, seed: int, init_from: str | None = None,
+                   spec=None) -> dict:
+  """{"params", "batch_stats"} of `model` for 1-channel images: random, or Keras weights.
+
+  `init_from` (config.model.init_from): Keras weight files (comma separated) to load over the
+  random initialisation (see models/keras_weights.py); `spec` is the model's module.
+  """
   dummy = np.zeros((1, image_size, image_size, 1), np.float32)
-  return jax.jit(lambda k: model.init({"params": k}, dummy, train=False)["params"])(
+  variables = jax.jit(lambda k: train.variables_of(model.init({"params": k}, dummy,
+                                                              train=False)))(
       jax.random.PRNGKey(seed))
+  if init_from:
+    variables = keras_weights.load(init_from, jax.device_get(variables), spec)
+  return variables
 
 
 # --- run --------------------------------------------------------------------------------------
@@ -205,7 +219,8 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
     check_workdir_config(workdir, config, allow_config_change)
   start = time.time()
   mesh = sharding.make_mesh()
-  model_cls, spec = models.get(config.model_name), models.spec(config.model_name)
+  spec = models.spec(config.model_name)
+  init_from = config.model.get(models.INIT_FROM)
 
   # --- data ---
   builder = sources.builder(config.data)
@@ -227,10 +242,11 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
   # --- stage A: from scratch on Data-A ---
   stage_a_summary = None
   if config.stage_a.enabled:
-    model_a = model_cls(num_classes=2, **config.model)
-    params_a, stage_a_summary = train.train_stage(
+    model_a = models.build(config.model_name, 2, config.model)
+    variables_a, stage_a_summary = train.train_stage(
         name="stage_a", model=model_a,
-        init_params=_init_params(model_a, config.data.image_size, _seed(config.seed, 10)),
+        init_variables=init_variables(model_a, config.data.image_size, _seed(config.seed, 10),
+                                      init_from, spec),
         rules=((".*", "train"),), groups=spec.PARAM_GROUPS, cfg=config.stage_a, select="best",
         data=train.StageData(dataset(p["a_train"], p["labels_a"]), len(p["a_train"]),
                              dataset(p["a_val"], p["labels_a"]), len(p["a_val"])),
@@ -239,17 +255,20 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
 
   # --- stage B: per fold, on Data-B ---
   classes = tasks.get("data_b").classes
-  model_b = model_cls(num_classes=len(classes), **config.model)
+  model_b = models.build(config.model_name, len(classes), config.model)
   predict_b = train.make_predict_fn(model_b, mesh)  # one compiled function for every fold
   fold_metrics, predictions, fold_summaries = [], [], []
   for k, fold in enumerate(p["folds"]):
-    init = _init_params(model_b, config.data.image_size, _seed(config.seed, 20, k))
     if config.stage_a.enabled:
-      init = transfer(params_a, init, spec.HEAD_LAYER)
+      init = transfer(variables_a, init_variables(model_b, config.data.image_size,
+                                                  _seed(config.seed, 20, k)), spec.HEAD_LAYER)
+    else:
+      init = init_variables(model_b, config.data.image_size, _seed(config.seed, 20, k),
+                            init_from, spec)
     val = (dataset(fold["val"], p["labels_b"]), len(fold["val"])) if len(fold["val"]) else \
         (None, 0)
-    params_b, summary = train.train_stage(
-        name=f"fold{k}/stage_b", model=model_b, init_params=init,
+    variables_b, summary = train.train_stage(
+        name=f"fold{k}/stage_b", model=model_b, init_variables=init,
         rules=tuple(config.stage_b.param_rules), groups=spec.PARAM_GROUPS, cfg=config.stage_b,
         select="best" if config.protocol == "corrected" else "last",
         data=train.StageData(dataset(fold["train"], p["labels_b"]), len(fold["train"]), *val),
@@ -257,7 +276,7 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
         tb_dir=os.path.join(workdir, "tensorboard", f"fold{k}"), **common)
     fold_summaries.append(summary)
     probs, labels, index = train.predict_dataset(
-        predict_b, params_b, dataset(fold["test"], p["labels_b"]),
+        predict_b, variables_b, dataset(fold["test"], p["labels_b"]),
         len(fold["test"]), config.stage_b.eval_batch_size, mesh)
     m = metrics_lib.classification(labels, probs, classes)
     fold_metrics.append(m)

@@ -23,39 +23,68 @@ from xrayjax.data import pipeline
 class TrainState:
   step: jax.Array
   params: Any
+  batch_stats: Any  # BatchNorm running statistics ({} for models without BatchNorm)
   opt_state: Any
 
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
 
-def make_train_step(model, tx: optax.GradientTransformation, key: jax.Array) -> Callable:
-  """Pure `train_step(state, batch) -> (state, metrics)`; randomness = fold_in(key, step)."""
+  @classmethod
+  def create(cls, variables: dict, tx: optax.GradientTransformation) -> TrainState:
+    v = variables_of(variables)
+    return cls(jnp.zeros((), jnp.int32), v["params"], v["batch_stats"], tx.init(v["params"]))
+
+
+def variables_of(variables: dict) -> dict:
+  """`variables` with a `batch_stats` collection (empty for models without BatchNorm)."""
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def make_train_step(model, tx: optax.GradientTransformation, key: jax.Array,
+                    stats_rules=None) -> Callable:
+  """Pure `train_step(state, batch) -> (state, metrics)`; randomness = fold_in(key, step).
+
+  `stats_rules` (a pytree like `state.batch_stats` of "train"/"freeze", from
+  optim.param_labels) keeps the running statistics of frozen layers' BatchNorms
+  fixed. Those layers still normalise with the batch's statistics in training,
+  where Keras runs a frozen BatchNorm in inference mode (README: deviations).
+  """
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(key, state.step)
 
     def loss_fn(params):
-      logits, _ = model.apply({"params": params}, batch["image"], train=True,
-                              rngs={"dropout": rng})
+      (logits, _), updated = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+          rngs={"dropout": rng}, mutable=["batch_stats"])
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-      return loss, logits
+      return loss, (logits, updated.get("batch_stats", {}))
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    if stats_rules is not None:
+      batch_stats = jax.tree.map(lambda rule, new, old: old if rule == "freeze" else new,
+                                 stats_rules, batch_stats, state.batch_stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
     return new_state, {"loss": loss, "accuracy": accuracy}
 
   return train_step
 
 
 def make_predict_fn(model, mesh) -> Callable:
-  """Jitted `predict(params, batch)`: class probabilities with the batch's label, index and mask.
+  """Jitted `predict(variables, batch)`: class probabilities with the batch's label, index and
+  mask.
 
   Outputs are replicated, so on multi-host jobs every process sees the whole global batch.
   """
 
-  def predict(params, batch):
-    logits, _ = model.apply({"params": params}, batch["image"], train=False)
+  def predict(variables, batch):
+    logits, _ = model.apply(variables, batch["image"], train=False)
     return {"probs": jax.nn.softmax(logits.astype(jnp.float32)), "label": batch["label"],
             "index": batch["index"], "mask": batch["mask"]}
 
@@ -63,12 +92,12 @@ def make_predict_fn(model, mesh) -> Callable:
                  out_shardings=sharding.replicated(mesh))
 
 
-def predict_dataset(predict_fn, params, ds, num_examples: int, batch_size: int, mesh):
+def predict_dataset(predict_fn, variables, ds, num_examples: int, batch_size: int, mesh):
   """(probs [n, C], labels [n], index [n]) for every example exactly once, sorted by index."""
   outs = []
   for batch in pipeline.eval_batches(ds, num_examples, batch_size, jax.process_index(),
                                      jax.process_count()):
-    out = jax.device_get(predict_fn(params, sharding.to_global(batch, mesh)))
+    out = jax.device_get(predict_fn(variables, sharding.to_global(batch, mesh)))
     keep = out["mask"] > 0
     outs.append({k: np.asarray(v)[keep] for k, v in out.items()})
   probs, labels, index = (np.concatenate([o[k] for o in outs]) for k in ("probs", "label", "index"))
@@ -85,15 +114,15 @@ class StageData:
   num_val: int = 0
 
 
-def train_stage(*, name: str, model, init_params, rules, groups, cfg, data: StageData, select: str,
+def train_stage(*, name: str, model, init_variables, rules, groups, cfg, data: StageData, select: str,
                 ckpt_dir: str, seed: int, augment_cfg, mesh, log_every: int,
                 tb_dir: str | None, require_finished: bool = False) -> tuple[Any, dict]:
-  """Trains one stage (or skips it when finished) and returns (selected params, summary).
+  """Trains one stage (or skips it when finished) and returns (selected variables, summary).
 
   Args:
     name: label for logs, e.g. "stage_a" or "fold2/stage_b".
     model: Flax module.
-    init_params: starting parameters (host or device pytree).
+    init_variables: starting {"params", "batch_stats"} (host or device pytrees).
     rules: freezing rules (see optim.param_labels); groups: the model's PARAM_GROUPS.
     cfg: the stage config (epochs, batch_size, eval_batch_size, optimizer).
     data: the stage's datasets.
@@ -110,17 +139,17 @@ def train_stage(*, name: str, model, init_params, rules, groups, cfg, data: Stag
   replicated = sharding.replicated(mesh)
   steps_per_epoch = pipeline.steps_per_epoch(data.num_train, cfg.batch_size)
   total_steps = steps_per_epoch * cfg.epochs
-  tx = optim.make(cfg.optimizer, total_steps, init_params, rules, groups)
-  init_params = jax.device_put(init_params, replicated)
-  state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
-                  out_shardings=replicated)(init_params)
+  init = jax.device_put(variables_of(init_variables), replicated)
+  tx = optim.make(cfg.optimizer, total_steps, init["params"], rules, groups)
+  stats_rules = optim.param_labels(init["batch_stats"], rules, groups)
+  state = jax.jit(lambda v: TrainState.create(v, tx), out_shardings=replicated)(init)
 
   summary = ckpts.summary()
   if summary is not None:
     logging.info("[%s] finished earlier (best step %d): skipping", name, summary["selected_step"])
-    params = ckpts.best(state).params
+    variables = ckpts.best(state).variables
     ckpts.close()
-    return params, summary
+    return variables, summary
 
   if require_finished:
     ckpts.close()
@@ -140,7 +169,7 @@ def train_stage(*, name: str, model, init_params, rules, groups, cfg, data: Stag
 
   key = jax.random.PRNGKey(seed)
   predict_fn = make_predict_fn(model, mesh)
-  step_fn = jax.jit(make_train_step(model, tx, key),
+  step_fn = jax.jit(make_train_step(model, tx, key, stats_rules),
                     in_shardings=(replicated, sharding.batch_sharding(mesh)),
                     out_shardings=(replicated, replicated), donate_argnums=0)
   writer = tf.summary.create_file_writer(tb_dir) if tb_dir and jax.process_index() == 0 else None
@@ -164,7 +193,7 @@ def train_stage(*, name: str, model, init_params, rules, groups, cfg, data: Stag
     epoch_metrics = {f"train_{k}": float(v) / steps_per_epoch for k, v in sums.items()}
     _check_finite(name, step, epoch_metrics["train_loss"], ckpts)
     if data.val is not None:
-      probs, labels, _ = predict_dataset(predict_fn, state.params, data.val, data.num_val,
+      probs, labels, _ = predict_dataset(predict_fn, state.variables, data.val, data.num_val,
                                          cfg.eval_batch_size, mesh)
       epoch_metrics["val_accuracy"] = float(np.mean(probs.argmax(-1) == labels))
     epoch_metrics["select_metric"] = (epoch_metrics["val_accuracy"] if select == "best"
@@ -176,14 +205,14 @@ def train_stage(*, name: str, model, init_params, rules, groups, cfg, data: Stag
                            if k != "select_metric"))
 
   best_step = ckpts.best_step()
-  params = ckpts.best(state).params
+  variables = ckpts.best(state).variables
   summary = {"selected_step": int(best_step), "select": select, "total_steps": total_steps,
              "selected_metrics": ckpts.metrics(best_step)}
   ckpts.finish(summary)
   ckpts.close()
   if writer:
     writer.flush()
-  return params, summary
+  return variables, summary
 
 
 def _check_finite(name: str, step: int, loss: float, ckpts) -> None:

@@ -1,21 +1,28 @@
-"""Model registry: `get(name)(num_classes=..., **config.model)`.
+"""Model registry: `build(name, num_classes, config.model)`.
 
 Every model is a Flax Linen module whose `__call__(images, *, train)` returns
 `(logits, out)`, with `out["features"]` the last conv block's output. Each model
 module declares `PARAM_GROUPS` (named regexes over parameter paths, e.g.
-"last_conv_block") and `HEAD_LAYER` (the classifier replaced between stages).
+"last_conv_block"), `HEAD_LAYER` (the classifier replaced between stages) and,
+where Keras leaves layers unnamed, `KERAS_UNNAMED` (see keras_weights.py).
 """
 
 from __future__ import annotations
 
 import types
 
-from xrayjax.models import alexnet, vgg
+from xrayjax.models import alexnet, concat, resnet50, resnet50v2, vgg, xception
 
 _MODELS = {
     "alexnet": (alexnet.AlexNet, alexnet),
     "vgg16": (vgg.VGG16, vgg),
+    "resnet50": (resnet50.ResNet50, resnet50),
+    "resnet50v2": (resnet50v2.ResNet50V2, resnet50v2),
+    "xception": (xception.Xception, xception),
+    "concat": (concat.Concat, concat),
 }
+# config.model keys that are not module attributes.
+INIT_FROM = "init_from"
 
 
 def _entry(name: str):
@@ -29,8 +36,17 @@ def get(name: str):
   return _entry(name)[0]
 
 
+def build(name: str, num_classes: int, model_config):
+  """The model `name` with the attributes in `model_config` (config.model)."""
+  kwargs = {k: v for k, v in dict(model_config).items() if k != INIT_FROM}
+  try:
+    return get(name)(num_classes=num_classes, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"config.model for {name!r} has an unknown field: {e}") from None
+
+
 def spec(name: str) -> types.ModuleType:
-  """The model's module: PARAM_GROUPS and HEAD_LAYER."""
+  """The model's module: PARAM_GROUPS, HEAD_LAYER, KERAS_UNNAMED."""
   return _entry(name)[1]
 
 

@@ -1,0 +1,84 @@
+"""Xception, layer for layer as `keras.applications.Xception`.
+
+Module names are Keras's layer names (Keras weight files load by name). Keras
+leaves the four residual 1x1 convs and their BatchNorms unnamed (`conv2d`,
+`conv2d_1`, ... in creation order); here they are `block{2,3,4,13}_residual_*`
+and KERAS_UNNAMED lists them in Keras's creation order so the importer can match
+them. `width` scales every channel count. Conv weights use He initialisation
+(see models/common.py); BatchNorm follows Keras (momentum 0.99, epsilon 1e-3).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from xrayjax.models.common import SeparableConv, batch_norm, conv, global_avg_pool, scaled
+
+EPSILON = 1e-3
+RESIDUAL_BLOCKS = (2, 3, 4, 13)
+
+PARAM_GROUPS = {
+    "before_last_conv_block": r"^block([1-9]|1[0-3])_",
+    "last_conv_block": r"^block14_",
+    "head": r"^predictions/",
+}
+HEAD_LAYER = "predictions"
+KERAS_UNNAMED = {
+    "conv2d": tuple(f"block{b}_residual_conv" for b in RESIDUAL_BLOCKS),
+    "batch_normalization": tuple(f"block{b}_residual_bn" for b in RESIDUAL_BLOCKS),
+}
+
+
+class Xception(nn.Module):
+  num_classes: int | None  # None: no top (the final conv map only)
+  width: float = 1.0
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    c = lambda n: scaled(n, self.width)
+    bn = lambda name: batch_norm(train, EPSILON, name)
+    out = {}
+    x = conv(c(32), (3, 3), strides=2, padding="VALID", use_bias=False, name="block1_conv1")(images)
+    x = nn.relu(bn("block1_conv1_bn")(x))
+    x = conv(c(64), (3, 3), padding="VALID", use_bias=False, name="block1_conv2")(x)
+    x = nn.relu(bn("block1_conv2_bn")(x))
+    out["block1"] = x
+
+    def entry(x, block, filters, first_relu=True, filters2=None):
+      """A strided block with a 1x1 conv shortcut (entry flow, and block 13)."""
+      residual = bn(f"block{block}_residual_bn")(
+          conv(c(filters2 or filters), (1, 1), strides=2, padding="SAME", use_bias=False,
+               name=f"block{block}_residual_conv")(x))
+      if first_relu:
+        x = nn.relu(x)
+      x = bn(f"block{block}_sepconv1_bn")(SeparableConv(c(filters), name=f"block{block}_sepconv1")(x))
+      x = nn.relu(x)
+      x = bn(f"block{block}_sepconv2_bn")(
+          SeparableConv(c(filters2 or filters), name=f"block{block}_sepconv2")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+      return x + residual
+
+    x = entry(x, 2, 128, first_relu=False)
+    for block, filters in ((3, 256), (4, 728)):
+      x = entry(x, block, filters)
+      out[f"block{block}"] = x
+    for block in range(5, 13):  # middle flow
+      residual = x
+      for i in (1, 2, 3):
+        x = nn.relu(x)
+        x = bn(f"block{block}_sepconv{i}_bn")(
+            SeparableConv(c(728), name=f"block{block}_sepconv{i}")(x))
+      x = x + residual
+    out["block12"] = x
+    x = entry(x, 13, 728, filters2=1024)
+    out["block13"] = x
+    x = nn.relu(bn("block14_sepconv1_bn")(SeparableConv(c(1536), name="block14_sepconv1")(x)))
+    x = nn.relu(bn("block14_sepconv2_bn")(SeparableConv(c(2048), name="block14_sepconv2")(x)))
+    out["features"] = x
+    if self.num_classes is None:
+      return None, out
+    x = global_avg_pool(x)
+    out["pre_logits"] = x
+    logits = nn.Dense(self.num_classes, name=HEAD_LAYER)(x)
+    out["logits"] = logits
+    return logits, out
