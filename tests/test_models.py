@@ -55,3 +55,39 @@ def test_concat_heads():
 def test_unknown_model_field_is_named():
   with pytest.raises(ValueError, match="config.model for 'vgg16' has an unknown field"):
     models.build("vgg16", 4, {"stem_kernel": 3})
+
+
+@pytest.mark.parametrize("kernel,groups,strides,padding", [
+    (1, 1, 1, "SAME"), (1, 1, 2, "SAME"), (1, 1, 2, "VALID"),  # 1x1: a matrix product
+    (3, 6, 1, "SAME"), (3, 6, 1, "VALID"), (3, 6, 1, ((2, 0), (1, 1))),  # depthwise: shifts
+    (3, 1, 2, "SAME"), (3, 3, 1, "SAME")])  # the rest: lax
+def test_conv_rewrites_match_lax_values_and_gradients(kernel, groups, strides, padding):
+  from jax import lax
+  from xrayjax.models.common import conv_general_dilated
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 9, 9, 6)).astype(np.float32)
+  w = rng.normal(size=(kernel, kernel, 6 // groups, 6)).astype(np.float32)
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+  def f(conv):
+    return lambda x, w: conv(x, w, (strides, strides), padding, dimension_numbers=dn,
+                             feature_group_count=groups)
+
+  mine, ref = f(conv_general_dilated), f(lax.conv_general_dilated)
+  np.testing.assert_allclose(mine(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda conv: jax.grad(lambda x, w: (conv(x, w) ** 2).sum(), argnums=(0, 1))(x, w)
+  for a, b in zip(loss(mine), loss(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [9, 10, 112])
+def test_max_pool_matches_flax(size):
+  import flax.linen as nn
+  from xrayjax.models.common import max_pool
+  x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+  for padding in ("SAME", "VALID"):
+    ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=padding)
+    mine = lambda x: max_pool(x, 3, 2, padding)
+    np.testing.assert_array_equal(mine(x), ref(x))
+    np.testing.assert_array_equal(jax.grad(lambda x: (mine(x) ** 2).sum())(x),
+                                  jax.grad(lambda x: (ref(x) ** 2).sum())(x))

@@ -101,6 +101,9 @@ class JaxRunner:
 
 
 def _rate(fn, steps: int, batch: int) -> float:
+  """Images/s over `steps` calls, after one untimed call: the first step after the other
+  framework ran is 10-25% slower for either (measured; shared caches and threads)."""
+  fn()
   t = time.perf_counter()
   for _ in range(steps):
     fn()
@@ -133,8 +136,6 @@ def measure(name: str, size: int, batch: int, rounds: int, steps: int) -> dict:
   for r in range(rounds):
     train_j.append(_rate(mine.train_step, steps, batch))
     train_k.append(_rate(theirs.train_step, steps, batch))
-    if r == 0:
-      mine.infer(), theirs.infer()  # warm-up (compile) outside the timing
     infer_j.append(_rate(mine.infer, steps, batch))
     infer_k.append(_rate(theirs.infer, steps, batch))
     print(f"  {name} round {r + 1}/{rounds}: train xrayjax {train_j[-1]:.2f} img/s, "

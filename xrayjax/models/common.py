@@ -6,6 +6,7 @@ import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 # He (fan-in, normal) initialisation. With Keras's Glorot default a plain ReLU stack such as
 # VGG16 trained from scratch stalled at chance (loss 0.693 for 5 epochs on the demo), and
@@ -28,6 +29,41 @@ def zero_pad(x, pad: int):
   return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
 
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, **kwargs):
+  """lax.conv_general_dilated, with two kinds of conv computed another way (same result).
+
+  XLA's CPU backend is slow at both (xrayjax.bench, README "Benchmark"):
+    - a plain 1x1 conv is one matrix product (1.4-2x faster, forward and backward);
+    - a depthwise conv at stride 1 is a sum of shifted, channel-scaled copies of the input,
+      which XLA fuses into one loop (grouped convolutions run far below peak there).
+  """
+  nhwc = dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
+  plain = (nhwc and not kwargs and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)))
+  kh, kw, cin, cout = rhs.shape
+  if plain and (kh, kw) == (1, 1) and feature_group_count == 1 and _no_padding(padding):
+    x = lhs[:, ::window_strides[0], ::window_strides[1]]
+    return lax.dot_general(x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+  if (plain and cin == 1 and feature_group_count == lhs.shape[3] == cout
+      and tuple(window_strides) == (1, 1)):
+    if isinstance(padding, str):
+      padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding)
+    x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    return sum(x[:, i:i + out_h, j:j + out_w] * rhs[i, j, 0] for i in range(kh) for j in range(kw))
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                  dimension_numbers, feature_group_count, precision=precision,
+                                  **kwargs)
+
+
+def _no_padding(padding) -> bool:
+  return isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding)
+
+
+conv = functools.partial(nn.Conv, kernel_init=HE_INIT, conv_general_dilated=conv_general_dilated)
+
+
 class SeparableConv(nn.Module):
   """Keras's SeparableConv2D: a depthwise conv then a 1x1 pointwise conv (no bias)."""
   features: int
@@ -35,13 +71,31 @@ class SeparableConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(x.shape[-1], self.kernel_size, padding="SAME", feature_group_count=x.shape[-1],
-                use_bias=False, kernel_init=HE_INIT, name="depthwise")(x)
-    return nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=HE_INIT,
-                   name="pointwise")(x)
+    x = conv(x.shape[-1], self.kernel_size, padding="SAME", feature_group_count=x.shape[-1],
+             use_bias=False, name="depthwise")(x)
+    return conv(self.features, (1, 1), use_bias=False, name="pointwise")(x)
 
 
-conv = functools.partial(nn.Conv, kernel_init=HE_INIT)
+def max_pool(x, window: int, stride: int, padding: str = "VALID"):
+  """nn.max_pool as the maximum of strided slices (same values).
+
+  XLA's CPU backend runs the gradient of a reduce-window max (select-and-scatter)
+  several times slower than the elementwise maxima and slices used here.
+  """
+  if padding == "SAME":
+    n_h, n_w = (-(-d // stride) for d in x.shape[1:3])
+    pad_h, pad_w = (max((n - 1) * stride + window - d, 0) for n, d in zip((n_h, n_w), x.shape[1:3]))
+    x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
+                    (0, 0)), constant_values=-jnp.inf)
+  elif padding != "VALID":
+    raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
+  n_h, n_w = ((d - window) // stride + 1 for d in x.shape[1:3])
+  out = None
+  for i in range(window):
+    for j in range(window):
+      s = x[:, i:i + (n_h - 1) * stride + 1:stride, j:j + (n_w - 1) * stride + 1:stride]
+      out = s if out is None else jnp.maximum(out, s)
+  return out
 
 
 def global_avg_pool(x):
