@@ -78,16 +78,3 @@ def test_conv_rewrites_match_lax_values_and_gradients(kernel, groups, strides, p
   loss = lambda conv: jax.grad(lambda x, w: (conv(x, w) ** 2).sum(), argnums=(0, 1))(x, w)
   for a, b in zip(loss(mine), loss(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("size", [9, 10, 112])
-def test_max_pool_matches_flax(size):
-  import flax.linen as nn
-  from xrayjax.models.common import max_pool
-  x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
-  for padding in ("SAME", "VALID"):
-    ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=padding)
-    mine = lambda x: max_pool(x, 3, 2, padding)
-    np.testing.assert_array_equal(mine(x), ref(x))
-    np.testing.assert_array_equal(jax.grad(lambda x: (mine(x) ** 2).sum())(x),
-                                  jax.grad(lambda x: (ref(x) ** 2).sum())(x))

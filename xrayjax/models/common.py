@@ -76,27 +76,5 @@ class SeparableConv(nn.Module):
     return conv(self.features, (1, 1), use_bias=False, name="pointwise")(x)
 
 
-def max_pool(x, window: int, stride: int, padding: str = "VALID"):
-  """nn.max_pool as the maximum of strided slices (same values).
-
-  XLA's CPU backend runs the gradient of a reduce-window max (select-and-scatter)
-  several times slower than the elementwise maxima and slices used here.
-  """
-  if padding == "SAME":
-    n_h, n_w = (-(-d // stride) for d in x.shape[1:3])
-    pad_h, pad_w = (max((n - 1) * stride + window - d, 0) for n, d in zip((n_h, n_w), x.shape[1:3]))
-    x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
-                    (0, 0)), constant_values=-jnp.inf)
-  elif padding != "VALID":
-    raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
-  n_h, n_w = ((d - window) // stride + 1 for d in x.shape[1:3])
-  out = None
-  for i in range(window):
-    for j in range(window):
-      s = x[:, i:i + (n_h - 1) * stride + 1:stride, j:j + (n_w - 1) * stride + 1:stride]
-      out = s if out is None else jnp.maximum(out, s)
-  return out
-
-
 def global_avg_pool(x):
   return jnp.mean(x, axis=(1, 2))

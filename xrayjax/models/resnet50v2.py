@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from xrayjax.models.common import batch_norm, conv, global_avg_pool, max_pool, scaled, zero_pad
+from xrayjax.models.common import batch_norm, conv, global_avg_pool, scaled, zero_pad
 
 STAGES = (("conv2", 64, 3, 2), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 1))
 EPSILON = 1.001e-5
@@ -34,7 +34,7 @@ class ResNet50V2(nn.Module):
     bn = lambda name: batch_norm(train, EPSILON, name)
     out = {}
     x = conv(c(64), (7, 7), strides=2, padding=3, name="conv1_conv")(images)
-    x = max_pool(zero_pad(x, 1), 3, 2)
+    x = nn.max_pool(zero_pad(x, 1), (3, 3), strides=(2, 2))
     for stage, filters, blocks, stride in STAGES:
       for b in range(1, blocks + 1):
         name = f"{stage}_block{b}"

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from xrayjax.models.common import (SeparableConv, batch_norm, conv, global_avg_pool, max_pool,
-                                   scaled)
+from xrayjax.models.common import SeparableConv, batch_norm, conv, global_avg_pool, scaled
 
 EPSILON = 1e-3
 RESIDUAL_BLOCKS = (2, 3, 4, 13)
@@ -56,7 +55,7 @@ class Xception(nn.Module):
       x = nn.relu(x)
       x = bn(f"block{block}_sepconv2_bn")(
           SeparableConv(c(filters2 or filters), name=f"block{block}_sepconv2")(x))
-      x = max_pool(x, 3, 2, "SAME")
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
       return x + residual
 
     x = entry(x, 2, 128, first_relu=False)
