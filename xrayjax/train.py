@@ -114,8 +114,8 @@ class StageData:
   num_val: int = 0
 
 
-def train_stage(*, name: str, model, init_variables, rules, groups, cfg, data: StageData, select: str,
-                ckpt_dir: str, seed: int, augment_cfg, mesh, log_every: int,
+def train_stage(*, name: str, model, init_variables, rules, groups, cfg, data: StageData,
+                select: str, ckpt_dir: str, seed: int, augment_cfg, mesh, log_every: int,
                 tb_dir: str | None, require_finished: bool = False) -> tuple[Any, dict]:
   """Trains one stage (or skips it when finished) and returns (selected variables, summary).
 

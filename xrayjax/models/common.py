@@ -40,7 +40,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       which XLA fuses into one loop (grouped convolutions run far below peak there).
   """
   nhwc = dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
-  plain = (nhwc and not kwargs and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)))
+  plain = nhwc and not kwargs and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
   kh, kw, cin, cout = rhs.shape
   if plain and (kh, kw) == (1, 1) and feature_group_count == 1 and _no_padding(padding):
     x = lhs[:, ::window_strides[0], ::window_strides[1]]

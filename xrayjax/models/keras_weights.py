@@ -189,7 +189,8 @@ def _convert(kind: str, module: str, weights: dict, flat: dict) -> dict:
   if kind == "separable":
     out = {f"params/{module}/pointwise/kernel":
            _checked(module, f"params/{module}/pointwise/kernel", weights, "pointwise_kernel", flat)}
-    depthwise = np.swapaxes(_require(module, weights, "depthwise_kernel"), 2, 3)  # (h,w,c,1)->(h,w,1,c)
+    # Keras (h, w, channels, 1) -> Flax grouped conv (h, w, 1, channels)
+    depthwise = np.swapaxes(_require(module, weights, "depthwise_kernel"), 2, 3)
     out[f"params/{module}/depthwise/kernel"] = _shape_ok(
         module, f"params/{module}/depthwise/kernel", depthwise, flat)
     if f"params/{module}/pointwise/bias" in flat:

@@ -51,7 +51,8 @@ class Xception(nn.Module):
                name=f"block{block}_residual_conv")(x))
       if first_relu:
         x = nn.relu(x)
-      x = bn(f"block{block}_sepconv1_bn")(SeparableConv(c(filters), name=f"block{block}_sepconv1")(x))
+      x = bn(f"block{block}_sepconv1_bn")(
+          SeparableConv(c(filters), name=f"block{block}_sepconv1")(x))
       x = nn.relu(x)
       x = bn(f"block{block}_sepconv2_bn")(
           SeparableConv(c(filters2 or filters), name=f"block{block}_sepconv2")(x))
