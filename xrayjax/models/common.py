@@ -78,3 +78,16 @@ class SeparableConv(nn.Module):
 
 def global_avg_pool(x):
   return jnp.mean(x, axis=(1, 2))
+
+
+def pooled_top(x, num_classes: int | None, out: dict, name: str = "predictions"):
+  """Keras's `include_top`: global average pooling and the dense classifier `name`.
+
+  Call from a compact `__call__` (the Dense layer belongs to the caller). With
+  `num_classes=None` (no top) it returns `(None, out)`.
+  """
+  if num_classes is None:
+    return None, out
+  x = out["pre_logits"] = global_avg_pool(x)
+  logits = out["logits"] = nn.Dense(num_classes, name=name)(x)
+  return logits, out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from xrayjax.models.common import batch_norm, conv, global_avg_pool, scaled, zero_pad
+from xrayjax.models.common import batch_norm, conv, pooled_top, scaled, zero_pad
 
 STAGES = (("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2))
 EPSILON = 1.001e-5
@@ -56,10 +56,4 @@ class ResNet50(nn.Module):
         x = nn.relu(shortcut + y)
       out[stage] = x
     out["features"] = x
-    if self.num_classes is None:
-      return None, out
-    x = global_avg_pool(x)
-    out["pre_logits"] = x
-    logits = nn.Dense(self.num_classes, name=HEAD_LAYER)(x)
-    out["logits"] = logits
-    return logits, out
+    return pooled_top(x, self.num_classes, out, HEAD_LAYER)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from xrayjax.models.common import SeparableConv, batch_norm, conv, global_avg_pool, scaled
+from xrayjax.models.common import SeparableConv, batch_norm, conv, pooled_top, scaled
 
 EPSILON = 1e-3
 RESIDUAL_BLOCKS = (2, 3, 4, 13)
@@ -76,10 +76,4 @@ class Xception(nn.Module):
     x = nn.relu(bn("block14_sepconv1_bn")(SeparableConv(c(1536), name="block14_sepconv1")(x)))
     x = nn.relu(bn("block14_sepconv2_bn")(SeparableConv(c(2048), name="block14_sepconv2")(x)))
     out["features"] = x
-    if self.num_classes is None:
-      return None, out
-    x = global_avg_pool(x)
-    out["pre_logits"] = x
-    logits = nn.Dense(self.num_classes, name=HEAD_LAYER)(x)
-    out["logits"] = logits
-    return logits, out
+    return pooled_top(x, self.num_classes, out, HEAD_LAYER)
