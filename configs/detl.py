@@ -12,9 +12,23 @@ Commands (from the project root):
   python -m xrayjax.main --config=configs/detl.py:init=scratch
 
   # Real images listed in a manifest CSV (path, label4, patient_id, source), e.g. the
-  # shared 4-class benchmark at 64 px:
+  # shared 4-class benchmark at 64 px (the path may also come from $XRAYJAX_MANIFEST):
   python -m xrayjax.main --config=configs/detl.py:data=manifest \
       --config.data.manifest.path=../shared/data/cxr_bench_64/manifest.csv
+
+  # The 3-class 256 px benchmark (normal, pneumonia, covid; column label3). It has no
+  # other_disease images, so Data-A (normal vs other disease) comes from the 4-class 64 px
+  # benchmark; its Data-B patients and duplicates are kept out of Data-A:
+  python -m xrayjax.main --config=configs/detl.py:data=manifest,classes=3 \
+      --config.data.manifest.path=../shared/data/cxr_bench_256/manifest.csv \
+      --config.data_a.data.manifest.path=../shared/data/cxr_bench_64/manifest.csv
+
+  # The paper's data: NIH ChestX-ray14 (Data-A; Data-B's normal, pneumonia and
+  # other_disease) and ieee8023 (Data-B's covid), read from their native directories
+  # (or $XRAYJAX_NIH_CXR14 / $XRAYJAX_IEEE8023_COVID), at the paper's scale:
+  python -m xrayjax.main --config=configs/detl.py:data=nih,scale=paper \
+      --config.data.nih_cxr14.root=/data/ChestX-ray14 \
+      --config.data.ieee8023_covid.root=/data/covid-chestxray-dataset
 
   # Paper 2's networks (Keras layouts), optionally from Keras/ImageNet weight files on disk:
   python -m xrayjax.main --config=configs/detl.py:model=xception,init=scratch \
@@ -31,8 +45,10 @@ Commands (from the project root):
 
 Config args (comma separated): model=vgg16|alexnet|resnet50|resnet50v2|xception|concat
 (resnet50 is the paper's 3x3-stem variant; the last three are paper 2's networks),
-data=synthetic|manifest, protocol=corrected|paper, init=detl|scratch, scale=demo|paper,
-runlocal.
+data=synthetic|manifest|nih, classes=4|3 (Data-B's task: the paper's four classes or paper
+2's three), protocol=corrected|paper, init=detl|scratch, scale=demo|paper, runlocal.
+Other native sources (rsna_pneumonia, covidx) are chosen with --config.data.source, several
+at once comma separated, each with its --config.data.<source>.root.
 
 What to expect at demo scale (README, "Results"): 5-fold accuracy 58.3% ± 1.5
 (chance 25%), macro AUROC 0.85; model=alexnet 55.4% ± 11.2, AUROC 0.81;
@@ -63,9 +79,9 @@ PAPER_DATA_B = {"normal": 350, "pneumonia": 322, "other_disease": 300, "covid": 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(
       arg,
-      defaults={"model": "vgg16", "data": "synthetic", "protocol": "corrected", "init": "detl",
-                "scale": "demo"},
-      choices={"model": MODELS, "data": ("synthetic", "manifest"),
+      defaults={"model": "vgg16", "data": "synthetic", "classes": "4", "protocol": "corrected",
+                "init": "detl", "scale": "demo"},
+      choices={"model": MODELS, "data": ("synthetic", "manifest", "nih"), "classes": ("4", "3"),
                "protocol": ("corrected", "paper"), "init": ("detl", "scratch"),
                "scale": ("demo", "paper")},
       flags=("runlocal",))
@@ -76,19 +92,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 20
 
   # --- data ---
-  # tfds_dir: where generated/built data sets live (None: $TFDS_DATA_DIR or ~/tensorflow_datasets).
-  c.data = dict(source=args["data"], image_size=96,  # the model's input; images are resized
-                tfds_dir=ml_collections.config_dict.placeholder(str))
-  c.data.synthetic = dict(image_size=128, patients=(800, 60, 800, 60), site_confounding=0.0,
-                          seed=0)
-  # data=manifest: a CSV (path, label column, patient_id, source), e.g. the shared 4-class
-  # benchmark ../shared/data/cxr_bench_64/manifest.csv (path also from $XRAYJAX_MANIFEST).
-  c.data.manifest = dict(path=ml_collections.config_dict.placeholder(str), label_column="label4",
-                         image_size=64)
+  # source: one or several (comma separated) of synthetic, manifest, nih_cxr14,
+  # rsna_pneumonia, ieee8023_covid, covidx; each has its options below. Native sources are
+  # built once into tfds_dir (None: $TFDS_DATA_DIR or ~/tensorflow_datasets) at their
+  # image_size; data.image_size is the model's input (images are resized).
+  c.data = data_config(args["data"])
+  # Duplicates (exact file copies, and 256-bit pHashes at most max_distance bits apart) are
+  # found across all sources before splitting; the corrected protocol drops copies and keeps
+  # patients joined by a duplicate in one partition (duplicates.json in the run directory).
+  c.dedup = dict(max_distance=24)
   # Images per class (whole patients are drawn; 0 = every available image).
-  c.data_a = dict(images_per_class={"normal": 0, "disease": 0}, val_fraction=0.2)
-  c.data_b = dict(images_per_class={"normal": 120, "pneumonia": 0, "other_disease": 120,
-                                    "covid": 0}, val_fraction=0.2)
+  # data_a.sources: only these sources (comma separated values of the `source` field) feed
+  # Data-A ("" = all); data_a.data: a data config of its own for Data-A (None = data; its
+  # image_size is unused, both stages take data.image_size).
+  c.data_a = dict(images_per_class={"normal": 0, "disease": 0}, val_fraction=0.2,
+                  sources="", data=None)
+  # task: data_b (normal, pneumonia, other_disease, covid) or three_class (paper 2's classes).
+  c.data_b = dict(task="data_b", images_per_class={"normal": 120, "pneumonia": 0,
+                                                   "other_disease": 120, "covid": 0},
+                  val_fraction=0.2)
   c.augment = dict(enabled=True, rotation_deg=10.0, scale=0.1, mirror=True)
 
   # --- model ---
@@ -120,6 +142,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.image_size = 64
     c.data_b.images_per_class = {"normal": 120, "pneumonia": 120, "other_disease": 120,
                                  "covid": 120}
+  if args["data"] == "nih":  # the paper's sources: Data-A from NIH alone
+    c.data_a.sources = "nih_cxr14"
+  if args["classes"] == "3":
+    c.data_b.task = "three_class"
+    c.data_b.images_per_class = {"normal": 0, "pneumonia": 0, "covid": 0}
+    if args["data"] == "manifest":  # the 3-class 256 px benchmark; Data-A from the 64 px one
+      c.data.manifest.update(label_column="label3", image_size=256)
+      c.data.image_size = 128
+      c.data_a.data = data_config("manifest")
+      c.data_a.data.manifest.update(path_env="XRAYJAX_DATA_A_MANIFEST", label_column="label4",
+                                    image_size=64)
 
   if args["scale"] == "paper":
     c.data.image_size = 224
@@ -127,7 +160,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic.patients = (30_000, 330, 27_000, 320)
     c.data_a.images_per_class = PAPER_DATA_A
     c.data_a.val_fraction = 20_000 / sum(PAPER_DATA_A.values())
-    c.data_b.images_per_class = PAPER_DATA_B
+    if args["classes"] == "4":
+      c.data_b.images_per_class = PAPER_DATA_B
     c.model.width = 1.0
     if args["model"] == "alexnet":
       c.model.dropout = 0.5
@@ -151,3 +185,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage_b.optimizer = c.stage_a.optimizer.to_dict()
     c.stage_b.param_rules = ((".*", "train"),)
   return c
+
+
+def data_config(source: str) -> ml_collections.ConfigDict:
+  """The data block: which sources, and every source's options."""
+  placeholder = ml_collections.config_dict.placeholder
+  source = {"nih": "nih_cxr14,ieee8023_covid"}.get(source, source)
+  return ml_collections.ConfigDict(dict(
+      source=source, image_size=96, tfds_dir=placeholder(str),
+      synthetic=dict(image_size=128, patients=(800, 60, 800, 60), site_confounding=0.0, seed=0),
+      # A CSV (path, label column, patient_id, source), e.g. ../shared/data/cxr_bench_64/
+      # manifest.csv; path_env names the environment variable read when path is unset.
+      manifest=dict(path=placeholder(str), path_env="XRAYJAX_MANIFEST", label_column="label4",
+                    image_size=64),
+      # Native layouts (data/sources/*.py); root also from $XRAYJAX_<SOURCE>.
+      nih_cxr14=dict(root=placeholder(str), image_size=256),
+      rsna_pneumonia=dict(root=placeholder(str), image_size=256),
+      ieee8023_covid=dict(root=placeholder(str), image_size=256, frontal_only=True),
+      covidx=dict(root=placeholder(str), image_size=256, label_files=""),
+  ))

@@ -178,9 +178,10 @@ def test_paper_protocol_plan_draws_cohorts_independently(tfds_dir):
   from xrayjax.data import pipeline, sources
   c = detl.get_config("runlocal,protocol=paper")
   c.data.tfds_dir = tfds_dir
-  meta = pipeline.read_metadata(sources.builder(c.data))
+  _, meta, _ = experiment.load_data(c)
   paper = experiment.plan(meta, c)
   c.protocol = "corrected"
+  _, meta, _ = experiment.load_data(c)
   corrected = experiment.plan(meta, c)
   assert experiment.describe(meta, corrected)["data_b_patients_also_in_data_a"] == 0
   # Paper: Data-A may contain Data-B patients; folds are image-level, no stage-B validation.

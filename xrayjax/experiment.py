@@ -39,64 +39,125 @@ def _seed(*parts: int) -> int:
 # --- data plan --------------------------------------------------------------------------------
 
 
+def load_data(config) -> tuple[list, dict[str, np.ndarray], dict]:
+  """Builders and metadata of Data-B's sources and, when configured apart, Data-A's.
+
+  `meta` gains `for_a` / `for_b` (which rows each stage may draw from) and `group` (the
+  split group: patients joined by duplicate images; see splits.deduplicate). In the
+  corrected protocol duplicate copies are dropped here; the paper protocol only reports them.
+  """
+  builders, meta = sources.load(config.data)
+  names = [f"{n}" for n in sources.names(config.data)]
+  meta["for_a"] = meta["for_b"] = np.ones(len(meta["image_id"]), bool)
+  data_a = config.data_a.get("data")
+  if data_a:  # Data-A from other sources (e.g. the 64 px benchmark for a 256 px Data-B)
+    builders_a, meta_a = sources.load(data_a)
+    meta_a["builder"] = meta_a["builder"] + len(builders)
+    meta["for_a"] = np.zeros(len(meta["image_id"]), bool)
+    meta_a["for_a"], meta_a["for_b"] = (np.ones(len(meta_a["image_id"]), bool),
+                                        np.zeros(len(meta_a["image_id"]), bool))
+    meta = {k: np.concatenate([meta[k], meta_a[k]]) for k in meta}
+    builders += builders_a
+    names += [f"data_a:{n}" for n in sources.names(data_a)]
+  dup = splits.deduplicate(meta, config.dedup.max_distance)
+  applied = config.protocol == "corrected"
+  dup["report"]["applied"] = applied
+  meta["group"] = dup["group"] if applied else meta["patient_id"]
+  if applied:
+    meta = {k: v[dup["keep"]] for k, v in meta.items()}
+  reports = {}
+  for name, b in zip(names, builders):
+    r = sources.build_report(b) or {}
+    reports[name] = {"built": r.get("built"), "skipped": r.get("skipped", 0),
+                     "skipped_by_reason": r.get("skipped_by_reason", {}),
+                     "report": os.path.join(b.data_dir, sources.BUILD_REPORT)}
+  return builders, meta, {"build_reports": reports, "duplicates": dup["report"]}
+
+
 def plan(meta: dict[str, np.ndarray], config) -> dict:
-  """Image indices of every partition, from metadata only; checked for integrity."""
+  """Image indices of every partition, from metadata only; checked for integrity.
+
+  `meta` as load_data returns it. The corrected protocol groups by `group` (patients,
+  merged where duplicates join them); the paper protocol splits images.
+  """
   if config.protocol not in PROTOCOLS:
     raise ValueError(f"unknown protocol {config.protocol!r}; valid protocols: {PROTOCOLS}")
   grouped = config.protocol == "corrected"
   rng = np.random.default_rng(_seed(config.seed, 0))
-  patients = meta["patient_id"]
-  task_a, task_b = tasks.get("data_a"), tasks.get("data_b")
-  labels_a, labels_b = task_a.labels(meta["label"]), task_b.labels(meta["label"])
+  groups = meta["group"]
+  task_a, task_b = tasks.get("data_a"), tasks.get(config.data_b.task)
+  labels_a, strata_a = task_a.assign(meta)
+  labels_b, strata_b = task_b.assign(meta)
+  labels_a[~meta["for_a"]] = -1
+  if config.data_a.sources:
+    labels_a[~np.isin(meta["source"], config.data_a.sources.split(","))] = -1
+  labels_b[~meta["for_b"]] = -1
 
-  def sample(labels, classes, sizes, exclude=()):
-    excluded = np.isin(patients, list(exclude))
+  def sample(labels, strata, classes, sizes, exclude=()):
+    excluded = np.isin(groups, list(exclude))
     chosen = []
     for c, name in enumerate(classes):
       candidates = np.flatnonzero((labels == c) & ~excluded)
-      chosen.append(splits.sample_patients(candidates, patients, int(sizes.get(name, 0)), rng))
+      kinds = sorted(set(strata[candidates]) - {""})
+      want = int(sizes.get(name, 0))
+      if not kinds:
+        chosen.append(splits.sample_patients(candidates, groups, want, rng))
+        continue
+      for kind in kinds:  # a class made of sub-classes takes an equal share of each
+        chosen.append(splits.sample_patients(candidates[strata[candidates] == kind], groups,
+                                             -(-want // len(kinds)) if want else 0, rng))
     return np.sort(np.concatenate(chosen))
 
-  data_b = sample(labels_b, task_b.classes, config.data_b.images_per_class)
+  data_b = sample(labels_b, strata_b, task_b.classes, config.data_b.images_per_class)
+  if len(data_b) == 0:
+    raise ValueError(f"Data-B is empty: no image of data.source={config.data.source!r} falls in "
+                     f"task {task_b.name!r} (classes {task_b.classes}); check data_b.task and the "
+                     "source's labels")
   # Corrected: Data-A never contains a Data-B patient (the paper drew both from NIH).
-  exclude = set(patients[data_b]) if grouped else ()
-  data_a = sample(labels_a, task_a.classes, config.data_a.images_per_class, exclude)
-  a_train, a_val = splits.carve(data_a, labels_a, patients, config.data_a.val_fraction,
-                                _seed(config.seed, 1), grouped)
+  exclude = set(groups[data_b]) if grouped else ()
+  a_train = a_val = np.array([], np.int64)
+  if config.stage_a.enabled:
+    data_a = sample(labels_a, strata_a, task_a.classes, config.data_a.images_per_class, exclude)
+    a_train, a_val = splits.carve(data_a, labels_a, groups, config.data_a.val_fraction,
+                                  _seed(config.seed, 1), grouped)
   folds = []
-  for k, test in enumerate(splits.kfold(labels_b[data_b], patients[data_b], config.folds,
+  for k, test in enumerate(splits.kfold(labels_b[data_b], groups[data_b], config.folds,
                                         _seed(config.seed, 2), grouped)):
     test = data_b[test]
     rest = np.setdiff1d(data_b, test)
     if grouped:
-      b_train, b_val = splits.carve(rest, labels_b, patients, config.data_b.val_fraction,
+      b_train, b_val = splits.carve(rest, labels_b, groups, config.data_b.val_fraction,
                                     _seed(config.seed, 3, k), grouped)
-      splits.check_disjoint_patients({"train": b_train, "val": b_val, "test": test}, patients)
+      for ids in (groups, meta["patient_id"]):
+        splits.check_disjoint_patients({"train": b_train, "val": b_val, "test": test}, ids)
     else:
       b_train, b_val = rest, np.array([], np.int64)
     folds.append({"train": b_train, "val": b_val, "test": test})
   if grouped:
-    splits.check_disjoint_patients({"data_a_train": a_train, "data_a_val": a_val}, patients)
-    splits.check_disjoint_patients({"data_a": data_a, "data_b": data_b}, patients)
+    for ids in (groups, meta["patient_id"]):
+      splits.check_disjoint_patients({"data_a_train": a_train, "data_a_val": a_val}, ids)
+      splits.check_disjoint_patients({"data_a": np.concatenate([a_train, a_val]),
+                                      "data_b": data_b}, ids)
   return {"labels_a": labels_a, "labels_b": labels_b, "a_train": a_train, "a_val": a_val,
-          "data_b": data_b, "folds": folds}
+          "data_b": data_b, "folds": folds, "task_b": task_b.name}
 
 
 def describe(meta, p) -> dict:
-  """Counts per class for every partition, per site for Data-B, and patient overlap."""
+  """Counts per class for every partition, per source for Data-B, and patient overlap."""
   def counts(idx, labels, classes):
     return {c: int(np.sum(labels[idx] == i)) for i, c in enumerate(classes)}
 
-  a, b = tasks.get("data_a").classes, tasks.get("data_b").classes
+  a, b = tasks.get("data_a").classes, tasks.get(p["task_b"]).classes
   out = {"data_a_train": counts(p["a_train"], p["labels_a"], a),
          "data_a_val": counts(p["a_val"], p["labels_a"], a),
          "data_b": counts(p["data_b"], p["labels_b"], b)}
   for k, f in enumerate(p["folds"]):
     for part in ("train", "val", "test"):
       out[f"fold{k}_{part}"] = counts(f[part], p["labels_b"], b)
-  sites = meta["site"][p["data_b"]]
-  out["data_b_label_by_site"] = {
-      s: counts(p["data_b"][sites == s], p["labels_b"], b) for s in sorted(set(sites))}
+  for key in ("site", "source"):
+    values = meta[key][p["data_b"]]
+    out[f"data_b_label_by_{key}"] = {
+        s: counts(p["data_b"][values == s], p["labels_b"], b) for s in sorted(set(values))}
   a_patients = set(meta["patient_id"][np.concatenate([p["a_train"], p["a_val"]])])
   out["data_b_patients_also_in_data_a"] = len(set(meta["patient_id"][p["data_b"]]) & a_patients)
   return out
@@ -223,18 +284,21 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
   init_from = config.model.get(models.INIT_FROM)
 
   # --- data ---
-  builder = sources.builder(config.data)
-  meta = pipeline.read_metadata(builder)
+  builders, meta, data_info = load_data(config)
   p = plan(meta, config)
+  key = meta["image_id"] if len(builders) == 1 else np.array(
+      [f"{b}/{i}" for b, i in zip(meta["builder"], meta["image_id"])], dtype=object)
   files.write_json(os.path.join(workdir, "splits.json"), {
-      "data_a_train": meta["image_id"][p["a_train"]].tolist(),
-      "data_a_val": meta["image_id"][p["a_val"]].tolist(),
-      "folds": [{k: meta["image_id"][v].tolist() for k, v in f.items()} for f in p["folds"]]})
+      "data_a_train": key[p["a_train"]].tolist(), "data_a_val": key[p["a_val"]].tolist(),
+      "folds": [{k: key[v].tolist() for k, v in f.items()} for f in p["folds"]]})
+  files.write_json(os.path.join(workdir, "duplicates.json"), data_info["duplicates"])
   data_summary = describe(meta, p)
   logging.info("data plan: %s", {k: v for k, v in data_summary.items() if k.startswith("data")})
+  logging.info("duplicates: %s", data_info["duplicates"]["summary"])
 
   def dataset(idx, labels):
-    return pipeline.select(builder, meta["image_id"][idx], labels[idx], config.data.image_size)
+    return pipeline.select(builders, meta["builder"][idx], meta["image_id"][idx], labels[idx],
+                           config.data.image_size)
 
   common = dict(augment_cfg=config.augment, mesh=mesh, log_every=config.log_every,
                 require_finished=mode == "eval")
@@ -254,7 +318,7 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
         tb_dir=os.path.join(workdir, "tensorboard", "stage_a"), **common)
 
   # --- stage B: per fold, on Data-B ---
-  classes = tasks.get("data_b").classes
+  classes = tasks.get(config.data_b.task).classes
   model_b = models.build(config.model_name, len(classes), config.model)
   predict_b = train.make_predict_fn(model_b, mesh)  # one compiled function for every fold
   fold_metrics, predictions, fold_summaries = [], [], []
@@ -284,14 +348,15 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
     rows = fold["test"][index]
     for i, r in enumerate(rows):
       predictions.append({"fold": k, "image_id": meta["image_id"][r],
-                          "patient_id": meta["patient_id"][r], "site": meta["site"][r],
+                          "patient_id": meta["patient_id"][r], "source": meta["source"][r],
+                          "site": meta["site"][r],
                           "label": classes[labels[i]], "prediction": classes[probs[i].argmax()],
                           **{f"p_{c}": float(probs[i, j]) for j, c in enumerate(classes)}})
 
   # --- aggregate and report ---
   results = {
       "method": "DETL", "protocol": config.protocol, "model": config.model_name,
-      "data": f"{config.data.source}", "classes": list(classes),
+      "data": f"{config.data.source}", "task": config.data_b.task, "classes": list(classes),
       "stage_a": ("trained on Data-A, val accuracy "
                   f"{stage_a_summary['selected_metrics'].get('val_accuracy', float('nan')):.4f}"
                   if stage_a_summary else "none (trained from scratch on Data-B)"),
@@ -299,6 +364,9 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
       "num_images": int(len(p["data_b"])),
       "num_patients": int(len(set(meta["patient_id"][p["data_b"]]))),
       "data_summary": data_summary, "warnings": warnings(config, data_summary),
+      "build_reports": data_info["build_reports"],
+      "duplicates": data_info["duplicates"]["summary"],
+      "per_source": metrics_lib.per_group(predictions, "source", classes),
       "fold_metrics": fold_metrics, "across_folds": metrics_lib.across_folds(fold_metrics),
       "seconds": time.time() - start, "devices": jax.device_count(),
   }

@@ -18,7 +18,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-METADATA_KEYS = ("image_id", "patient_id", "label", "source", "site", "view")
+METADATA_KEYS = ("image_id", "patient_id", "label", "source", "site", "view", "file_sha1",
+                 "phash")
 
 
 def _skip_images(builder) -> dict:
@@ -27,32 +28,48 @@ def _skip_images(builder) -> dict:
 
 
 def read_metadata(builder: tfds.core.DatasetBuilder, split: str = "train") -> dict[str, np.ndarray]:
-  """Per-image metadata (no image is decoded), sorted by image_id."""
+  """Per-image metadata and `findings` (no image is decoded), sorted by image_id."""
   ds = builder.as_dataset(split=split, decoders=_skip_images(builder), shuffle_files=False)
   keys = [k for k in METADATA_KEYS if k in builder.info.features]
-  ds = ds.map(lambda ex: {k: ex[k] for k in keys}).batch(4096)
+  ds = ds.map(lambda ex: {k: ex[k] for k in keys + ["findings"]}).batch(4096)
   cols: dict[str, list] = {k: [] for k in keys}
+  findings = []
   for batch in ds.as_numpy_iterator():
     for k in keys:
       cols[k].extend(v.decode() for v in batch[k])
+    findings.append(batch["findings"])
   meta = {k: np.array(v, dtype=object) for k, v in cols.items()}
+  meta["findings"] = np.concatenate(findings) if findings else np.zeros((0, 0), bool)
   order = np.argsort(meta["image_id"].astype(str), kind="stable")
   return {k: v[order] for k, v in meta.items()}
 
 
-def select(builder: tfds.core.DatasetBuilder, image_ids: np.ndarray, labels: np.ndarray,
-           image_size: int, split: str = "train") -> tf.data.Dataset:
+def select(builders: list[tfds.core.DatasetBuilder], builder_index: np.ndarray,
+           image_ids: np.ndarray, labels: np.ndarray, image_size: int,
+           split: str = "train") -> tf.data.Dataset:
   """The chosen images as {image uint8 [s, s, 1], label, index}, cached in memory.
 
-  `index` is the image's position in `image_ids`; it keys the augmentation
-  randomness and lets evaluation outputs be matched back to the metadata.
+  Image k is `image_ids[k]` of `builders[builder_index[k]]`. `index` is k: it keys the
+  augmentation randomness and lets evaluation outputs be matched back to the metadata.
   """
   if len(image_ids) == 0:
     raise ValueError("empty selection: the split has no images; check the data sizes in config")
+  label_of = tf.constant(np.asarray(labels, np.int32))
+  parts = []
+  for b, builder in enumerate(builders):
+    mine = np.flatnonzero(np.asarray(builder_index) == b)
+    if len(mine):
+      parts.append(_select_one(builder, image_ids[mine], mine, label_of, image_size, split))
+  ds = parts[0]
+  for part in parts[1:]:
+    ds = ds.concatenate(part)
+  return ds.cache()
+
+
+def _select_one(builder, image_ids, positions, label_of, image_size, split):
   table = tf.lookup.StaticHashTable(
       tf.lookup.KeyValueTensorInitializer(tf.constant([str(i) for i in image_ids]),
-                                          tf.range(len(image_ids), dtype=tf.int64)), -1)
-  label_of = tf.constant(np.asarray(labels, np.int32))
+                                          tf.constant(positions, tf.int64)), -1)
 
   def keep(ex):
     return table.lookup(ex["image_id"]) >= 0
@@ -69,7 +86,7 @@ def select(builder: tfds.core.DatasetBuilder, image_ids: np.ndarray, labels: np.
     return {"image": image, "label": tf.gather(label_of, index), "index": tf.cast(index, tf.int32)}
 
   ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_images(builder))
-  return ds.filter(keep).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).cache()
+  return ds.filter(keep).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def normalise(image: tf.Tensor) -> tf.Tensor:

@@ -99,3 +99,196 @@ def check_folds(folds: list[np.ndarray], n: int) -> None:
     bad = np.flatnonzero(counts != 1)[:5]
     raise AssertionError(f"folds are not a partition of {n} images: images {bad.tolist()} are "
                          f"evaluated {counts[bad].tolist()} times")
+
+
+# --- duplicates -------------------------------------------------------------------------------
+
+
+def _hash_words(phash: np.ndarray) -> np.ndarray:
+  """Hex perceptual hashes -> uint64 words [n, words] (all hashes must have one length)."""
+  raw = [bytes.fromhex(h) for h in phash]
+  width = max(len(r) for r in raw)
+  raw = [r.ljust(-(-width // 8) * 8, b"\0") for r in raw]
+  return np.frombuffer(b"".join(raw), np.uint64).reshape(len(raw), -1)
+
+
+def near_pairs(phash: np.ndarray, max_distance: int, budget: int = 1 << 22
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """(i, j), i < j, of every pair of hashes at most `max_distance` bits apart (exact search)."""
+  n = len(phash)
+  if n < 2 or max_distance < 0:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  words = _hash_words(phash)
+  rows = max(1, budget // (n * words.shape[1]))
+  ii, jj = [], []
+  for start in range(0, n - 1, rows):
+    block = words[start:start + rows]
+    dist = np.bitwise_count(block[:, None, :] ^ words[None, start:, :]).sum(-1)
+    i, j = np.nonzero(dist <= max_distance)
+    keep = j + start > i + start  # upper triangle: j > i
+    ii.append(i[keep] + start)
+    jj.append(j[keep] + start)
+  return np.concatenate(ii), np.concatenate(jj)
+
+
+def deduplicate(meta: dict[str, np.ndarray], max_distance: int) -> dict:
+  """Finds duplicate images across every source before any split.
+
+  Exact duplicates share the file's SHA-1; perceptual duplicates have 256-bit pHashes at most
+  `max_distance` bits apart (the same picture re-encoded, resized or re-windowed, e.g. an
+  ieee8023 image also in COVIDx, or one submitted under two patient ids).
+
+  Returns:
+    keep: bool per image. Of a set of exact copies the first (by position) is kept; if the
+      copies disagree on their label, none is kept (the truth is unknown).
+    group: split-group id per image: patients joined by a duplicate form one group, so a
+      grouped split never puts two copies of a picture in different partitions.
+    report: what was found, dropped and merged (JSON-ready).
+  """
+  from scipy.sparse import coo_matrix
+  from scipy.sparse.csgraph import connected_components
+
+  n = len(meta["image_id"])
+  ident = [f"{meta['source'][k]}:{meta['image_id'][k]}" for k in range(n)]
+  keep = np.ones(n, bool)
+  report = {"max_distance": int(max_distance), "images": int(n), "exact_sets": [],
+            "dropped": [], "merged_patients": []}
+  by_sha = collections.defaultdict(list)
+  for k, s in enumerate(meta["file_sha1"]):
+    by_sha[s].append(k)
+  src, dst = [], []
+  for members in by_sha.values():
+    if len(members) < 2:
+      continue
+    labels = sorted({str(meta["label"][k]) for k in members})
+    conflict = len(labels) > 1
+    dropped = members if conflict else members[1:]
+    keep[dropped] = False
+    report["exact_sets"].append({"images": [ident[k] for k in members], "labels": labels,
+                                 "kept": None if conflict else ident[members[0]]})
+    report["dropped"].extend({"image": ident[k], "reason": "conflicting labels on exact copies"
+                              if conflict else f"exact copy of {ident[members[0]]}"}
+                             for k in dropped)
+    src += members[:-1]
+    dst += members[1:]
+  i, j = near_pairs(meta["phash"], max_distance)
+  report["perceptual_pairs"] = [[ident[a], ident[b]] for a, b in zip(i, j)
+                                if meta["file_sha1"][a] != meta["file_sha1"][b]]
+  # Images of one patient are linked too, so components are the merged patient groups.
+  patients = meta["patient_id"]
+  first = {}
+  for k, p in enumerate(patients):
+    if p in first:
+      src.append(first[p])
+      dst.append(k)
+    first.setdefault(p, k)
+  src = np.concatenate([np.asarray(src, np.int64), i])
+  dst = np.concatenate([np.asarray(dst, np.int64), j])
+  graph = coo_matrix((np.ones(len(src)), (src, dst)), shape=(n, n))
+  _, component = connected_components(graph, directed=False)
+  group = np.empty(n, dtype=object)
+  for c in np.unique(component):
+    members = np.flatnonzero(component == c)
+    names = sorted(set(patients[members]))
+    group[members] = names[0]
+    if len(names) > 1:
+      report["merged_patients"].append(names)
+  report["summary"] = {"exact_sets": len(report["exact_sets"]),
+                       "perceptual_pairs": len(report["perceptual_pairs"]),
+                       "dropped": len(report["dropped"]),
+                       "merged_patient_groups": len(report["merged_patients"])}
+  return {"keep": keep, "group": group, "report": report}
+
+
+# --- phases (paper 2's answer to class imbalance) ---------------------------------------------
+
+
+def phases(train: np.ndarray, labels: np.ndarray, patients: np.ndarray, classes: tuple[str, ...],
+           count: int, fresh: dict[str, int], shared: dict[str, int], seed: int
+           ) -> list[np.ndarray]:
+  """`count` phase training sets drawn from the images `train`.
+
+  Per class, every phase holds the same `shared[c]` images (-1: all of the class's training
+  images, paper 2's treatment of COVID-19) plus `fresh[c]` images that no other phase
+  holds. Whole patients are drawn, so a patient's images stay together. The paper: 8 phases
+  of COVID-19 149 (all, shared), normal 250 (fresh), pneumonia 200 fresh + 34 shared.
+  """
+  rng = np.random.default_rng(seed)
+  out = [[] for _ in range(count)]
+  for c, name in enumerate(classes):
+    pool = train[labels[train] == c]
+    n_shared, n_fresh = int(shared.get(name, 0)), int(fresh.get(name, 0))
+    common = pool if n_shared < 0 else sample_patients(pool, patients, n_shared, rng) \
+        if n_shared else np.array([], np.int64)
+    rest = np.setdiff1d(pool, common)
+    if n_fresh * count > len(rest):
+      raise ValueError(f"phases: class {name!r} has {len(rest)} training images besides its "
+                       f"{len(common)} shared ones, too few for {count} phases of {n_fresh} "
+                       "fresh images; lower phases.fresh or phases.count")
+    for k in range(count):
+      chosen = sample_patients(rest, patients, n_fresh, rng) if n_fresh else \
+          np.array([], np.int64)
+      rest = np.setdiff1d(rest, chosen)
+      out[k].extend(common.tolist() + chosen.tolist())
+  return [np.sort(np.asarray(p, np.int64)) for p in out]
+
+
+def read_mr7495(directory: str) -> dict:
+  """The authors' split files: All.csv and fold*/train*.csv (filename, class).
+
+  Returns {"all": {filename: class}, "folds": [[set of filenames per phase] per fold]}.
+  """
+  import csv
+  import glob
+  import os
+  import re
+
+  def read(path):
+    with open(path, newline="") as f:
+      reader = csv.DictReader(f)
+      if not {"filename", "class"} <= set(reader.fieldnames or ()):
+        raise ValueError(f"{path}: expected columns filename, class; found {reader.fieldnames}")
+      return {r["filename"]: r["class"] for r in reader}
+
+  all_path = os.path.join(directory, "All.csv")
+  fold_dirs = sorted(glob.glob(os.path.join(directory, "fold*")),
+                     key=lambda p: int(re.sub(r"\D", "", os.path.basename(p)) or 0))
+  if not os.path.isfile(all_path) or not fold_dirs:
+    raise FileNotFoundError(f"{directory} does not look like the mr7495 split files: expected "
+                            "All.csv and fold1/train1.csv ...; found "
+                            f"{sorted(os.listdir(directory)) if os.path.isdir(directory) else []}")
+  folds = []
+  for d in fold_dirs:
+    files = sorted(glob.glob(os.path.join(d, "train*.csv")),
+                   key=lambda p: int(re.sub(r"\D", "", os.path.basename(p)) or 0))
+    folds.append([read(p) for p in files])
+  return {"all": read(all_path), "folds": folds}
+
+
+def mr7495_plan(meta: dict[str, np.ndarray], directory: str) -> dict:
+  """The authors' folds and phases as image indices into `meta`, with what was found on disk.
+
+  Files are matched by name without extension (RSNA patientIds, ieee8023 file names) to
+  `image_id`. Each fold's test set is every listed image in no phase of that fold (as the
+  authors evaluated).
+  """
+  import os
+
+  lists = read_mr7495(directory)
+  stem = lambda s: os.path.splitext(os.path.basename(str(s)))[0]  # noqa: E731
+  where = {}
+  for k, image_id in enumerate(meta["image_id"]):
+    where.setdefault(stem(image_id), k)
+  found = {f: where[stem(f)] for f in lists["all"] if stem(f) in where}
+  folds = []
+  for fold in lists["folds"]:
+    listed = set().union(*fold)
+    folds.append({"phases": [np.sort(np.array([found[f] for f in ph if f in found], np.int64))
+                             for ph in fold],
+                  "test": np.sort(np.array([found[f] for f in lists["all"]
+                                            if f in found and f not in listed], np.int64)),
+                  "listed_per_phase": [dict(collections.Counter(ph.values())) for ph in fold]})
+  missing = [f for f in lists["all"] if f not in found]
+  return {"folds": folds, "classes": dict(collections.Counter(lists["all"].values())),
+          "listed": len(lists["all"]), "found": len(found), "missing": len(missing),
+          "missing_examples": missing[:10]}

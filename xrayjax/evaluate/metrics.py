@@ -79,3 +79,22 @@ def across_folds(fold_metrics: list[dict]) -> dict:
                     "folds_defined": int(len(finite))}
   confusion = np.sum([np.array(m["confusion"]) for m in fold_metrics], axis=0)
   return {"folds": len(fold_metrics), "metrics": summary, "confusion_summed": confusion.tolist()}
+
+
+def per_group(predictions: list[dict], key: str, classes) -> dict:
+  """Accuracy and confusion per value of `key` (e.g. source), over pooled test predictions.
+
+  Each image is in exactly one fold's test set, so pooling the folds counts it once.
+  """
+  index = {c: i for i, c in enumerate(classes)}
+  out = {}
+  for value in sorted({str(p[key]) for p in predictions}):
+    rows = [p for p in predictions if str(p[key]) == value]
+    labels = np.array([index[p["label"]] for p in rows])
+    pred = np.array([index[p["prediction"]] for p in rows])
+    cm = skm.confusion_matrix(labels, pred, labels=list(range(len(classes))))
+    out[value] = {"images": len(rows), "accuracy": float(np.mean(labels == pred)),
+                  "confusion": cm.tolist(),
+                  "sensitivity": {c: _ratio(cm[i, i], cm[i].sum()) for i, c in
+                                  enumerate(classes) if cm[i].sum()}}
+  return out

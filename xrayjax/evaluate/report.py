@@ -19,7 +19,8 @@ def write(workdir: str, results: dict, predictions: list[dict], name: str = "res
 
 
 def summary_text(results: dict) -> str:
-  """A short human summary: protocol, fold mean ± sd, per-class, summed confusion."""
+  """A short human summary: protocol, fold mean ± sd, per class, summed confusion, per
+  source, build reports and duplicates."""
   classes = results["classes"]
   agg = results["across_folds"]["metrics"]
   lines = [
@@ -43,4 +44,17 @@ def summary_text(results: dict) -> str:
   lines.append(" " * (width + 4) + "".join(f"{c[:width]:>{width}}" for c in classes))
   for c, row in zip(classes, cm):
     lines.append(f"    {c:<{width}}" + "".join(f"{v:>{width}d}" for v in row))
+  if results.get("per_source"):
+    lines.append("  per source (test predictions of all folds): images, accuracy, sensitivity")
+    for src, m in results["per_source"].items():
+      sens = ", ".join(f"{c} {100 * v:.1f}%" for c, v in m["sensitivity"].items())
+      lines.append(f"    {src:<18} {m['images']:5d}  {100 * m['accuracy']:6.2f}%  ({sens})")
+  for name, r in (results.get("build_reports") or {}).items():
+    reasons = ", ".join(f"{k} {v}" for k, v in r["skipped_by_reason"].items()) or "none"
+    lines.append(f"  data {name}: {r['built']} images built, {r['skipped']} skipped ({reasons})")
+  if results.get("duplicates"):
+    d = results["duplicates"]
+    lines.append(f"  duplicates: {d['exact_sets']} exact sets, {d['perceptual_pairs']} perceptual "
+                 f"pairs, {d['dropped']} images dropped, {d['merged_patient_groups']} patient "
+                 "groups merged (duplicates.json)")
   return "\n".join(lines)

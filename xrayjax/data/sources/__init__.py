@@ -1,43 +1,73 @@
-"""Data sources: one TFDS builder per source, looked up by the config's `data.source`."""
+"""Data sources: one TFDS builder per source, looked up by the config's `data.source`.
+
+`data.source` names one source or several, comma separated (a task can mix them, e.g.
+`nih_cxr14,ieee8023_covid` for DETL's Data-B); each has its options in `data.<name>`.
+Directories come from the config or from an environment variable ($XRAYJAX_MANIFEST for
+the manifest CSV, $XRAYJAX_NIH_CXR14, $XRAYJAX_RSNA_PNEUMONIA, $XRAYJAX_IEEE8023_COVID,
+$XRAYJAX_COVIDX for the directories). Nothing is downloaded.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 
+import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
 from xrayjax import files
-from xrayjax.data.sources import manifest, synthetic_cxr
+from xrayjax.data.sources import (covidx, ieee8023_covid, manifest, native, nih_cxr14,
+                                  rsna_pneumonia, synthetic_cxr)
 
-SOURCES = ("synthetic", "manifest")
+SOURCES = ("synthetic", "manifest", "nih_cxr14", "rsna_pneumonia", "ieee8023_covid", "covidx")
 MANIFEST_ENV = "XRAYJAX_MANIFEST"
 BUILD_REPORT = "build_report.json"
 
 
-def _config(data_config):
-  if data_config.source == "synthetic":
+def names(data_config) -> list[str]:
+  out = [s.strip() for s in str(data_config.source).split(",") if s.strip()]
+  unknown = [s for s in out if s not in SOURCES]
+  if unknown or not out:
+    raise ValueError(f"unknown data source(s) {unknown or data_config.source!r}; valid sources: "
+                     f"{SOURCES} (several may be given, comma separated)")
+  return out
+
+
+def _config(name: str, data_config):
+  if name == "synthetic":
     syn = data_config.synthetic
     cfg = synthetic_cxr.make_config(syn.image_size, tuple(syn.patients), syn.site_confounding,
                                     syn.seed)
     return synthetic_cxr.SyntheticCxr, cfg
-  if data_config.source == "manifest":
+  if name == "manifest":
     m = data_config.manifest
-    path = m.path or os.environ.get(MANIFEST_ENV)
+    env = m.get("path_env", MANIFEST_ENV)
+    path = m.path or os.environ.get(env)
     if not path:
-      raise ValueError(f"data=manifest needs a CSV: pass --config.data.manifest.path=... or set "
-                       f"${MANIFEST_ENV}")
+      raise ValueError(f"data=manifest needs a CSV: pass --config.<data>.manifest.path=... or "
+                       f"set ${env}")
     return manifest.Manifest, manifest.make_config(path, m.label_column, m.image_size)
-  raise ValueError(f"unknown data source {data_config.source!r}; valid sources: {SOURCES}")
+  opts = data_config[name]
+  root = opts.root or os.environ.get(native.env_var(name), "")
+  if name == "nih_cxr14":
+    return nih_cxr14.NihCxr14, nih_cxr14.make_config(root, opts.image_size)
+  if name == "rsna_pneumonia":
+    return rsna_pneumonia.RsnaPneumonia, rsna_pneumonia.make_config(root, opts.image_size)
+  if name == "ieee8023_covid":
+    return ieee8023_covid.Ieee8023Covid, ieee8023_covid.make_config(root, opts.image_size,
+                                                                    opts.frontal_only)
+  return covidx.Covidx, covidx.make_config(root, opts.image_size, opts.label_files)
 
 
-def builder(data_config) -> tfds.core.DatasetBuilder:
-  """Returns the prepared builder for `data_config` (building it on first use).
+def builder(data_config, name: str | None = None) -> tfds.core.DatasetBuilder:
+  """Returns the prepared builder of source `name` (default: the only one), building it first.
 
-  A build that skipped inputs writes their reasons to `build_report.json` in its data dir.
+  A build writes what it built and every skipped input with its reason to
+  `build_report.json` in its data dir.
   """
-  cls, cfg = _config(data_config)
+  name = name or _only(data_config)
+  cls, cfg = _config(name, data_config)
   if cfg.name in cls.builder_configs:  # TFDS wants a predefined config by name
     cfg = cfg.name
   b = cls(config=cfg, data_dir=data_config.tfds_dir)
@@ -46,13 +76,36 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
     logging.info("Building %s into %s", b.info.full_name, b.data_dir)
     b.download_and_prepare()
     skipped = getattr(b, "skipped", [])
-    report = {"built": b.info.splits["train"].num_examples, "skipped": len(skipped),
-              "skipped_by_reason": _count_reasons(skipped), "skipped_rows": skipped}
+    report = {"source": name, "built": b.info.splits["train"].num_examples,
+              "skipped": len(skipped), "skipped_by_reason": count_reasons(skipped),
+              "skipped_rows": skipped}
     files.write_json(os.path.join(b.data_dir, BUILD_REPORT), report)
+    native.remove_cache(b)
     logging.info("Built %s in %.1f s: %d examples, %d skipped %s", b.info.full_name,
                  time.time() - start, report["built"], report["skipped"],
                  report["skipped_by_reason"])
   return b
+
+
+def _only(data_config) -> str:
+  found = names(data_config)
+  if len(found) != 1:
+    raise ValueError(f"data.source names {len(found)} sources; name the one you want")
+  return found[0]
+
+
+def load(data_config) -> tuple[list[tfds.core.DatasetBuilder], dict[str, np.ndarray]]:
+  """Every source's builder and their metadata, concatenated; `builder` indexes the list."""
+  from xrayjax.data import pipeline
+  builders, parts = [], []
+  for k, name in enumerate(names(data_config)):
+    b = builder(data_config, name)
+    m = pipeline.read_metadata(b)
+    m["builder"] = np.full(len(m["image_id"]), k, np.int32)
+    builders.append(b)
+    parts.append(m)
+  meta = {k: np.concatenate([m[k] for m in parts]) for k in parts[0]}
+  return builders, meta
 
 
 def build_report(b: tfds.core.DatasetBuilder) -> dict | None:
@@ -60,9 +113,9 @@ def build_report(b: tfds.core.DatasetBuilder) -> dict | None:
   return files.read_json(path) if os.path.exists(path) else None
 
 
-def _count_reasons(skipped: list[dict]) -> dict[str, int]:
+def count_reasons(skipped: list[dict]) -> dict[str, int]:
   counts: dict[str, int] = {}
   for row in skipped:
-    kind = row["reason"].split(":")[0]
+    kind = row["reason"].split(":")[0].split(" (")[0]
     counts[kind] = counts.get(kind, 0) + 1
   return counts

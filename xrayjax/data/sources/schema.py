@@ -9,7 +9,13 @@ from xrayjax.data import tasks
 
 
 def features(image_size: int, **extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
-  """image, label, findings, patient_id, image_id, source, site, view, plus what a source adds."""
+  """image, label fields, ids, source, view, duplicate-detection hashes, plus a source's extras.
+
+  `label` is the source's own label (e.g. NIH's "Atelectasis|Effusion", ieee8023's
+  "Pneumonia/Viral/COVID-19"); `findings` the same in the common vocabulary
+  (tasks.FINDINGS); data/tasks.py maps both to a task's classes. `file_sha1` is the SHA-1 of
+  the image file's bytes and `phash` a 256-bit perceptual hash of the decoded image (hex).
+  """
   return tfds.features.FeaturesDict({
       "image": tfds.features.Image(shape=(image_size, image_size, 1)),
       "label": tfds.features.Text(),
@@ -19,5 +25,7 @@ def features(image_size: int, **extra: tfds.features.FeatureConnector) -> tfds.f
       "source": tfds.features.Text(),
       "site": tfds.features.Text(),
       "view": tfds.features.Text(),
+      "file_sha1": tfds.features.Text(),
+      "phash": tfds.features.Text(),
       **extra,
   })

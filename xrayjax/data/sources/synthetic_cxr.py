@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from xrayjax.data import tasks
-from xrayjax.data.sources import phantom, schema
+from xrayjax.data.sources import native, phantom, schema
 
 SOURCE = "synthetic_cxr"
 DEFAULT_PATIENTS = (800, 60, 800, 60)  # normal, pneumonia, other_disease, covid
@@ -55,7 +55,8 @@ def make_config(image_size: int = 128, patients=DEFAULT_PATIENTS,
 class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
   """Procedural chest X-rays with lesion and lung masks."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "file_sha1 and phash for duplicate detection."}
   BUILDER_CONFIGS = [make_config(128), make_config(256)]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -114,6 +115,8 @@ def generate(cfg: SyntheticCxrConfig):
                            finding=finding)
       yield {
           "image": out["image"][..., None],
+          "file_sha1": native.sha1(out["image"].tobytes()),
+          "phash": native.perceptual_hash(out["image"]),
           "lesion_mask": out["lesion_mask"][..., None],
           "lung_mask": out["lung_mask"][..., None],
           "label": label,

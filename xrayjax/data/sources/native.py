@@ -1,0 +1,338 @@
+"""What every builder of a source in its native layout shares.
+
+- Decoding: `read_image` turns a PNG, JPEG or DICOM file (or anything Pillow opens) into a
+  2-D uint8 grey image. DICOM goes through pydicom: modality LUT (rescale), VOI LUT or
+  window, MONOCHROME1 inversion, any bit depth, and compressed transfer syntaxes (JPEG,
+  JPEG-LS, JPEG 2000 through pylibjpeg). Odd raster modes are converted, not skipped:
+  16-bit and float images are windowed to their own min..max; RGB, RGBA, palette, CMYK and
+  1-bit images become grey.
+- Skipping: a file that is missing, unreadable, truncated or blank raises `SkippedImage`
+  with the reason; the build goes on and lists it (`skipped`, then `build_report.json`).
+- Hashes for duplicate detection before splitting (data/splits.py): the SHA-1 of the file's
+  bytes (exact copies) and a 256-bit perceptual hash (imagehash.phash, hash_size 16) of the
+  decoded image (the same picture re-encoded, resized or re-windowed). The 64-bit pHash is
+  too coarse for chest X-rays: on the shared 64 px benchmark it put different patients'
+  images within 4 bits of each other.
+- Resumable builds with progress: rows are decoded in chunks; each finished chunk is kept in
+  a cache beside the data dir, so a killed build restarts where it stopped. The log shows
+  images done, rate and time left. The cache is removed when the build completes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import os
+import shutil
+import time
+
+import imagehash
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+
+from xrayjax.data import tasks
+
+CHUNK = 256
+PHASH_SIZE = 16  # 16x16 = 256 bits
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class SkippedImage(Exception):
+  """An image that cannot be used; the message is the reason."""
+
+
+class LayoutError(ValueError):
+  """A directory that does not look like the source's native layout."""
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+  """Any numeric 2-D array -> uint8, windowed to its own min..max."""
+  arr = np.asarray(arr, np.float64)
+  lo, hi = float(arr.min()), float(arr.max())
+  if hi <= lo:
+    return np.zeros(arr.shape, np.uint8)
+  return np.round((arr - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def _decode_raster(data: bytes) -> np.ndarray:
+  with Image.open(io.BytesIO(data)) as im:
+    im.load()
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+      return _to_uint8(np.asarray(im))
+    return np.asarray(im.convert("L"))
+
+
+def _decode_dicom(data: bytes) -> tuple[np.ndarray, dict]:
+  import pydicom  # imported here: only DICOM sources need it
+  from pydicom import pixels
+
+  ds = pydicom.dcmread(io.BytesIO(data))
+  if "PixelData" not in ds:
+    raise SkippedImage("DICOM without pixel data")
+  arr = ds.pixel_array
+  if arr.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:  # multi-frame: the first frame
+    arr = arr[0]
+  if arr.ndim == 3:  # colour DICOM (rare for radiographs)
+    arr = np.asarray(Image.fromarray(_to_uint8(arr.mean(-1))))
+  arr = pixels.apply_modality_lut(arr, ds)
+  arr = pixels.apply_voi_lut(arr, ds)  # VOI LUT, else the first window; else unchanged
+  arr = _to_uint8(arr)
+  if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
+    arr = 255 - arr  # MONOCHROME1: high values are dark
+  return arr, {"view": str(ds.get("ViewPosition", "") or "")}
+
+
+def is_dicom(path: str, data: bytes) -> bool:
+  return path.lower().endswith(DICOM_SUFFIXES) or data[128:132] == b"DICM"
+
+
+def read_image(path: str) -> tuple[np.ndarray, dict, bytes]:
+  """-> (2-D uint8 grey image, fields from the file such as DICOM's view, file bytes)."""
+  if not os.path.isfile(path):
+    raise SkippedImage("missing file (listed in the metadata but not on disk)")
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    if is_dicom(path, data):
+      image, extra = _decode_dicom(data)
+    else:
+      image, extra = _decode_raster(data), {}
+  except SkippedImage:
+    raise
+  except Exception as e:  # noqa: BLE001 - decoders raise many types on corrupt files
+    kind = "DICOM" if is_dicom(path, data) else "image"
+    raise SkippedImage(f"unreadable {kind}: {type(e).__name__}: {e}") from None
+  if image.ndim != 2 or min(image.shape) < 2:
+    raise SkippedImage(f"not a 2-D image (shape {image.shape})")
+  if image.max() == image.min():
+    raise SkippedImage("blank image (every pixel is the same)")
+  return image, extra, data
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  """Squashes to size x size (antialiased), as the shared benchmark was made."""
+  if image.shape == (size, size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def perceptual_hash(image: np.ndarray) -> str:
+  return str(imagehash.phash(Image.fromarray(image), hash_size=PHASH_SIZE))
+
+
+def sha1(data: bytes) -> str:
+  return hashlib.sha1(data).hexdigest()
+
+
+# --- rows and examples ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+  """One image as the source's metadata lists it (before decoding).
+
+  `fields` holds the schema's label fields (label, findings names, patient_id, source, site,
+  view); `boxes` are (x, y, w, h, finding) in the original image's pixels.
+  """
+  key: str
+  path: str
+  label: str
+  patient_id: str
+  source: str
+  view: str = ""
+  findings: tuple[str, ...] = ()
+  site: str = ""
+  boxes: tuple[tuple[float, float, float, float, str], ...] = ()
+  line: int | str = ""  # where the row came from, for the build report
+
+
+def findings_vector(names) -> np.ndarray:
+  out = np.zeros(len(tasks.FINDINGS), np.bool_)
+  for n in names:
+    if n in tasks.FINDINGS:
+      out[tasks.FINDINGS.index(n)] = True
+  return out
+
+
+@dataclasses.dataclass(eq=False)
+class NativeConfig(tfds.core.BuilderConfig):
+  root: str = ""
+  image_size: int = 256
+
+
+def config_name(root: str, image_size: int, *options) -> str:
+  """A name that encodes the directory and options, so two collections never collide."""
+  digest = hashlib.sha1(repr((os.path.abspath(root),) + options).encode()).hexdigest()[:10]
+  return f"s{image_size}_{digest}"
+
+
+def check_root(root: str, source: str) -> str:
+  if not root:
+    raise ValueError(f"data source {source} needs its directory: set "
+                     f"--config.data.{source}.root or ${env_var(source)}")
+  root = os.path.abspath(os.path.expanduser(root))
+  if not os.path.isdir(root):
+    raise LayoutError(f"{source}: {root} is not a directory")
+  return root
+
+
+def env_var(source: str) -> str:
+  return f"XRAYJAX_{source.upper()}"
+
+
+def listing(root: str, limit: int = 12) -> list[str]:
+  """What a directory holds (for layout errors)."""
+  try:
+    names = sorted(os.listdir(root))
+  except OSError as e:
+    return [f"<cannot list: {e}>"]
+  return names[:limit] + ([f"... {len(names) - limit} more"] if len(names) > limit else [])
+
+
+def index_files(root: str, suffixes: tuple[str, ...]) -> dict[str, str]:
+  """basename -> path for every file under `root` with one of the suffixes."""
+  out = {}
+  for dirpath, _, names in os.walk(root):
+    for n in names:
+      if n.lower().endswith(suffixes):
+        out.setdefault(n, os.path.join(dirpath, n))
+  return out
+
+
+class NativeBuilder(tfds.core.GeneratorBasedBuilder):
+  """Base of the native-layout builders: subclasses list `Row`s; this decodes and writes them.
+
+  Subclasses set SOURCE, implement `rows()` (returning the rows to build and the rows
+  already rejected from the metadata, as (Row, reason)), and may add features with
+  `extra_features()`.
+  """
+
+  SOURCE = ""
+  HAS_BOXES = False
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.skipped: list[dict] = []
+
+  def rows(self) -> tuple[list[Row], list[tuple[Row, str]]]:
+    raise NotImplementedError
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    from xrayjax.data.sources import schema
+    extra = {}
+    if self.HAS_BOXES:
+      extra["boxes"] = tfds.features.Sequence({"bbox": tfds.features.BBoxFeature(),
+                                               "finding": tfds.features.Text()})
+    return self.dataset_info_from_configs(
+        features=schema.features(self.builder_config.image_size, **extra),
+        description=self.__doc__)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing is downloaded
+    return {"train": self._generate_examples()}
+
+  def cache_dir(self) -> str:
+    return os.path.join(self._data_dir_root, "_xrayjax_build_cache", self.name,
+                        self.builder_config.name, str(self.version))
+
+  def _generate_examples(self):
+    rows, rejected = self.rows()
+    self.skipped = [self._skip_entry(r, why) for r, why in rejected]
+    rows = sorted(rows, key=lambda r: r.key)
+    if not rows:
+      raise LayoutError(f"{self.SOURCE}: none of the images listed in the metadata is under "
+                        f"{self.builder_config.root} ({len(rejected)} rows rejected, e.g. "
+                        f"{self.skipped[:3]}); check the directory")
+    cache = self.cache_dir()
+    os.makedirs(cache, exist_ok=True)
+    start, done, resumed = time.time(), 0, 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+      for c in range(0, len(rows), CHUNK):
+        chunk = rows[c:c + CHUNK]
+        path = os.path.join(cache, f"chunk_{c // CHUNK:06d}.npz")
+        if os.path.exists(path):
+          decoded = _load_chunk(path)
+          resumed += len(chunk)
+        else:
+          decoded = list(pool.map(self._decode, chunk))
+          _save_chunk(path, decoded)
+        for row, item in zip(chunk, decoded):
+          if isinstance(item, str):
+            self.skipped.append(self._skip_entry(row, item))
+            continue
+          yield row.key, self._example(row, item)
+        done += len(chunk)
+        rate = (done - resumed) / max(time.time() - start, 1e-9)
+        left = (len(rows) - done) / rate if rate else 0.0
+        logging.info("%s: %d/%d images decoded (%.1f%%, %d from the resume cache), %.1f img/s, "
+                     "%.0f s left, %d skipped", self.SOURCE, done, len(rows),
+                     100 * done / len(rows), resumed, rate, left, len(self.skipped))
+
+  def _skip_entry(self, row: Row, reason: str) -> dict:
+    return {"line": row.line, "path": os.path.relpath(row.path, self.builder_config.root)
+            if row.path else row.key, "reason": reason}
+
+  def _decode(self, row: Row):
+    """-> dict of image and hashes, or the reason (str) the row is skipped."""
+    try:
+      image, extra, data = read_image(row.path)
+    except SkippedImage as e:
+      return str(e)
+    return {"image": resize(image, self.builder_config.image_size), "sha1": sha1(data),
+            "phash": perceptual_hash(image), "height": image.shape[0], "width": image.shape[1],
+            "view": extra.get("view", "")}
+
+  def _example(self, row: Row, item: dict) -> dict:
+    ex = {"image": item["image"][..., None], "label": row.label,
+          "findings": findings_vector(row.findings), "patient_id": row.patient_id,
+          "image_id": row.key, "source": row.source, "site": row.site or row.source,
+          "view": row.view or item["view"], "file_sha1": item["sha1"], "phash": item["phash"]}
+    if self.HAS_BOXES:
+      h, w = float(item["height"]), float(item["width"])
+      ex["boxes"] = [{"bbox": tfds.features.BBox(
+          ymin=_clip(y / h), xmin=_clip(x / w), ymax=_clip((y + bh) / h),
+          xmax=_clip((x + bw) / w)), "finding": f} for x, y, bw, bh, f in row.boxes]
+    return ex
+
+
+def _clip(v: float) -> float:
+  return float(min(max(v, 0.0), 1.0))
+
+
+def _save_chunk(path: str, decoded: list) -> None:
+  ok = [d for d in decoded if not isinstance(d, str)]
+  arrays = {"reasons": np.array([d if isinstance(d, str) else "" for d in decoded], dtype=str)}
+  if ok:
+    arrays["images"] = np.stack([d["image"] for d in ok])
+    for k in ("sha1", "phash", "view"):
+      arrays[k] = np.array([d[k] for d in ok], dtype=str)
+    arrays["hw"] = np.array([[d["height"], d["width"]] for d in ok], np.int64)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def _load_chunk(path: str) -> list:
+  with np.load(path) as z:
+    out, j = [], 0
+    for reason in z["reasons"]:
+      if reason:
+        out.append(str(reason))
+        continue
+      out.append({"image": z["images"][j], "sha1": str(z["sha1"][j]),
+                  "phash": str(z["phash"][j]), "view": str(z["view"][j]),
+                  "height": int(z["hw"][j, 0]), "width": int(z["hw"][j, 1])})
+      j += 1
+  return out
+
+
+def remove_cache(builder) -> None:
+  if isinstance(builder, NativeBuilder):
+    shutil.rmtree(builder.cache_dir(), ignore_errors=True)
