@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from configs import detl
-from xrayjax import experiment
+from xrayjax import experiment, files
 from xrayjax.data import pipeline, sources, splits
 from xrayjax.data.sources import manifest, phantom
 
@@ -118,6 +118,56 @@ def test_detl_runs_on_a_manifest_and_flags_source_confounding(tmp_path):
   assert any("covid images come from sources" in w for w in results["warnings"])
 
 
+
+def test_detl_three_classes_with_data_a_from_another_collection(tmp_path):
+  """The cxr_bench_256 set-up in miniature: Data-B (3 classes) from one manifest at 64 px,
+  Data-A (normal vs other_disease) from another at 32 px that shares patients and files."""
+  rng = np.random.default_rng(1)
+  big, small = tmp_path / "big", tmp_path / "small"
+  big.mkdir()
+  small.mkdir()
+  rows_b, rows_a = [], []
+  for label, count in (("normal", 24), ("pneumonia", 10), ("covid", 10), ("other_disease", 16)):
+    for p in range(count):
+      out = phantom.render(rng, size=64, label=label, anatomy=phantom.sample_anatomy(rng),
+                           site=phantom.SITES[p % 2], view="PA", severity=0.8,
+                           finding="Mass" if label == "other_disease" else None)
+      name = f"{label}-{p}.png"
+      row = {"path": name, "label": label, "patient_id": f"{label}-{p}",
+             "source": "covid_site" if label == "covid" else "hospital", "view": "PA"}
+      if label != "other_disease":
+        Image.fromarray(out["image"]).save(big / name)
+        rows_b.append(row)
+      if label in ("normal", "other_disease"):  # the small copy: the same patients' images
+        Image.fromarray(out["image"]).resize((32, 32)).save(small / name)
+        rows_a.append(row)
+  c = detl.get_config("data=manifest,classes=3,runlocal")
+  c.data.tfds_dir = str(tmp_path / "tfds")
+  c.data.manifest.update(path=_write_manifest(big, rows_b), label_column="label", image_size=64)
+  c.data_a.data.tfds_dir = str(tmp_path / "tfds")
+  c.data_a.data.manifest.update(path=_write_manifest(small, rows_a), label_column="label",
+                                image_size=32)
+  c.data_b.images_per_class = {"normal": 12, "pneumonia": 0, "covid": 0}
+  _, meta, info = experiment.load_data(c)
+  # Every normal picture is in both collections: found as perceptual duplicates of one patient.
+  assert info["duplicates"]["summary"]["perceptual_pairs"] >= 20
+  assert info["duplicates"]["summary"]["merged_patient_groups"] == 0
+  p = experiment.plan(meta, c)
+  summary = experiment.describe(meta, p)
+  assert summary["data_b"] == {"normal": 12, "pneumonia": 10, "covid": 10}
+  assert summary["data_b_patients_also_in_data_a"] == 0
+  a = np.concatenate([p["a_train"], p["a_val"]])
+  assert set(meta["builder"][a]) == {1} and set(meta["builder"][p["data_b"]]) == {0}
+  assert sum(summary["data_a_train"].values()) + sum(summary["data_a_val"].values()) == 12 + 16
+  results = experiment.run(c, str(tmp_path / "run"))
+  assert results["classes"] == ["normal", "pneumonia", "covid"]
+  assert set(results["per_source"]) == {"covid_site", "hospital"}
+  assert sum(s["images"] for s in results["per_source"].values()) == 32
+  assert set(results["build_reports"]) == {"manifest", "data_a:manifest"}
+  assert all(r["skipped"] == 0 for r in results["build_reports"].values())
+  splits_file = files.read_json(str(tmp_path / "run" / "splits.json"))
+  assert splits_file["data_a_train"][0].startswith("1/")  # builder 1 holds Data-A
+
 @pytest.mark.skipif(not os.path.exists(BENCH_64),
                     reason="../shared/data/cxr_bench_64 is not beside this checkout")
 def test_shared_benchmark_builds_with_every_image(tmp_path):
@@ -141,6 +191,7 @@ def test_shared_benchmark_dedup_and_split_integrity(tmp_path):
   # ieee8023 holds the same pictures under two patient ids (found by hand in the benchmark:
   # images 01628-01631 of patient 97 are 01729-01732 of patient 178).
   assert ["ieee-178", "ieee-97"] in dup["merged_patients"]
+  assert ["ieee-137", "ieee-202"] in dup["merged_patients"]  # re-cropped: 22 bits apart
   assert dup["summary"]["exact_sets"] >= 4 and dup["summary"]["dropped"] >= 4
   assert len(meta["image_id"]) == 1531 - dup["summary"]["dropped"]
   assert len(set(meta["file_sha1"])) == len(meta["file_sha1"])  # no exact copy is left

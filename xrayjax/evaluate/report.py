@@ -33,6 +33,9 @@ def summary_text(results: dict) -> str:
                f"({results['num_images']} images, {results['num_patients']} patients):")
   for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
     lines.append(f"  {key:<18} {100 * agg[key]['mean']:6.2f}% ± {100 * agg[key]['sd']:.2f}")
+  lines.append("  per fold: accuracy " + ", ".join(
+      f"{100 * m['accuracy']:.2f}%" for m in results["fold_metrics"]) + "; macro AUROC " +
+      ", ".join(f"{m['macro_auroc']:.3f}" for m in results["fold_metrics"]))
   lines.append("  per class (mean over folds): sensitivity / specificity / PPV / AUROC")
   for c in classes:
     lines.append("    {:<14} {:6.2f}% / {:6.2f}% / {:6.2f}% / {:.3f}".format(

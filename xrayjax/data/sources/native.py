@@ -75,7 +75,7 @@ def _decode_dicom(data: bytes) -> tuple[np.ndarray, dict]:
 
   ds = pydicom.dcmread(io.BytesIO(data))
   if "PixelData" not in ds:
-    raise SkippedImage("DICOM without pixel data")
+    raise SkippedImage("unreadable DICOM: no pixel data (truncated, or not an image)")
   arr = ds.pixel_array
   if arr.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:  # multi-frame: the first frame
     arr = arr[0]

@@ -1,0 +1,315 @@
+"""Native-layout builders: files this test writes in each source's layout, then the shared
+real samples (../shared/data/native) when they are beside the checkout."""
+
+import csv
+import gzip
+import os
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+import dicom_files
+from configs import detl
+from xrayjax.data import pipeline, sources, tasks
+from xrayjax.data.sources import covidx, ieee8023_covid, native, nih_cxr14, rsna_pneumonia
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+NATIVE = os.path.join(SHARED, "native")
+needs_native = pytest.mark.skipif(not os.path.isdir(NATIVE),
+                                  reason="../shared/data/native is not beside this checkout")
+
+
+def _image(seed, shape=(80, 64)):
+  """A smooth random picture (distinct perceptual hashes for distinct seeds)."""
+  rng = np.random.default_rng(seed)
+  small = rng.integers(0, 256, (6, 5)).astype(np.uint8)
+  big = np.asarray(Image.fromarray(small).resize(shape[::-1], Image.BICUBIC), np.float64)
+  return np.clip(big + rng.normal(0, 4, shape), 0, 255).astype(np.uint8)
+
+
+def _build(tmp_path, source, root, size=32, **options):
+  c = detl.data_config(source)
+  c.tfds_dir = str(tmp_path / "tfds")
+  c[source].update(root=str(root), image_size=size, **options)
+  b = sources.builder(c, source)
+  examples = {ex["image_id"].decode(): ex for ex in b.as_dataset(split="train")
+              .as_numpy_iterator()}
+  return b, sources.build_report(b), examples
+
+
+def _reasons(report):
+  return {os.path.basename(r["path"]): r["reason"] for r in report["skipped_rows"]}
+
+
+def test_nih_layout_labels_boxes_and_bad_files(tmp_path):
+  root = tmp_path / "nih"
+  (root / "images_001" / "images").mkdir(parents=True)  # the Kaggle layout
+  images = root / "images_001" / "images"
+  Image.fromarray(_image(0)).save(images / "00000001_000.png")
+  Image.fromarray((_image(1).astype(np.uint16) * 250)).save(images / "00000002_000.png")  # 16-bit
+  Image.fromarray(_image(2)).convert("RGBA").save(images / "00000003_000.png")
+  Image.fromarray(np.full((80, 64), 9, np.uint8)).save(images / "00000004_000.png")  # blank
+  (images / "00000005_000.png").write_bytes((images / "00000001_000.png").read_bytes()[:200])
+  header = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+            "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n")
+  lines = ["00000001_000.png,No Finding,0,1,50,M,PA,64,80,0.1,0.1",
+           "00000002_000.png,Atelectasis|Effusion,0,2,50,F,AP,64,80,0.1,0.1",
+           "00000003_000.png,Pneumonia|Mass,0,3,50,F,PA,64,80,0.1,0.1",
+           "00000004_000.png,Mass,0,4,50,F,PA,64,80,0.1,0.1",
+           "00000005_000.png,Nodule,0,5,50,F,PA,64,80,0.1,0.1",
+           "00000006_000.png,Nodule,0,6,50,F,PA,64,80,0.1,0.1"]
+  with gzip.open(root / "Data_Entry_2017_v2020.csv.gz", "wt") as f:
+    f.write(header + "\n".join(lines) + "\n")
+  (root / "BBox_List_2017.csv").write_text(
+      "Image Index,Finding Label,Bbox [x,y,w,h],,,\n00000002_000.png,Atelectasis,16,8,32,40\n")
+  b, report, ex = _build(tmp_path, "nih_cxr14", root)
+  assert sorted(ex) == ["00000001_000.png", "00000002_000.png", "00000003_000.png"]
+  reasons = _reasons(report)
+  assert reasons["00000004_000.png"].startswith("blank image")
+  assert reasons["00000005_000.png"].startswith("unreadable image")
+  assert reasons["00000006_000.png"].startswith("missing file")
+  assert report["skipped_by_reason"] == {"blank image": 1, "unreadable image": 1,
+                                         "missing file": 1}
+  e = ex["00000002_000.png"]
+  assert e["patient_id"].decode() == "nih-00000002" and e["view"].decode() == "AP"
+  assert e["label"].decode() == "Atelectasis|Effusion"
+  assert [tasks.FINDINGS[i] for i in np.flatnonzero(e["findings"])] == ["Atelectasis", "Effusion"]
+  np.testing.assert_allclose(e["boxes"]["bbox"][0], [8 / 80, 16 / 64, 48 / 80, 48 / 64],
+                             rtol=1e-6)
+  assert len(ex["00000001_000.png"]["boxes"]["bbox"]) == 0
+  assert all(x["image"].shape == (32, 32, 1) for x in ex.values())
+  assert len(e["phash"].decode()) == 64 and len(e["file_sha1"].decode()) == 40
+  meta = pipeline.read_metadata(b)
+  labels, _ = tasks.get("data_a").assign(meta)
+  assert labels.tolist() == [0, 1, -1]  # No Finding, Atelectasis|Effusion, Pneumonia|Mass
+
+
+def test_rsna_dicoms_monochrome1_and_2_windows_and_compression(tmp_path):
+  root = tmp_path / "rsna"
+  images = root / "stage_2_train_images"
+  images.mkdir(parents=True)
+  base = (_image(3).astype(np.uint16) * 16)  # 12-bit
+  dicom_files.write(images / "p-mono2.dcm", base, "MONOCHROME2", bits=12)
+  dicom_files.write(images / "p-mono1.dcm", 4095 - base, "MONOCHROME1", bits=12, view="AP")
+  dicom_files.write(images / "p-j2k.dcm", base, "MONOCHROME2", bits=12, syntax="j2k")
+  dicom_files.write(images / "p-jpeg.dcm", _image(3), "MONOCHROME2", bits=8, syntax="jpeg")
+  # A window over the lower half of the range: everything above it saturates.
+  dicom_files.write(images / "p-window.dcm", base, "MONOCHROME2", bits=12, window=(1024, 2048))
+  whole = (images / "p-mono2.dcm").read_bytes()
+  (images / "p-broken.dcm").write_bytes(whole[:400])  # cut in the header
+  (images / "p-cut.dcm").write_bytes(whole[:-3000])  # cut in the pixel data
+  ids = ["p-mono2", "p-mono1", "p-j2k", "p-jpeg", "p-window", "p-broken", "p-cut", "p-absent"]
+  rows = ["patientId,x,y,width,height,Target"]
+  rows += [f"{p},,,,,0" for p in ids[1:]]
+  rows += ["p-mono2,10,20,30,40,1", "p-mono2,40,20,10,10,1"]
+  (root / "stage_2_train_labels.csv").write_text("\n".join(rows) + "\n")
+  (root / "stage_2_detailed_class_info.csv").write_text(
+      "patientId,class\n" + "\n".join(f"{p},{'Lung Opacity' if p == 'p-mono2' else 'Normal'}"
+                                      for p in ids) + "\n")
+  b, report, ex = _build(tmp_path, "rsna_pneumonia", root)
+  reasons = _reasons(report)
+  assert reasons["p-broken.dcm"].startswith("unreadable DICOM")
+  assert reasons["p-cut.dcm"].startswith("unreadable DICOM")
+  assert reasons["p-absent.dcm"].startswith("missing file")
+  img = {k: v["image"][..., 0].astype(int) for k, v in ex.items()}
+  # MONOCHROME1 is inverted on decode, so it reads as the MONOCHROME2 picture.
+  np.testing.assert_allclose(img["p-mono1"], img["p-mono2"], atol=1)
+  np.testing.assert_array_equal(img["p-j2k"], img["p-mono2"])  # lossless
+  assert np.corrcoef(img["p-jpeg"].ravel(), img["p-mono2"].ravel())[0, 1] > 0.98
+  assert (img["p-window"] == 255).mean() > (img["p-mono2"] == 255).mean() + 0.2  # VOI window
+  assert ex["p-mono1"]["view"].decode() == "AP"  # from the DICOM header
+  e = ex["p-mono2"]
+  assert e["label"].decode() == "Lung Opacity" and e["patient_id"].decode() == "rsna-p-mono2"
+  assert len(e["boxes"]["bbox"]) == 2
+  np.testing.assert_allclose(e["boxes"]["bbox"][0], [20 / 80, 10 / 64, 60 / 80, 40 / 64])
+  meta = pipeline.read_metadata(b)
+  labels = tasks.get("three_class").labels(meta)
+  assert dict(zip(meta["image_id"], labels))["p-mono2"] == 1  # Target 1 -> pneumonia
+  assert dict(zip(meta["image_id"], labels))["p-j2k"] == 0  # detailed class Normal -> normal
+
+
+def test_ieee8023_both_finding_schemas_views_and_modalities(tmp_path):
+  root = tmp_path / "ieee"
+  (root / "images").mkdir(parents=True)
+  rows = [("1", "COVID-19", "PA", "X-ray", "a.png"),
+          ("1", "Pneumonia/Viral/COVID-19", "AP Supine", "X-ray", "b.jpg"),
+          ("2", "Pneumonia/Fungal/Pneumocystis", "AP", "X-ray", "c.png"),
+          ("3", "SARS", "PA", "X-ray", "d.png"),
+          ("4", "No Finding", "PA", "X-ray", "e.png"),
+          ("5", "Pneumonia/Bacterial/Klebsiella", "PA", "X-ray", "f.png"),
+          ("6", "COVID-19", "L", "X-ray", "g.png"),
+          ("7", "COVID-19", "Axial", "CT", "h.png"),
+          ("8", "COVID-19", "PA", "X-ray", "absent.png")]
+  for k, (*_, name) in enumerate(rows[:7]):
+    Image.fromarray(_image(10 + k)).convert("RGB").save(root / "images" / name)
+  with open(root / "metadata.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["patientid", "offset", "finding", "view", "modality", "folder", "filename"])
+    for pid, finding, view, modality, name in rows:
+      w.writerow([pid, "0", finding, view, modality, "images", name])
+  b, report, ex = _build(tmp_path, "ieee8023_covid", root)
+  assert sorted(ex) == ["a.png", "b.jpg", "c.png", "d.png", "e.png", "f.png"]
+  reasons = _reasons(report)
+  assert "not frontal" in reasons["g.png"] and "modality CT" in reasons["h.png"]
+  assert reasons["absent.png"].startswith("missing file")
+  meta = pipeline.read_metadata(b)
+  three = dict(zip(meta["image_id"], tasks.get("three_class").labels(meta)))
+  # The authors' mapping: COVID-19 -> covid; Pneumocystis, SARS -> pneumonia; others out.
+  assert three == {"a.png": 2, "b.jpg": 2, "c.png": 1, "d.png": 1, "e.png": 0, "f.png": -1}
+  four = dict(zip(meta["image_id"], tasks.get("data_b").labels(meta)))
+  assert four["b.jpg"] == 3 and four["f.png"] == 1 and four["e.png"] == 0
+  assert set(meta["patient_id"]) >= {"ieee-1", "ieee-2"}
+  _, report_all, ex_all = _build(tmp_path, "ieee8023_covid", root, frontal_only=False)
+  assert "g.png" in ex_all
+
+
+def test_covidx_label_files_and_patient_ids_shared_with_their_collections(tmp_path):
+  root = tmp_path / "covidx"
+  (root / "train").mkdir(parents=True)
+  for k, name in enumerate(("c1.png", "n1.png", "r1.png")):
+    Image.fromarray(_image(20 + k)).save(root / "train" / name)
+  (root / "train_COVIDx9A.txt").write_text(
+      "7 c1.png COVID-19 cohen\n0a1b n1.png normal rsna\nx r1.png pneumonia sirm\n"
+      "9 gone.png COVID-19 fig1\n")
+  b, report, ex = _build(tmp_path, "covidx", root)
+  assert sorted(ex) == ["train/c1.png", "train/n1.png", "train/r1.png"]
+  assert _reasons(report)["gone.png"].startswith("missing file")
+  assert ex["train/c1.png"]["patient_id"].decode() == "ieee-7"
+  assert ex["train/n1.png"]["patient_id"].decode() == "rsna-0a1b"
+  assert ex["train/r1.png"]["source"].decode() == "covidx/sirm"
+  meta = pipeline.read_metadata(b)
+  assert tasks.get("three_class").labels(meta).tolist() == [2, 0, 1]
+  (root / "bad.txt").write_text("only two\n")
+  with pytest.raises(native.LayoutError, match="bad.txt:1: expected `patientid filename"):
+    covidx.read_rows(str(root), covidx.label_files(str(root)))
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("nih_cxr14", "Data_Entry_2017"), ("rsna_pneumonia", "stage_2_train_labels.csv"),
+    ("ieee8023_covid", "metadata.csv"), ("covidx", "label files")])
+def test_a_directory_in_another_layout_is_refused_with_what_was_expected(tmp_path, source,
+                                                                         expected):
+  (tmp_path / "something_else.txt.gz").write_text("x")
+  c = detl.data_config(source)
+  c[source].root = str(tmp_path)
+  with pytest.raises(native.LayoutError, match=expected) as e:
+    sources.builder(c, source)
+  assert "something_else.txt.gz" in str(e.value)  # what was found
+  c[source].root = None
+  os.environ.pop(native.env_var(source), None)
+  with pytest.raises(ValueError, match=native.env_var(source)):
+    sources.builder(c, source)
+
+
+def test_an_interrupted_build_resumes_from_its_cache(tmp_path, monkeypatch):
+  root = tmp_path / "nih"
+  (root / "images").mkdir(parents=True)
+  names = [f"0000000{k}_000.png" for k in range(1, 6)]
+  for k, n in enumerate(names):
+    Image.fromarray(_image(30 + k)).save(root / "images" / n)
+  (root / "Data_Entry_2017.csv").write_text(
+      "Image Index,Finding Labels,Follow-up #,Patient ID,View Position\n"
+      + "".join(f"{n},No Finding,0,{k},PA\n" for k, n in enumerate(names)))
+  monkeypatch.setattr(native, "CHUNK", 2)
+  calls = []
+  real = native.read_image
+
+  def dying(path):
+    calls.append(os.path.basename(path))
+    if len(calls) == 4:
+      raise KeyboardInterrupt  # the build is killed in its second chunk
+    return real(path)
+
+  monkeypatch.setattr(native, "read_image", dying)
+  with pytest.raises(KeyboardInterrupt):
+    _build(tmp_path, "nih_cxr14", root)
+  assert calls[:2] == names[:2]
+  calls.clear()
+  monkeypatch.setattr(native, "read_image", lambda p: (calls.append(os.path.basename(p)),
+                                                        real(p))[1])
+  b, report, ex = _build(tmp_path, "nih_cxr14", root)
+  assert calls == names[2:]  # the first chunk came from the cache
+  assert sorted(ex) == names and report["built"] == 5
+  assert not os.path.exists(b.cache_dir())  # removed once the build completed
+
+
+# --- the shared real samples --------------------------------------------------------------------
+
+
+@needs_native
+def test_shared_nih_sample_and_task_counts_on_all_112120_rows(tmp_path):
+  root = os.path.join(NATIVE, "nih_cxr14")
+  rows, _ = nih_cxr14.read_rows(root)
+  assert len(rows) == 112_120
+  meta = {"label": np.array([r.label for r in rows], object),
+          "source": np.array([r.source for r in rows], object),
+          "findings": np.stack([native.findings_vector(r.findings) for r in rows])}
+  # The label rules, counted independently from the raw "Finding Labels" strings.
+  sets = [set(r.label.split("|")) for r in rows]
+  normal = sum(s == {"No Finding"} for s in sets)
+  disease = sum("No Finding" not in s and "Pneumonia" not in s for s in sets)
+  pneumonia = sum("Pneumonia" in s for s in sets)
+  single = {f: sum(s == {f} for s in sets) for f in tasks.DETL_OTHER}
+  a = np.bincount(tasks.get("data_a").labels(meta) + 1, minlength=3)
+  assert a.tolist() == [112_120 - normal - disease, normal, disease]
+  b_labels, strata = tasks.get("data_b").assign(meta)
+  assert np.sum(b_labels == 0) == normal and np.sum(b_labels == 1) == pneumonia
+  assert {f: int(np.sum(strata == f)) for f in tasks.DETL_OTHER} == single
+  assert (normal, disease, pneumonia) == (60_361, 50_328, 1_431)  # the 2020 labels
+  assert np.sum(b_labels == 3) == 0  # NIH has no COVID-19
+  # Building reads the 4 images present and lists the 112,116 rows whose file is absent.
+  b, report, ex = _build(tmp_path, "nih_cxr14", root)
+  assert report["built"] == len(os.listdir(os.path.join(root, "images"))) == len(ex)
+  assert report["skipped_by_reason"] == {"missing file": 112_120 - len(ex)}
+  assert sum(len(e["boxes"]["bbox"]) for e in ex.values()) >= 0
+
+
+@needs_native
+def test_shared_rsna_labels_and_the_standin_dicom(tmp_path):
+  src = os.path.join(NATIVE, "rsna_pneumonia")
+  rows, _ = rsna_pneumonia.read_rows(src)
+  assert len(rows) == 26_684 and sum(len(r.boxes) for r in rows) == 9_555
+  # The stand-in DICOM (8-bit JPEG baseline, MONOCHROME2) under a real patientId.
+  root = tmp_path / "rsna"
+  (root / "stage_2_train_images").mkdir(parents=True)
+  shutil.copy(os.path.join(src, "stage_2_train_labels.csv"), root)
+  standin = os.listdir(os.path.join(src, "stage_2_train_images"))[0]
+  target = next(r for r in rows if r.boxes)
+  os.symlink(os.path.join(src, "stage_2_train_images", standin),
+             root / "stage_2_train_images" / f"{target.key}.dcm")
+  b, report, ex = _build(tmp_path, "rsna_pneumonia", root, size=64)
+  assert list(ex) == [target.key] and report["skipped"] == 26_683
+  e = ex[target.key]
+  assert e["label"].decode() == "Target 1" and len(e["boxes"]["bbox"]) == len(target.boxes)
+  assert 40 < e["image"].mean() < 215 and e["image"].std() > 20
+
+
+@needs_native
+@pytest.mark.parametrize("source,folder,count", [("ieee8023_covid", "ieee8023", None),
+                                                 ("covidx", "covidx", 5)])
+def test_shared_ieee8023_and_covidx_samples_build(tmp_path, source, folder, count):
+  b, report, ex = _build(tmp_path, source, os.path.join(NATIVE, folder))
+  assert len(ex) > 0 and report["built"] == len(ex)
+  if count:
+    assert len(ex) == count and report["skipped"] == 0
+  meta = pipeline.read_metadata(b)
+  assert (tasks.get("three_class").labels(meta) >= 0).all()
+
+
+def test_dicoms_from_pydicom_data_decode_alike():
+  """A real chest DICOM (MONOCHROME1, 15-bit) uncompressed and JPEG 2000 lossless."""
+  from pydicom.data.data_manager import external_data_sources
+  store = external_data_sources().get("pydicom-data")  # local files only; never downloads
+  if store is None:
+    pytest.skip("pydicom-data is not installed (pip install pydicom-data)")
+  files = {n: os.path.join(store.data_path, n) for n in ("RG1_UNCR.dcm", "RG1_J2KR.dcm")}
+  if not all(os.path.isfile(f) for f in files.values()):
+    pytest.skip(f"pydicom-data has no RG1 files in {store.data_path}")
+  unc, _, _ = native.read_image(files["RG1_UNCR.dcm"])
+  j2k, _, _ = native.read_image(files["RG1_J2KR.dcm"])
+  np.testing.assert_array_equal(unc, j2k)
+  raw = pydicom.dcmread(files["RG1_UNCR.dcm"]).pixel_array
+  assert np.corrcoef(unc.ravel()[::97], raw.ravel()[::97])[0, 1] < -0.9  # MONOCHROME1 inverted
