@@ -54,3 +54,22 @@ def test_unknown_model_lists_registry():
 
 def test_config_args_cover_the_model_registry():
   assert sorted(detl.MODELS) == models.names()
+
+
+@pytest.mark.parametrize("data,classes", list(itertools.product(
+    ("synthetic", "manifest", "nih"), ("4", "3"))))
+def test_data_and_class_variants_compose(data, classes):
+  from xrayjax.data import sources, tasks
+  c = detl.get_config(f"data={data},classes={classes},scale=paper")
+  task = tasks.get(c.data_b.task)
+  assert len(task.classes) == int(classes)
+  assert set(c.data_b.images_per_class) == set(task.classes)  # a size for every class
+  assert sources.names(c.data) == {"synthetic": ["synthetic"], "manifest": ["manifest"],
+                                   "nih": ["nih_cxr14", "ieee8023_covid"]}[data]
+  if data == "nih":
+    assert c.data_a.sources == "nih_cxr14" and c.data_b.images_per_class.to_dict() == (
+        detl.PAPER_DATA_B if classes == "4" else {"normal": 0, "pneumonia": 0, "covid": 0})
+  if data == "manifest" and classes == "3":  # Data-A from the 4-class 64 px benchmark
+    assert c.data_a.data.manifest.label_column == "label4"
+    assert c.data_a.data.manifest.path_env == "XRAYJAX_DATA_A_MANIFEST"
+    assert c.data.manifest.label_column == "label3" and c.data.manifest.image_size == 256

@@ -74,6 +74,8 @@ def test_odd_files_are_converted_or_skipped_with_reasons(tmp_path):
   assert report["skipped_by_reason"] == {"missing file": 1, "blank image": 1,
                                          "empty label in column 'label'": 1,
                                          "unreadable image": 2}
+  assert report["converted_by_mode"] == {"PNG mode RGB": 1, "PNG mode RGBA": 1, "PNG mode P": 1,
+                                         "JPEG mode CMYK": 1, "PNG mode 1": 1, "PNG mode I;16": 1}
   meta = pipeline.read_metadata(b)
   assert len(meta["image_id"]) == 7 and set(meta["site"]) == {"test"}
   images = {ex["image_id"].decode(): ex["image"] for ex in b.as_dataset(split="train")

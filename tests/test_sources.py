@@ -236,6 +236,50 @@ def test_an_interrupted_build_resumes_from_its_cache(tmp_path, monkeypatch):
   assert not os.path.exists(b.cache_dir())  # removed once the build completed
 
 
+def test_the_papers_data_nih_for_data_a_and_nih_plus_ieee8023_for_data_b(tmp_path):
+  from xrayjax import experiment
+  nih, ieee = tmp_path / "nih", tmp_path / "ieee"
+  (nih / "images").mkdir(parents=True)
+  (ieee / "images").mkdir(parents=True)
+  labels = (["No Finding"] * 14 + ["Effusion", "Mass|Nodule", "Hernia", "Edema"] * 3
+            + [f for f in tasks.DETL_OTHER for _ in range(2)] + ["Pneumonia"] * 4
+            + ["Pneumonia|Infiltration"] * 2)
+  entry = ["Image Index,Finding Labels,Follow-up #,Patient ID,View Position"]
+  for k, label in enumerate(labels):
+    name = f"{k + 1:08d}_000.png"
+    Image.fromarray(_image(100 + k)).save(nih / "images" / name)
+    entry.append(f"{name},{label},0,{k + 1},PA")
+  (nih / "Data_Entry_2017.csv").write_text("\n".join(entry) + "\n")
+  meta_rows = ["patientid,finding,view,modality,folder,filename"]
+  for k in range(8):
+    name = f"covid{k}.png"
+    Image.fromarray(_image(300 + k)).save(ieee / "images" / name)
+    meta_rows.append(f"{k},{'No Finding' if k >= 6 else 'Pneumonia/Viral/COVID-19'},PA,X-ray,"
+                     f"images,{name}")
+  (ieee / "metadata.csv").write_text("\n".join(meta_rows) + "\n")
+  c = detl.get_config("data=nih,runlocal")
+  c.data.tfds_dir = str(tmp_path / "tfds")
+  c.data.nih_cxr14.update(root=str(nih), image_size=32)
+  c.data.ieee8023_covid.update(root=str(ieee), image_size=32)
+  c.data_b.update(images_per_class={"normal": 4, "pneumonia": 0, "other_disease": 6, "covid": 0},
+                  val_fraction=0.5)
+  _, meta, info = experiment.load_data(c)
+  assert set(info["build_reports"]) == {"nih_cxr14", "ieee8023_covid"}
+  p = experiment.plan(meta, c)
+  summary = experiment.describe(meta, p)
+  assert summary["data_b"] == {"normal": 4, "pneumonia": 6, "other_disease": 6, "covid": 6}
+  from_ieee = summary["data_b_label_by_source"]["ieee8023_covid"]
+  assert from_ieee["covid"] == 6 and from_ieee["pneumonia"] == from_ieee["other_disease"] == 0
+  b_other = p["data_b"][p["labels_b"][p["data_b"]] == 2]
+  assert sorted(meta["label"][b_other]) == sorted(tasks.DETL_OTHER)  # one of each of the six
+  a = np.concatenate([p["a_train"], p["a_val"]])
+  assert set(meta["source"][a]) == {"nih_cxr14"}  # ieee8023's normals stay out of Data-A
+  assert summary["data_b_patients_also_in_data_a"] == 0
+  assert not any("Pneumonia" in l for l in meta["label"][a])
+  n_a = sum(summary["data_a_train"].values()) + sum(summary["data_a_val"].values())
+  # NIH's normals not in Data-B, 12 other findings, the 6 unused single-finding images.
+  assert n_a == 14 - summary["data_b_label_by_source"]["nih_cxr14"]["normal"] + 12 + 6
+
 # --- the shared real samples --------------------------------------------------------------------
 
 

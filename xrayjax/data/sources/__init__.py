@@ -63,7 +63,8 @@ def _config(name: str, data_config):
 def builder(data_config, name: str | None = None) -> tfds.core.DatasetBuilder:
   """Returns the prepared builder of source `name` (default: the only one), building it first.
 
-  A build writes what it built and every skipped input with its reason to
+  A build writes what it built, every skipped input with its reason, and how many images of
+  each odd mode (16-bit, RGBA, palette, CMYK, 1-bit, DICOM) were converted to 8-bit grey to
   `build_report.json` in its data dir.
   """
   name = name or _only(data_config)
@@ -78,7 +79,7 @@ def builder(data_config, name: str | None = None) -> tfds.core.DatasetBuilder:
     skipped = getattr(b, "skipped", [])
     report = {"source": name, "built": b.info.splits["train"].num_examples,
               "skipped": len(skipped), "skipped_by_reason": count_reasons(skipped),
-              "skipped_rows": skipped}
+              "converted_by_mode": getattr(b, "converted", {}), "skipped_rows": skipped}
     files.write_json(os.path.join(b.data_dir, BUILD_REPORT), report)
     native.remove_cache(b)
     logging.info("Built %s in %.1f s: %d examples, %d skipped %s", b.info.full_name,

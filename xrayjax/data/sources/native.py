@@ -61,12 +61,13 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
   return np.round((arr - lo) / (hi - lo) * 255).astype(np.uint8)
 
 
-def _decode_raster(data: bytes) -> np.ndarray:
+def _decode_raster(data: bytes) -> tuple[np.ndarray, dict]:
   with Image.open(io.BytesIO(data)) as im:
     im.load()
+    extra = {} if im.mode == "L" else {"converted": f"{im.format} mode {im.mode}"}
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-      return _to_uint8(np.asarray(im))
-    return np.asarray(im.convert("L"))
+      return _to_uint8(np.asarray(im)), extra
+    return np.asarray(im.convert("L")), extra
 
 
 def _decode_dicom(data: bytes) -> tuple[np.ndarray, dict]:
@@ -86,7 +87,9 @@ def _decode_dicom(data: bytes) -> tuple[np.ndarray, dict]:
   arr = _to_uint8(arr)
   if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
     arr = 255 - arr  # MONOCHROME1: high values are dark
-  return arr, {"view": str(ds.get("ViewPosition", "") or "")}
+  return arr, {"view": str(ds.get("ViewPosition", "") or ""),
+               "converted": f"DICOM {ds.get('PhotometricInterpretation', '')} "
+                            f"{ds.get('BitsStored', '')}-bit"}
 
 
 def is_dicom(path: str, data: bytes) -> bool:
@@ -94,7 +97,11 @@ def is_dicom(path: str, data: bytes) -> bool:
 
 
 def read_image(path: str) -> tuple[np.ndarray, dict, bytes]:
-  """-> (2-D uint8 grey image, fields from the file such as DICOM's view, file bytes)."""
+  """-> (2-D uint8 grey image, file fields, file bytes).
+
+  File fields: `view` (DICOM), `converted` (how a non-8-bit-grey file was brought to 8-bit
+  grey, e.g. "PNG mode I;16", "DICOM MONOCHROME1 15-bit").
+  """
   if not os.path.isfile(path):
     raise SkippedImage("missing file (listed in the metadata but not on disk)")
   with open(path, "rb") as f:
@@ -103,7 +110,7 @@ def read_image(path: str) -> tuple[np.ndarray, dict, bytes]:
     if is_dicom(path, data):
       image, extra = _decode_dicom(data)
     else:
-      image, extra = _decode_raster(data), {}
+      image, extra = _decode_raster(data)
   except SkippedImage:
     raise
   except Exception as e:  # noqa: BLE001 - decoders raise many types on corrupt files
@@ -220,6 +227,7 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
   def __init__(self, **kwargs):
     super().__init__(**kwargs)
     self.skipped: list[dict] = []
+    self.converted: dict[str, int] = {}  # how many images of each odd mode were converted
 
   def rows(self) -> tuple[list[Row], list[tuple[Row, str]]]:
     raise NotImplementedError
@@ -245,6 +253,7 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self):
     rows, rejected = self.rows()
     self.skipped = [self._skip_entry(r, why) for r, why in rejected]
+    self.converted = {}
     rows = sorted(rows, key=lambda r: r.key)
     if not rows:
       raise LayoutError(f"{self.SOURCE}: none of the images listed in the metadata is under "
@@ -267,6 +276,8 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
           if isinstance(item, str):
             self.skipped.append(self._skip_entry(row, item))
             continue
+          if item["converted"]:
+            self.converted[item["converted"]] = self.converted.get(item["converted"], 0) + 1
           yield row.key, self._example(row, item)
         done += len(chunk)
         rate = (done - resumed) / max(time.time() - start, 1e-9)
@@ -287,7 +298,7 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
       return str(e)
     return {"image": resize(image, self.builder_config.image_size), "sha1": sha1(data),
             "phash": perceptual_hash(image), "height": image.shape[0], "width": image.shape[1],
-            "view": extra.get("view", "")}
+            "view": extra.get("view", ""), "converted": extra.get("converted", "")}
 
   def _example(self, row: Row, item: dict) -> dict:
     ex = {"image": item["image"][..., None], "label": row.label,
@@ -311,7 +322,7 @@ def _save_chunk(path: str, decoded: list) -> None:
   arrays = {"reasons": np.array([d if isinstance(d, str) else "" for d in decoded], dtype=str)}
   if ok:
     arrays["images"] = np.stack([d["image"] for d in ok])
-    for k in ("sha1", "phash", "view"):
+    for k in ("sha1", "phash", "view", "converted"):
       arrays[k] = np.array([d[k] for d in ok], dtype=str)
     arrays["hw"] = np.array([[d["height"], d["width"]] for d in ok], np.int64)
   tmp = path + ".tmp.npz"
@@ -328,6 +339,7 @@ def _load_chunk(path: str) -> list:
         continue
       out.append({"image": z["images"][j], "sha1": str(z["sha1"][j]),
                   "phash": str(z["phash"][j]), "view": str(z["view"][j]),
+                  "converted": str(z["converted"][j]),
                   "height": int(z["hw"][j, 0]), "width": int(z["hw"][j, 1])})
       j += 1
   return out
