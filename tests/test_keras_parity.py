@@ -6,7 +6,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from xrayjax import models  # noqa: E402
+from xrayjax import models, train  # noqa: E402
 from xrayjax.models import keras_weights  # noqa: E402
 
 CLASSES = 5
@@ -45,7 +45,7 @@ def _relative_error(a, b):
 
 def _flax_outputs(name, path, size, x, **model_kw):
   model = models.build(name, CLASSES, model_kw)
-  variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
+  variables = train.variables_of(model.init(jax.random.PRNGKey(0), x[:1], train=False))
   variables = keras_weights.load(path, jax.device_get(variables), models.spec(name))
   logits, out = model.apply(variables, x, train=False)
   n_vars = sum(v.size for v in jax.tree.leaves(variables))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from xrayjax.models.common import HE_INIT, scaled
+from xrayjax.models.common import HE_INIT, record, scaled
 
 PARAM_GROUPS = {
     "before_last_conv_block": r"^conv[12]/",
@@ -38,12 +38,13 @@ class AlexNet(nn.Module):
     conv = lambda c, name, stride=1: nn.Conv(scaled(c, self.width), (3, 3), strides=stride,
                                              padding="SAME", kernel_init=HE_INIT, name=name)
     x = _pool(nn.relu(conv(96, "conv1", 2)(images)))
-    out["block1"] = x
+    x = record(self, out, "block1", x)
     x = _pool(nn.relu(conv(256, "conv2")(x)))
-    out["block2"] = x
+    x = record(self, out, "block2", x)
     for i, c in ((3, 384), (4, 384), (5, 256)):
       x = nn.relu(conv(c, f"conv{i}")(x))
-    out["block3"] = out["features"] = x  # last conv block, before pooling
+    x = record(self, out, "block3", x)
+    x = record(self, out, "features", x)  # last conv block, before pooling
     x = _pool(x).reshape((x.shape[0], -1))
     for name in ("fc1", "fc2"):
       x = nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -80,6 +80,21 @@ def global_avg_pool(x):
   return jnp.mean(x, axis=(1, 2))
 
 
+TAP = "tap_"  # prefix of the perturbation that makes an `out` map reachable by jax.grad
+
+
+def record(module: nn.Module, out: dict, name: str, x):
+  """Stores the map `x` as `out[name]` and returns it, tapped for gradients.
+
+  The tap is Flax's `perturb` (`perturbations/tap_<name>`): a no-op unless the caller passes
+  a `perturbations` collection, in which case the gradient with respect to it is the
+  gradient with respect to this map. Grad-CAM (evaluate/gradcam.py) uses it on any entry.
+  """
+  x = module.perturb(TAP + name, x)
+  out[name] = x
+  return x
+
+
 def pooled_top(x, num_classes: int | None, out: dict, name: str = "predictions"):
   """Keras's `include_top`: global average pooling and the dense classifier `name`.
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from xrayjax.models import resnet50v2, xception
-from xrayjax.models.common import conv, global_avg_pool, scaled
+from xrayjax.models.common import conv, global_avg_pool, record, scaled
 
 HEADS = ("flatten", "gap")
 
@@ -57,9 +57,12 @@ class Concat(nn.Module):
       raise ValueError(f"unknown concat head {self.head!r}; valid heads: {HEADS}")
     _, out_x = xception.Xception(None, self.width, name="xception")(images, train=train)
     _, out_r = resnet50v2.ResNet50V2(None, self.width, name="resnet50v2")(images, train=train)
-    out = {"xception": out_x["features"], "resnet50v2": out_r["features"]}
-    x = out["concat"] = jnp.concatenate([out["xception"], out["resnet50v2"]], axis=-1)
-    x = out["features"] = conv(scaled(1024, self.width), (1, 1), name="concat_conv")(x)
+    out = {}
+    branch_x = record(self, out, "xception", out_x["features"])
+    branch_r = record(self, out, "resnet50v2", out_r["features"])
+    x = record(self, out, "concat", jnp.concatenate([branch_x, branch_r], axis=-1))
+    x = record(self, out, "features", conv(scaled(1024, self.width), (1, 1),
+                                           name="concat_conv")(x))
     x = x.reshape((x.shape[0], -1)) if self.head == "flatten" else global_avg_pool(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     out["pre_logits"] = x

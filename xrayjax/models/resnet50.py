@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from xrayjax.models.common import batch_norm, conv, pooled_top, scaled, zero_pad
+from xrayjax.models.common import batch_norm, conv, pooled_top, record, scaled, zero_pad
 
 STAGES = (("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2))
 EPSILON = 1.001e-5
@@ -54,6 +54,6 @@ class ResNet50(nn.Module):
                                             name=f"{name}_2_conv")(y)))
         y = bn(f"{name}_3_bn")(conv(c(4 * filters), (1, 1), name=f"{name}_3_conv")(y))
         x = nn.relu(shortcut + y)
-      out[stage] = x
-    out["features"] = x
+      x = record(self, out, stage, x)
+    x = record(self, out, "features", x)
     return pooled_top(x, self.num_classes, out, HEAD_LAYER)

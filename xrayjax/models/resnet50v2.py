@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from xrayjax.models.common import batch_norm, conv, pooled_top, scaled, zero_pad
+from xrayjax.models.common import batch_norm, conv, pooled_top, record, scaled, zero_pad
 
 STAGES = (("conv2", 64, 3, 2), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 1))
 EPSILON = 1.001e-5
@@ -50,7 +50,7 @@ class ResNet50V2(nn.Module):
                  name=f"{name}_2_conv")(y)
         y = nn.relu(bn(f"{name}_2_bn")(y))
         x = shortcut + conv(c(4 * filters), (1, 1), name=f"{name}_3_conv")(y)
-      out[stage] = x
+      x = record(self, out, stage, x)
     x = nn.relu(bn("post_bn")(x))
-    out["features"] = x
+    x = record(self, out, "features", x)
     return pooled_top(x, self.num_classes, out, HEAD_LAYER)

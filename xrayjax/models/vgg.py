@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from xrayjax.models.common import HE_INIT, scaled
+from xrayjax.models.common import HE_INIT, record, scaled
 
 BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 
@@ -36,9 +36,9 @@ class VGG16(nn.Module):
       for c in range(1, convs + 1):
         x = nn.relu(nn.Conv(scaled(channels, self.width), (3, 3), padding="SAME",
                             kernel_init=HE_INIT, name=f"block{b}_conv{c}")(x))
-      out[f"block{b}"] = x
-      if b == len(BLOCKS):
-        out["features"] = x  # last conv block output, before its pooling (Grad-CAM target)
+      x = record(self, out, f"block{b}", x)
+      if b == len(BLOCKS):  # last conv block output, before its pooling (Grad-CAM target)
+        x = record(self, out, "features", x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     for name in ("fc1", "fc2"):

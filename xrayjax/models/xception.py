@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from xrayjax.models.common import SeparableConv, batch_norm, conv, pooled_top, scaled
+from xrayjax.models.common import (SeparableConv, batch_norm, conv, pooled_top, record,
+                                   scaled)
 
 EPSILON = 1e-3
 RESIDUAL_BLOCKS = (2, 3, 4, 13)
@@ -42,7 +43,7 @@ class Xception(nn.Module):
     x = nn.relu(bn("block1_conv1_bn")(x))
     x = conv(c(64), (3, 3), padding="VALID", use_bias=False, name="block1_conv2")(x)
     x = nn.relu(bn("block1_conv2_bn")(x))
-    out["block1"] = x
+    x = record(self, out, "block1", x)
 
     def entry(x, block, filters, first_relu=True, filters2=None):
       """A strided block with a 1x1 conv shortcut (entry flow, and block 13)."""
@@ -62,7 +63,7 @@ class Xception(nn.Module):
     x = entry(x, 2, 128, first_relu=False)
     for block, filters in ((3, 256), (4, 728)):
       x = entry(x, block, filters)
-      out[f"block{block}"] = x
+      x = record(self, out, f"block{block}", x)
     for block in range(5, 13):  # middle flow
       residual = x
       for i in (1, 2, 3):
@@ -70,10 +71,10 @@ class Xception(nn.Module):
         x = bn(f"block{block}_sepconv{i}_bn")(
             SeparableConv(c(728), name=f"block{block}_sepconv{i}")(x))
       x = x + residual
-    out["block12"] = x
+    x = record(self, out, "block12", x)
     x = entry(x, 13, 728, filters2=1024)
-    out["block13"] = x
+    x = record(self, out, "block13", x)
     x = nn.relu(bn("block14_sepconv1_bn")(SeparableConv(c(1536), name="block14_sepconv1")(x)))
     x = nn.relu(bn("block14_sepconv2_bn")(SeparableConv(c(2048), name="block14_sepconv2")(x)))
-    out["features"] = x
+    x = record(self, out, "features", x)
     return pooled_top(x, self.num_classes, out, HEAD_LAYER)
