@@ -1,0 +1,122 @@
+"""Grad-CAM: a model with a known answer, the audits, and agreement with TensorFlow."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xrayjax import models, train
+from xrayjax.evaluate import gradcam
+from xrayjax.models import common
+
+
+class TwoRegions(nn.Module):
+  """Class 1's score reads only the top-left quadrant, class 0's only the bottom-right one:
+  channels 0-1 are gated to the first, channels 2-3 to the second."""
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    out = {}
+    x = nn.relu(nn.Conv(4, (3, 3), padding="SAME", name="conv")(images))
+    h, w = x.shape[1] // 2, x.shape[2] // 2
+    gate = jnp.zeros(x.shape[1:]).at[:h, :w, :2].set(1.0).at[h:, w:, 2:].set(1.0)
+    x = common.record(self, out, "features", x * gate)
+    logits = jnp.stack([x[..., 2:].sum(axis=(1, 2, 3)), x[..., :2].sum(axis=(1, 2, 3))], -1)
+    return logits, out
+
+
+@pytest.mark.parametrize("method", gradcam.METHODS)
+def test_the_map_points_at_the_only_region_the_class_score_reads(method):
+  model = TwoRegions()
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0.1, 1, (3, 16, 16, 1)).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+  variables = {"params": jax.tree.map(jnp.abs, variables["params"])}  # positive activations
+  fn = gradcam.make_fn(model, "features", method)
+  quadrants = np.zeros((2, 3, 16, 16), bool)
+  quadrants[1, :, :8, :8] = True  # class 1
+  quadrants[0, :, 8:, 8:] = True  # class 0
+  for c in (0, 1):
+    res = fn(variables, images, jnp.full((3,), c))
+    cam = np.asarray(res["map"])
+    inside = quadrants[c][:, ::2, ::2] if cam.shape[1] == 8 else quadrants[c]
+    assert cam[inside].min() > 0 and cam[~inside].max() == 0
+    up = np.asarray(res["cam"])
+    assert up.shape == (3, 16, 16) and up.max() == pytest.approx(1.0)
+    assert gradcam.pointing_game(up, quadrants[c]).tolist() == [1.0, 1.0, 1.0]
+    assert np.all(gradcam.energy_inside(up, quadrants[c]) > 0.9)
+  # The predicted class (-1) is whichever logit is larger.
+  res = fn(variables, images, jnp.array([-1, -1, -1]))
+  assert np.array_equal(res["class"], np.asarray(res["logits"]).argmax(-1))
+
+
+def test_unknown_target_lists_the_valid_ones():
+  model = models.build("vgg16", 2, {"width": 1 / 16})
+  x = np.zeros((1, 32, 32, 1), np.float32)
+  variables = train.variables_of(model.init(jax.random.PRNGKey(0), x, train=False))
+  assert gradcam.targets(model, variables, 32) == ["block1", "block2", "block3", "block4",
+                                                   "block5", "features"]
+  with pytest.raises(ValueError, match=r"no map 'nope'.*'features'"):
+    gradcam.make_fn(model, "nope")(variables, x, jnp.array([0]))
+
+
+def test_audit_measures_on_hand_made_maps():
+  cams = np.zeros((2, 4, 4))
+  cams[0, 0, 0] = 1.0
+  cams[0, 3, 3] = 0.5
+  cams[1, 2, 2] = 1.0
+  masks = np.zeros((2, 4, 4), bool)
+  masks[:, :2, :2] = True
+  assert gradcam.pointing_game(cams, masks).tolist() == [1.0, 0.0]
+  np.testing.assert_allclose(gradcam.energy_inside(cams, masks), [1 / 1.5, 0.0])
+  m = gradcam.boxes_to_masks([np.array([[0.0, 0.5, 0.5, 1.0]]), np.zeros((0, 4))], 4)
+  assert m[0, :2, 2:].all() and m[0].sum() == 4 and m[1].sum() == 0
+  a = np.random.default_rng(0).random((2, 5, 5))
+  np.testing.assert_allclose(gradcam.rank_similarity(a, a), [1.0, 1.0])
+  np.testing.assert_allclose(gradcam.rank_similarity(a, -a), [-1.0, -1.0])
+  rgb = gradcam.overlay(np.zeros((4, 4), np.uint8), cams[0])
+  assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
+
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+
+
+def _tf_gradcam(kmodel, layer, images, classes, method):
+  """Grad-CAM with tf.GradientTape on the Keras model: an independent implementation."""
+  probe = keras.Model(kmodel.input, [kmodel.get_layer(layer).output, kmodel.output])
+  with tf.GradientTape() as tape:
+    fmap, logits = probe(images, training=False)
+    score = tf.reduce_sum(tf.gather(logits, classes, axis=1, batch_dims=1))
+  g = tape.gradient(score, fmap).numpy()
+  a = fmap.numpy()
+  if method == "gradcam":
+    w = g.mean(axis=(1, 2))
+  else:
+    denom = 2 * g**2 + a.sum(axis=(1, 2), keepdims=True) * g**3
+    w = (g**2 / np.where(denom != 0, denom, 1) * np.maximum(g, 0)).sum(axis=(1, 2))
+  return np.maximum(np.einsum("bhwk,bk->bhw", a, w), 0)
+
+
+@pytest.mark.parametrize("name,make,size,layer", [
+    ("vgg16", lambda **k: keras.applications.VGG16(**k), 64, "block5_conv3"),
+    ("resnet50", lambda **k: keras.applications.ResNet50(**k), 96, "conv5_block3_out")])
+def test_same_map_as_tensorflow_on_the_keras_twin(name, make, size, layer, tmp_path):
+  from xrayjax.models import keras_weights
+  kmodel = make(weights=None, input_shape=(size, size, 3), classes=3,
+                classifier_activation=None)
+  path = str(tmp_path / "twin.weights.h5")
+  kmodel.save_weights(path)
+  model = models.build(name, 3, {})
+  rng = np.random.default_rng(0)
+  grey = rng.uniform(-1, 1, (2, size, size, 1)).astype(np.float32)
+  variables = keras_weights.load(path, jax.device_get(train.variables_of(
+      model.init(jax.random.PRNGKey(0), grey[:1], train=False))), models.spec(name))
+  classes = np.array([0, 2])
+  for method in gradcam.METHODS:
+    ours = np.asarray(gradcam.make_fn(model, "features", method)(variables, grey,
+                                                                 jnp.asarray(classes))["map"])
+    theirs = _tf_gradcam(kmodel, layer, np.repeat(grey, 3, axis=-1), classes, method)
+    assert theirs.max() > 0
+    np.testing.assert_allclose(ours, theirs, atol=2e-3 * theirs.max(), rtol=2e-3)
