@@ -10,18 +10,23 @@ def _ratio(num: float, den: float) -> float:
   return float(num / den) if den else float("nan")
 
 
-def classification(labels: np.ndarray, probs: np.ndarray, classes) -> dict:
+def classification(labels: np.ndarray, probs: np.ndarray, classes,
+                   prevalences: tuple[float, ...] = (), bins: int = 15) -> dict:
   """Overall and per-class (one-vs-rest) metrics.
 
   Args:
     labels: true class index per image.
     probs: [n, C] predicted class probabilities.
     classes: class names, in index order.
+    prevalences: PPV and NPV are also given as they would be at these prevalences of each
+      class (from its sensitivity and specificity, Bayes' rule): `ppv@0.01`, `npv@0.01`.
+    bins: equal-width confidence bins of the calibration error and reliability curve.
 
   Returns:
-    dict with accuracy, balanced_accuracy, macro_f1, macro_auroc, confusion
-    (rows = truth, columns = prediction) and per_class[name] = sensitivity,
-    specificity, ppv, npv, f1, auroc, support.
+    dict with accuracy, balanced_accuracy, macro_f1, macro_auroc, macro_auprc, ece (expected
+    calibration error of the top-label confidence), reliability (per bin: mean confidence,
+    accuracy, count), confusion (rows = truth, columns = prediction) and per_class[name] =
+    sensitivity, specificity, ppv, npv, f1, auroc, auprc (average precision), support.
   """
   labels = np.asarray(labels)
   pred = probs.argmax(-1)
@@ -35,22 +40,88 @@ def classification(labels: np.ndarray, probs: np.ndarray, classes) -> dict:
     tn = cm.sum() - tp - fn - fp
     sens, ppv = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
     positives = labels == c
-    auroc = (float(skm.roc_auc_score(positives, probs[:, c]))
-             if 0 < positives.sum() < len(labels) else float("nan"))
+    both = 0 < positives.sum() < len(labels)
+    auroc = float(skm.roc_auc_score(positives, probs[:, c])) if both else float("nan")
+    auprc = float(skm.average_precision_score(positives, probs[:, c])) if both else float("nan")
+    spec = _ratio(tn, tn + fp)
     per_class[name] = {
-        "sensitivity": sens, "specificity": _ratio(tn, tn + fp), "ppv": ppv,
+        "sensitivity": sens, "specificity": spec, "ppv": ppv,
         "npv": _ratio(tn, tn + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn), "auroc": auroc,
-        "support": int(tp + fn)}
+        "auprc": auprc, "support": int(tp + fn)}
+    for p in prevalences:
+      per_class[name][f"ppv@{p:g}"], per_class[name][f"npv@{p:g}"] = at_prevalence(sens, spec, p)
   present = [c for c in classes if per_class[c]["support"] > 0]
   return {
       "accuracy": float(np.mean(pred == labels)),
       "balanced_accuracy": float(np.mean([per_class[c]["sensitivity"] for c in present])),
       "macro_f1": float(np.mean([per_class[c]["f1"] for c in present])),
       "macro_auroc": _nanmean([per_class[c]["auroc"] for c in present]),
+      "macro_auprc": _nanmean([per_class[c]["auprc"] for c in present]),
+      **calibration(labels, probs, bins),
       "confusion": cm.tolist(),
       "per_class": per_class,
       "num_images": int(len(labels)),
   }
+
+
+def at_prevalence(sensitivity: float, specificity: float, prevalence: float
+                  ) -> tuple[float, float]:
+  """(PPV, NPV) of a test with this sensitivity and specificity at `prevalence` (Bayes)."""
+  se, sp, p = sensitivity, specificity, prevalence
+  return (_ratio(se * p, se * p + (1 - sp) * (1 - p)),
+          _ratio(sp * (1 - p), sp * (1 - p) + (1 - se) * p))
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict:
+  """Expected calibration error of the top-label confidence, and the reliability curve.
+
+  ECE = sum over equal-width confidence bins of (bin size / n) |accuracy - confidence|.
+  """
+  conf = probs.max(-1)
+  correct = (probs.argmax(-1) == labels).astype(np.float64)
+  which = np.minimum((conf * bins).astype(int), bins - 1)
+  curve, ece = [], 0.0
+  for b in range(bins):
+    sel = which == b
+    if sel.any():
+      acc, mean_conf = float(correct[sel].mean()), float(conf[sel].mean())
+      ece += sel.sum() / len(labels) * abs(acc - mean_conf)
+      curve.append({"bin": [b / bins, (b + 1) / bins], "confidence": mean_conf,
+                    "accuracy": acc, "count": int(sel.sum())})
+  return {"ece": float(ece), "reliability": curve}
+
+
+def cluster_bootstrap(statistic, groups: np.ndarray, n_boot: int, seed: int,
+                      level: float = 0.95) -> dict[str, dict[str, float]]:
+  """Percentile intervals of `statistic(indices) -> {name: float}` resampling whole groups.
+
+  Patients, not images, are drawn with replacement (a patient's images are correlated), so
+  the interval reflects how many independent patients the estimate rests on.
+  """
+  rng = np.random.default_rng(seed)
+  members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+  draws: dict[str, list[float]] = {}
+  for _ in range(n_boot):
+    pick = rng.integers(len(members), size=len(members))
+    for k, v in statistic(np.concatenate([members[i] for i in pick])).items():
+      draws.setdefault(k, []).append(v)
+  tail = (1 - level) / 2 * 100
+  out = {}
+  for k, v in draws.items():
+    v = np.asarray(v, np.float64)
+    v = v[~np.isnan(v)]
+    out[k] = ({"low": float(np.percentile(v, tail)), "high": float(np.percentile(v, 100 - tail)),
+               "level": level} if len(v) else {"low": float("nan"), "high": float("nan"),
+                                                "level": level})
+  return out
+
+
+def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray, classes,
+                        n_boot: int, seed: int, prevalences: tuple[float, ...] = ()) -> dict:
+  """Patient-clustered bootstrap 95% intervals of every scalar of `classification`."""
+  def stat(idx):
+    return flat(classification(labels[idx], probs[idx], classes, prevalences))
+  return cluster_bootstrap(stat, np.asarray(patients), n_boot, seed)
 
 
 def _nanmean(values) -> float:
