@@ -117,6 +117,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   val_fraction=0.2)
   c.augment = dict(enabled=True, rotation_deg=10.0, scale=0.1, mirror=True)
 
+  # --- evaluation ---
+  # prevalences: PPV and NPV are also reported as they would be at these prevalences.
+  # bootstrap: patient-clustered resamples for the 95% intervals (0: none).
+  # gradcam: maps of `target` (any entry of the model's `out`; concat also has xception,
+  # resnet50v2, concat) by `method` (gradcam | gradcam++): overlays of per_class images per
+  # class and of every misclassified one; localisation scores; the model-randomisation
+  # check on the first sanity_folds folds.
+  c.eval = dict(prevalences=(0.01, 0.05, 0.2), bootstrap=1000,
+                gradcam=dict(enabled=True, target="features", method="gradcam", per_class=3,
+                             misclassified=True, sanity_folds=1, batch_size=16))
+
   # --- model ---
   c.model_name = args["model"]
   # init_from: Keras weight file(s) (.keras, .weights.h5, .h5; comma separated) loaded over the
@@ -185,6 +196,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.width = 1 / 16
     c.stage_a.update(epochs=1, batch_size=8, eval_batch_size=16)
     c.stage_b.update(epochs=1, batch_size=8, eval_batch_size=16)
+    c.eval.bootstrap = 50
+    c.eval.gradcam.per_class = 1
     c.log_every = 1
 
   if args["init"] == "scratch":  # same network, every layer trained on Data-B, stage-A recipe

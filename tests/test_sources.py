@@ -85,6 +85,10 @@ def test_nih_layout_labels_boxes_and_bad_files(tmp_path):
   meta = pipeline.read_metadata(b)
   labels, _ = tasks.get("data_a").assign(meta)
   assert labels.tolist() == [0, 1, -1]  # No Finding, Atelectasis|Effusion, Pneumonia|Mass
+  # The box becomes the lesion mask that Grad-CAM's localisation is scored against.
+  m = pipeline.masks([b], np.zeros(3, int), meta["image_id"], 16)
+  assert m["has_lesion"].tolist() == [False, True, False] and not m["has_lung"].any()
+  assert m["lesion"][1, 1:10, 4:12].all() and m["lesion"][1].sum() == 9 * 8  # y .1-.6, x .25-.75
 
 
 def test_rsna_dicoms_monochrome1_and_2_windows_and_compression(tmp_path):

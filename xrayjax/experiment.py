@@ -24,6 +24,7 @@ from absl import logging
 from xrayjax import files, models, train
 from xrayjax.models import keras_weights
 from xrayjax.data import pipeline, sources, splits, tasks
+from xrayjax.evaluate import audit, html
 from xrayjax.evaluate import metrics as metrics_lib
 from xrayjax.evaluate import report
 from xrayjax import sharding
@@ -232,6 +233,44 @@ def init_variables(model, image_size: int, seed: int, init_from: str | None = No
   return variables
 
 
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def explain_fold(config, model, variables, builders, meta, rows, labels, classes, spec,
+                 workdir, k, dataset) -> dict:
+  """Grad-CAM gallery and audits of fold k's test images (`rows` index `meta`)."""
+  cfg = config.eval.gradcam
+  ds = dataset(rows, labels)
+  images, index = [], []
+  for batch in pipeline.eval_batches(ds, len(rows), cfg.batch_size):
+    keep = batch["mask"] > 0
+    images.append(batch["image"][keep])
+    index.append(batch["index"][keep])
+  images, index = np.concatenate(images), np.concatenate(index)
+  order = np.argsort(index)
+  images, rows = images[order], rows[index[order]]
+  masks = pipeline.masks(builders, meta["builder"][rows], meta["image_id"][rows],
+                         config.data.image_size)
+  return audit.explain_fold(
+      model=model, variables=jax.device_get(variables), images=images, labels=labels[rows],
+      masks=masks, classes=classes, cfg=cfg, groups=spec.PARAM_GROUPS,
+      out_dir=os.path.join(workdir, "gradcam"), names=meta["image_id"][rows], fold=k,
+      seed=_seed(config.seed, 30, k), sanity=k < cfg.sanity_folds)
+
+
+def pooled_metrics(config, predictions: list[dict], meta, classes, prevalences) -> dict:
+  """Metrics of all folds' test predictions pooled, with patient-clustered bootstrap CIs."""
+  labels = np.array([classes.index(r["label"]) for r in predictions])
+  probs = np.array([[r[f"p_{c}"] for c in classes] for r in predictions])
+  patients = np.array([r["patient_id"] for r in predictions], dtype=object)
+  pooled = metrics_lib.classification(labels, probs, classes, prevalences)
+  intervals = (metrics_lib.bootstrap_intervals(labels, probs, patients, classes,
+                                               config.eval.bootstrap, _seed(config.seed, 40),
+                                               prevalences)
+               if config.eval.bootstrap else {})
+  return {"pooled": pooled, "bootstrap_ci": intervals, "prevalences": list(prevalences)}
+
+
 # --- run --------------------------------------------------------------------------------------
 
 
@@ -321,7 +360,9 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
   classes = tasks.get(config.data_b.task).classes
   model_b = models.build(config.model_name, len(classes), config.model)
   predict_b = train.make_predict_fn(model_b, mesh)  # one compiled function for every fold
-  fold_metrics, predictions, fold_summaries = [], [], []
+  fold_metrics, predictions, fold_summaries, explained = [], [], [], []
+  prevalences = tuple(config.eval.prevalences)
+  explain = config.eval.gradcam.enabled and jax.process_count() == 1
   for k, fold in enumerate(p["folds"]):
     if config.stage_a.enabled:
       init = transfer(variables_a, init_variables(model_b, config.data.image_size,
@@ -342,10 +383,13 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
     probs, labels, index = train.predict_dataset(
         predict_b, variables_b, dataset(fold["test"], p["labels_b"]),
         len(fold["test"]), config.stage_b.eval_batch_size, mesh)
-    m = metrics_lib.classification(labels, probs, classes)
+    m = metrics_lib.classification(labels, probs, classes, prevalences)
     fold_metrics.append(m)
     logging.info("[fold%d] test accuracy %.4f, macro F1 %.4f", k, m["accuracy"], m["macro_f1"])
     rows = fold["test"][index]
+    if explain:
+      explained.append(explain_fold(config, model_b, variables_b, builders, meta, rows,
+                                    p["labels_b"], classes, spec, workdir, k, dataset))
     for i, r in enumerate(rows):
       predictions.append({"fold": k, "image_id": meta["image_id"][r],
                           "patient_id": meta["patient_id"][r], "source": meta["source"][r],
@@ -367,6 +411,10 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
       "build_reports": data_info["build_reports"],
       "duplicates": data_info["duplicates"]["summary"],
       "per_source": metrics_lib.per_group(predictions, "source", classes),
+      **pooled_metrics(config, predictions, meta, classes, prevalences),
+      "gradcam": audit.summarise(explained) if explained else None,
+      "gradcam_folds": [{k: v for k, v in r.items() if not isinstance(v, np.ndarray)}
+                        for r in explained],
       "fold_metrics": fold_metrics, "across_folds": metrics_lib.across_folds(fold_metrics),
       "seconds": time.time() - start, "devices": jax.device_count(),
   }
@@ -374,6 +422,8 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
   text = report.summary_text(results)
   if jax.process_index() == 0:
     report.write(workdir, results, predictions, name)
+    html.write(workdir, results, predictions, _jsonable(config.to_dict()),
+               "report" if mode == "train" else "eval_report")
     with open(os.path.join(workdir, f"{name}_summary.txt"), "w") as f:
       f.write(text + "\n")
   print(text, flush=True)

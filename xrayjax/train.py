@@ -105,6 +105,23 @@ def predict_dataset(predict_fn, variables, ds, num_examples: int, batch_size: in
   return probs[order], labels[order], index[order]
 
 
+def restore_selected(model, init_variables, ckpt_dir: str, cfg, rules, groups) -> dict:
+  """The variables a finished stage selected (what its stage summary names), on the host.
+
+  Raises FileNotFoundError when the stage has not finished.
+  """
+  ckpts = checkpoint.StageCheckpoints(ckpt_dir)
+  try:
+    if ckpts.summary() is None:
+      raise FileNotFoundError(f"{ckpt_dir} holds no finished training stage: train it first "
+                              "(python -m xrayjax.main ... --workdir=...)")
+    init = variables_of(init_variables)
+    tx = optim.make(cfg.optimizer, 1, init["params"], rules, groups)
+    return jax.device_get(ckpts.best(TrainState.create(init, tx)).variables)
+  finally:
+    ckpts.close()
+
+
 @dataclasses.dataclass
 class StageData:
   """What a stage trains and validates on (datasets from `pipeline.select`)."""

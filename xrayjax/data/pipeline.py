@@ -188,3 +188,41 @@ def eval_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int,
              batch.items()}
     batch["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     yield batch
+
+
+def masks(builders: list[tfds.core.DatasetBuilder], builder_index: np.ndarray,
+          image_ids: np.ndarray, image_size: int, split: str = "train") -> dict[str, np.ndarray]:
+  """Lesion and lung masks of the chosen images at `image_size`, for Grad-CAM audits.
+
+  `lesion` comes from a source's lesion_mask (synthetic) or boxes (NIH, RSNA), `lung` from
+  its lung_mask; `has_lesion` / `has_lung` say where one exists (an empty mask counts as
+  none). Image k is `image_ids[k]` of `builders[builder_index[k]]`, as in `select`.
+  """
+  n = len(image_ids)
+  out = {"lesion": np.zeros((n, image_size, image_size), bool),
+         "lung": np.zeros((n, image_size, image_size), bool),
+         "has_lesion": np.zeros(n, bool), "has_lung": np.zeros(n, bool)}
+  for b, builder in enumerate(builders):
+    feats = builder.info.features
+    wanted = [k for k in ("lesion_mask", "lung_mask", "boxes") if k in feats]
+    mine = np.flatnonzero(np.asarray(builder_index) == b)
+    if not wanted or not len(mine):
+      continue
+    position = {str(image_ids[k]): k for k in mine}
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(list(position)), tf.ones(len(position), tf.int64)), 0)
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_images(builder))
+    ds = ds.filter(lambda ex: table.lookup(ex["image_id"]) > 0)
+    for ex in ds.as_numpy_iterator():
+      k = position[ex["image_id"].decode()]
+      for name, key in (("lesion", "lesion_mask"), ("lung", "lung_mask")):
+        if key in ex:
+          m = np.asarray(feats[key].decode_example(ex[key]))[..., 0]
+          m = np.asarray(tf.image.resize(m[..., None].astype(np.float32),
+                                         (image_size, image_size)))[..., 0] > 0.5
+          out[name][k], out[f"has_{name}"][k] = m, bool(m.any())
+      if "boxes" in ex and len(ex["boxes"]["bbox"]):
+        from xrayjax.evaluate import gradcam
+        out["lesion"][k] = gradcam.boxes_to_masks([ex["boxes"]["bbox"]], image_size)[0]
+        out["has_lesion"][k] = True
+  return out

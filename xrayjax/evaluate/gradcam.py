@@ -82,10 +82,12 @@ def make_fn(model, target: str = "features", method: str = "gradcam"):
 
 
 def pointing_game(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
-  """1 where the heat map's maximum falls inside the mask, per image ([B, H, W] each)."""
+  """1 where the heat map's maximum falls inside the mask, per image ([B, H, W] each); nan
+  for an all-zero map (it points nowhere)."""
   flat = cams.reshape(len(cams), -1)
   peak = flat.argmax(-1)
-  return masks.reshape(len(masks), -1)[np.arange(len(masks)), peak].astype(np.float64)
+  hit = masks.reshape(len(masks), -1)[np.arange(len(masks)), peak].astype(np.float64)
+  return np.where(flat.max(-1) > 0, hit, np.nan)
 
 
 def energy_inside(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:

@@ -11,10 +11,18 @@ from xrayjax.evaluate import metrics as metrics_lib
 
 
 def write(workdir: str, results: dict, predictions: list[dict], name: str = "results") -> None:
-  """Writes `{name}.json`, `{name}_folds.csv` and `{name}_predictions.csv`."""
+  """Writes `{name}.json`, `{name}_folds.csv` (every metric per fold), `{name}_metrics.csv`
+  (per metric: pooled value, bootstrap interval, fold mean and sd) and
+  `{name}_predictions.csv`."""
   files.write_json(os.path.join(workdir, f"{name}.json"), results)
   rows = [{"fold": i, **metrics_lib.flat(m)} for i, m in enumerate(results["fold_metrics"])]
   files.write_csv(os.path.join(workdir, f"{name}_folds.csv"), rows)
+  agg, ci = results["across_folds"]["metrics"], results.get("bootstrap_ci", {})
+  files.write_csv(os.path.join(workdir, f"{name}_metrics.csv"), [
+      {"metric": k, "pooled": v, "ci_low": ci.get(k, {}).get("low"),
+       "ci_high": ci.get(k, {}).get("high"), "fold_mean": agg.get(k, {}).get("mean"),
+       "fold_sd": agg.get(k, {}).get("sd")}
+      for k, v in metrics_lib.flat(results["pooled"]).items()])
   files.write_csv(os.path.join(workdir, f"{name}_predictions.csv"), predictions)
 
 
@@ -36,6 +44,12 @@ def summary_text(results: dict) -> str:
   lines.append("  per fold: accuracy " + ", ".join(
       f"{100 * m['accuracy']:.2f}%" for m in results["fold_metrics"]) + "; macro AUROC " +
       ", ".join(f"{m['macro_auroc']:.3f}" for m in results["fold_metrics"]))
+  ci = results.get("bootstrap_ci", {})
+  if ci:
+    pooled = metrics_lib.flat(results["pooled"])
+    lines.append("  pooled over folds (95% interval, patient bootstrap): " + ", ".join(
+        f"{k} {100 * pooled[k]:.1f}% ({100 * ci[k]['low']:.1f}-{100 * ci[k]['high']:.1f})"
+        for k in ("accuracy", "macro_auroc", "macro_auprc", "ece") if k in ci))
   lines.append("  per class (mean over folds): sensitivity / specificity / PPV / AUROC")
   for c in classes:
     lines.append("    {:<14} {:6.2f}% / {:6.2f}% / {:6.2f}% / {:.3f}".format(
@@ -55,6 +69,10 @@ def summary_text(results: dict) -> str:
   for name, r in (results.get("build_reports") or {}).items():
     reasons = ", ".join(f"{k} {v}" for k, v in r["skipped_by_reason"].items()) or "none"
     lines.append(f"  data {name}: {r['built']} images built, {r['skipped']} skipped ({reasons})")
+  if results.get("gradcam"):
+    g = results["gradcam"]
+    lines.append("  Grad-CAM: " + "; ".join(f"{k} {v['mean']:.3f} ({v['images']} images)"
+                                             for k, v in g.items()) + " (report.html)")
   if results.get("duplicates"):
     d = results["duplicates"]
     lines.append(f"  duplicates: {d['exact_sets']} exact sets, {d['perceptual_pairs']} perceptual "

@@ -1,0 +1,128 @@
+"""report.html and the evaluation outputs of a tiny run; the page rendered in Chromium."""
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from configs import detl
+from xrayjax import experiment
+from xrayjax.evaluate import html
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(n)), None)
+
+
+@pytest.fixture(scope="module")
+def run(tfds_dir, tmp_path_factory):
+  c = detl.get_config("runlocal")
+  c.data.tfds_dir = tfds_dir
+  workdir = str(tmp_path_factory.mktemp("report_run"))
+  return workdir, experiment.run(c, workdir)
+
+
+def test_the_run_writes_metrics_with_intervals_and_a_gradcam_audit(run):
+  workdir, results = run
+  pooled = results["pooled"]
+  assert {"macro_auprc", "ece", "reliability"} <= set(pooled)
+  assert {"ppv@0.01", "npv@0.2", "auprc"} <= set(pooled["per_class"]["covid"])
+  ci = results["bootstrap_ci"]["accuracy"]
+  assert ci["low"] <= pooled["accuracy"] <= ci["high"]
+  with open(os.path.join(workdir, "results_metrics.csv")) as f:
+    rows = {r["metric"]: r for r in csv.DictReader(f)}
+  assert rows["covid/ppv@0.05"]["ci_low"] != "" and rows["accuracy"]["fold_sd"] != ""
+  g = results["gradcam"]
+  # Synthetic data have lung masks for every image and lesion masks for every diseased one.
+  lungs = g["energy_in_lungs"]
+  assert lungs["images"] + lungs["undefined"] == results["num_images"] and lungs["images"] > 0
+  assert 0 <= g["energy_in_lungs"]["mean"] <= 1 and "pointing_game" in g
+  assert -1 <= g["randomisation_spearman"]["mean"] <= 1
+  shown = [im for r in results["gradcam_folds"] for im in r["per_image"]]
+  wrong = sum(r["label"] != r["prediction"] for r in
+              csv.DictReader(open(os.path.join(workdir, "results_predictions.csv"))))
+  assert sum(im["misclassified"] for im in shown) == wrong  # every misclassified image
+  for im in shown:
+    assert os.path.exists(os.path.join(workdir, "gradcam", im["file"]))
+
+
+def test_report_html_refers_only_to_files_that_exist(run):
+  workdir, _ = run
+  path = os.path.join(workdir, "report.html")
+  refs = html.relative_files(path)
+  assert {"plots/roc.png", "plots/pr.png", "plots/reliability.png", "plots/confusion.png"} <= \
+      set(refs)
+  assert any(r.startswith("gradcam/") for r in refs)
+  assert all(os.path.exists(os.path.join(workdir, r)) for r in refs)
+
+
+def _render(path):
+  """(data-images-loaded attribute, console lines) of `path` in headless Chromium."""
+  proc = subprocess.run(
+      [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+       "--v=0", "--virtual-time-budget=5000", "--dump-dom", f"file://{path}"],
+      capture_output=True, text=True, timeout=120)
+  loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', proc.stdout)
+  console = [l for l in proc.stderr.splitlines() if ":CONSOLE" in l]
+  return (loaded.groups() if loaded else None), console
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get "
+                                              "install chromium; .ci/run installs it)")
+def test_report_renders_in_chromium_with_every_image_and_no_console_error(run, tmp_path):
+  workdir, _ = run
+  loaded, console = _render(os.path.join(workdir, "report.html"))
+  assert loaded is not None and loaded[0] == loaded[1] and int(loaded[1]) > 4
+  assert console == []
+  # The same check catches a broken page: a missing image and a script error.
+  bad = tmp_path / "bad.html"
+  text = open(os.path.join(workdir, "report.html")).read()
+  bad.write_text(text.replace("plots/roc.png", "plots/missing.png").replace(
+      "</body>", "<script>undefinedFunction();</script></body>"))
+  loaded, console = _render(str(bad))
+  assert loaded[0] != loaded[1] and any("undefinedFunction" in l for l in console)
+
+
+def test_predict_png_jpeg_and_dicom_and_skip_what_cannot_be_read(run, tmp_path):
+  import json
+
+  import numpy as np
+  from PIL import Image
+
+  import dicom_files
+  from xrayjax import predict
+  from xrayjax.data.sources import phantom
+  workdir, results = run
+  rng = np.random.default_rng(0)
+  image = phantom.render(rng, size=64, label="covid", anatomy=phantom.sample_anatomy(rng),
+                         site=phantom.SITES[0], view="PA", severity=0.8, finding=None)["image"]
+  folder = tmp_path / "scans"
+  (folder / "sub").mkdir(parents=True)
+  Image.fromarray(image).save(folder / "a.png")
+  Image.fromarray(image).save(folder / "b.jpg", quality=98)
+  dicom_files.write(folder / "sub" / "c.dcm", image.astype(np.uint16) * 16, "MONOCHROME2", 12)
+  dicom_files.write(folder / "sub" / "d.dcm", 4095 - image.astype(np.uint16) * 16,
+                    "MONOCHROME1", 12)
+  (folder / "broken.png").write_bytes(b"not a png")
+  overlays = tmp_path / "overlays"
+  rows, skipped, classes = predict.predict(workdir, [str(folder)], overlays=str(overlays))
+  assert [os.path.basename(r["file"]) for r in rows] == ["a.png", "b.jpg", "c.dcm", "d.dcm"]
+  assert [os.path.basename(s["file"]) for s in skipped] == ["broken.png"]
+  assert skipped[0]["reason"].startswith("unreadable image")
+  p = np.array([[r[f"p_{c}"] for c in classes] for r in rows])
+  np.testing.assert_allclose(p.sum(-1), 1, rtol=1e-5)
+  np.testing.assert_allclose(p[2], p[0], atol=1e-4)  # the DICOM holds the PNG's picture
+  np.testing.assert_allclose(p[3], p[0], atol=1e-4)  # MONOCHROME1 is inverted back
+  assert all(os.path.exists(r["overlay"]) for r in rows)
+  # One fold's model alone differs from the ensemble; the formats carry the same rows.
+  one, _, _ = predict.predict(workdir, [str(folder / "a.png")], fold="0", overlays="none")
+  assert "overlay" not in one[0]
+  as_json = json.loads(predict.table(rows, classes, skipped, "json"))
+  assert as_json["predictions"][0]["prediction"] == rows[0]["prediction"]
+  assert predict.table(rows, classes, skipped, "csv").splitlines()[0].startswith(
+      "file,prediction,p_normal")
+  assert "skipped" in predict.table(rows, classes, skipped, "table")
+  with pytest.raises(FileNotFoundError, match="not an xrayjax run directory"):
+    predict.predict(str(tmp_path), [str(folder)])

@@ -1,0 +1,258 @@
+"""report.html: one static page per run (opens from disk), with matplotlib figures as PNGs.
+
+Sections: run and protocol, data (per class, source and split; build reports; duplicates),
+metrics with patient-clustered bootstrap 95% intervals and fold mean ± sd, PPV and NPV at
+the configured prevalences, per-source breakdown, confusion matrix, ROC and PR curves,
+reliability diagram, Grad-CAM localisation scores and gallery. A small inline script counts
+the images that loaded (`data-images-loaded` on <body>), which the browser test reads.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+
+import numpy as np
+
+from xrayjax.evaluate import metrics as metrics_lib
+
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "macro_auprc", "ece")
+PER_CLASS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc", "auprc")
+PLOTS = "plots"
+
+
+def _figures(workdir: str, results: dict, predictions: list[dict]) -> dict[str, str]:
+  """Writes the PNGs; returns {name: relative path}."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  from sklearn import metrics as skm
+
+  classes = results["classes"]
+  labels = np.array([classes.index(r["label"]) for r in predictions])
+  probs = np.array([[r[f"p_{c}"] for c in classes] for r in predictions])
+  os.makedirs(os.path.join(workdir, PLOTS), exist_ok=True)
+  out = {}
+
+  def save(fig, name):
+    path = os.path.join(PLOTS, f"{name}.png")
+    tmp = os.path.join(workdir, path + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(workdir, path))
+    out[name] = path
+
+  cm = np.array(results["across_folds"]["confusion_summed"])
+  fig, ax = plt.subplots(figsize=(4.2, 3.6))
+  ax.imshow(cm, cmap="Blues")
+  for (i, j), v in np.ndenumerate(cm):
+    ax.text(j, i, str(v), ha="center", va="center",
+            color="white" if v > cm.max() / 2 else "black")
+  ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+  ax.set_yticks(range(len(classes)), classes)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("truth")
+  ax.set_title("Confusion matrix, summed over folds", fontsize=9)
+  save(fig, "confusion")
+
+  for kind in ("roc", "pr"):
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    for c, name in enumerate(classes):
+      positives = labels == c
+      if not 0 < positives.sum() < len(labels):
+        continue
+      if kind == "roc":
+        x, y, _ = skm.roc_curve(positives, probs[:, c])
+        area = skm.roc_auc_score(positives, probs[:, c])
+      else:
+        y, x, _ = skm.precision_recall_curve(positives, probs[:, c])
+        area = skm.average_precision_score(positives, probs[:, c])
+      ax.plot(x, y, label=f"{name} ({area:.3f})")
+    if kind == "roc":
+      ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate" if kind == "roc" else "recall")
+    ax.set_ylabel("true positive rate" if kind == "roc" else "precision")
+    ax.set_title(("ROC" if kind == "roc" else "Precision-recall") +
+                 " (one vs rest, test predictions of all folds)", fontsize=8)
+    ax.legend(fontsize=7)
+    save(fig, kind)
+
+  rel = results["pooled"]["reliability"]
+  fig, ax = plt.subplots(figsize=(4.2, 3.6))
+  ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+  ax.bar([(b["bin"][0] + b["bin"][1]) / 2 for b in rel], [b["accuracy"] for b in rel],
+         width=[b["bin"][1] - b["bin"][0] for b in rel], alpha=0.6, edgecolor="k",
+         label="accuracy per confidence bin")
+  ax.plot([b["confidence"] for b in rel], [b["accuracy"] for b in rel], "o-", ms=3)
+  ax.set_xlabel("confidence (top class probability)")
+  ax.set_ylabel("accuracy")
+  ax.set_title(f"Reliability (ECE {results['pooled']['ece']:.3f})", fontsize=9)
+  save(fig, "reliability")
+  return out
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+  head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+  body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>"
+                 for r in rows)
+  return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _pct(v) -> str:
+  return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def _ci(results, key) -> str:
+  ci = results.get("bootstrap_ci", {}).get(key)
+  return f"{_pct(ci['low'])} – {_pct(ci['high'])}" if ci else "n/a"
+
+
+def write(workdir: str, results: dict, predictions: list[dict], config: dict,
+          name: str = "report") -> str:
+  """Writes `{name}.html` and its figures into `workdir`; returns the path."""
+  figs = _figures(workdir, results, predictions)
+  classes = results["classes"]
+  agg = results["across_folds"]["metrics"]
+  pooled = results["pooled"]
+  metrics_flat = metrics_lib.flat(pooled)
+  s = []
+  s.append(f"<h1>xrayjax {html.escape(results['method'])}: {html.escape(results['model'])}, "
+           f"protocol {html.escape(results['protocol'])}</h1>")
+  s.append(f"<p>Data: {html.escape(results['data'])} (task {html.escape(results['task'])}); "
+           f"stage A: {html.escape(results['stage_a'])}; {results['num_images']} Data-B images "
+           f"of {results['num_patients']} patients; {results['across_folds']['folds']} folds; "
+           f"{results['devices']} device(s); {results['seconds']:.0f} s.</p>")
+  for w in results.get("warnings", []):
+    s.append(f"<p class='warn'>Warning: {html.escape(w)}</p>")
+
+  s.append("<h2>Metrics</h2><p>Pooled: the test predictions of all folds (each image once). "
+           "95% intervals: bootstrap over patients. Fold mean ± sd over the folds.</p>")
+  s.append(_table(["metric", "pooled", "95% interval", "fold mean ± sd"],
+                  [[k, _pct(metrics_flat[k]), _ci(results, k),
+                    f"{_pct(agg[k]['mean'])} ± {_pct(agg[k]['sd'])}"]
+                   for k in HEADLINE if k in metrics_flat]))
+  s.append("<h3>Per class (one vs rest)</h3>")
+  s.append(_table(["class", "support"] + list(PER_CLASS),
+                  [[c, pooled["per_class"][c]["support"]] +
+                   [f"{_pct(pooled['per_class'][c][m])} ({_ci(results, f'{c}/{m}')})"
+                    for m in PER_CLASS] for c in classes]))
+  if results.get("prevalences"):
+    s.append("<h3>PPV and NPV at other prevalences</h3><p>From each class's pooled "
+             "sensitivity and specificity (Bayes' rule), as a screening test would perform "
+             "where the class is this common.</p>")
+    prev = results["prevalences"]
+    s.append(_table(["class"] + [f"PPV @ {p:g}" for p in prev] + [f"NPV @ {p:g}" for p in prev],
+                    [[c] + [_pct(pooled["per_class"][c][f"ppv@{p:g}"]) for p in prev] +
+                     [_pct(pooled["per_class"][c][f"npv@{p:g}"]) for p in prev]
+                     for c in classes]))
+  s.append("<h3>Per fold</h3>")
+  s.append(_table(["fold", "images", "accuracy", "balanced accuracy", "macro AUROC"],
+                  [[k, m["num_images"], _pct(m["accuracy"]), _pct(m["balanced_accuracy"]),
+                    f"{m['macro_auroc']:.3f}"] for k, m in enumerate(results["fold_metrics"])]))
+  if results.get("per_source"):
+    s.append("<h3>Per source</h3>")
+    s.append(_table(["source", "images", "accuracy", "sensitivity per class"],
+                    [[src, m["images"], _pct(m["accuracy"]),
+                      ", ".join(f"{c} {_pct(v)}" for c, v in m["sensitivity"].items())]
+                     for src, m in results["per_source"].items()]))
+  s.append("<h2>Figures</h2><div class='row'>" + "".join(
+      f"<img src='{figs[k]}' alt='{k}'>" for k in ("confusion", "roc", "pr", "reliability")) +
+      "</div>")
+
+  if results.get("gradcam"):
+    g = results["gradcam"]
+    s.append("<h2>Grad-CAM</h2>")
+    first = results["gradcam_folds"][0]
+    s.append(f"<p>Target map <code>{html.escape(first['target'])}</code>, method "
+             f"{html.escape(first['method'])}. Localisation uses the map of the true class; "
+             "the gallery shows the predicted class.</p>")
+    labels = {"pointing_game": "pointing game (peak inside the lesion)",
+              "energy_in_lesion": "share of the map inside the lesion",
+              "energy_in_lungs": "share of the map inside the lungs",
+              "randomisation_spearman": "rank correlation with the map after re-initialising "
+                                        "the last conv block and head (lower is better)"}
+    s.append(_table(["score", "mean", "sd", "images", "all-zero maps (no score)"],
+                    [[labels[k], f"{v['mean']:.3f}", f"{v['sd']:.3f}", v["images"],
+                      v["undefined"]] for k, v in g.items()]))
+    s.append("<div class='gallery'>")
+    for r in results["gradcam_folds"]:
+      for im in r["per_image"]:
+        cls = "wrong" if im["misclassified"] else "right"
+        s.append(f"<figure class='{cls}'><img src='gradcam/{html.escape(im['file'])}' "
+                 f"alt='{html.escape(im['image'])}'><figcaption>fold {r['fold']}: "
+                 f"{html.escape(im['label'])} → {html.escape(im['prediction'])} "
+                 f"({100 * im['probability']:.0f}%)</figcaption></figure>")
+    s.append("</div>")
+
+  s.append("<h2>Data</h2>")
+  ds = results["data_summary"]
+  parts = [k for k in ds if isinstance(ds[k], dict) and k.startswith(("data_", "fold")) and
+           all(isinstance(v, int) for v in ds[k].values())]
+  cols = sorted({c for k in parts for c in ds[k]}, key=lambda c: (c not in classes, c))
+  s.append(_table(["partition"] + cols, [[k] + [ds[k].get(c, "") for c in cols] for k in parts]))
+  if ds.get("data_b_label_by_source"):
+    s.append("<h3>Data-B by source</h3>")
+    s.append(_table(["source"] + list(classes),
+                    [[src] + [n.get(c, 0) for c in classes]
+                     for src, n in ds["data_b_label_by_source"].items()]))
+  if results.get("build_reports"):
+    s.append("<h3>Build reports</h3>")
+    s.append(_table(["source", "built", "skipped", "reasons", "report"],
+                    [[k, r["built"], r["skipped"], ", ".join(
+                        f"{a} {b}" for a, b in r["skipped_by_reason"].items()) or "none",
+                      r["report"]] for k, r in results["build_reports"].items()]))
+  if results.get("duplicates"):
+    d = results["duplicates"]
+    s.append(f"<p>Duplicates found before splitting: {d['exact_sets']} exact sets, "
+             f"{d['perceptual_pairs']} perceptual pairs; {d['dropped']} images dropped, "
+             f"{d['merged_patient_groups']} patient groups merged (duplicates.json).</p>")
+  s.append("<h2>Config</h2><pre>" + html.escape(_dump(config)) + "</pre>")
+  page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>xrayjax report</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 1em auto; font-size: 14px; }}
+table {{ border-collapse: collapse; margin: 0.5em 0; }}
+td, th {{ border: 1px solid #bbb; padding: 2px 6px; text-align: left; font-size: 12px; }}
+.warn {{ color: #a40; }} .row img {{ margin: 4px; }}
+.gallery {{ display: flex; flex-wrap: wrap; }}
+figure {{ margin: 4px; font-size: 11px; }} figure img {{ width: 300px; }}
+figure.wrong figcaption {{ color: #b00; }}
+pre {{ background: #f4f4f4; padding: 6px; font-size: 11px; }}
+</style></head>
+<body>
+{chr(10).join(s)}
+<script>
+window.addEventListener("load", function () {{
+  var imgs = Array.from(document.images);
+  var ok = imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + imgs.length);
+}});
+</script>
+</body></html>
+"""
+  path = os.path.join(workdir, f"{name}.html")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(page)
+  os.replace(tmp, path)
+  return path
+
+
+def _dump(config: dict, indent: int = 0) -> str:
+  lines = []
+  for k, v in config.items():
+    if isinstance(v, dict):
+      lines.append(" " * indent + f"{k}:")
+      lines.append(_dump(v, indent + 2))
+    else:
+      lines.append(" " * indent + f"{k}: {v}")
+  return "\n".join(lines)
+
+
+def relative_files(report_path: str) -> list[str]:
+  """The local files report.html refers to (for tests and packaging a run)."""
+  import re
+  with open(report_path) as f:
+    return re.findall(r"src='([^']+)'", f.read())
+
