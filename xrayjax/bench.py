@@ -2,6 +2,7 @@ r"""Training and inference throughput of xrayjax models against their Keras twin
 
   python -m xrayjax.bench                       # every model, 224 px, batch 16, Nadam
   python -m xrayjax.bench --models=resnet50 --rounds=5 --image_size=128
+  python -m xrayjax.bench --gradcam             # Grad-CAM of a batch against a train step
 
 For each model, one run alternates rounds of xrayjax training steps (the jitted,
 donating `train.make_train_step` that experiments use) and Keras training steps
@@ -41,6 +42,9 @@ IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "input size (square)")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "images per training step")
 ROUNDS = flags.DEFINE_integer("rounds", 3, "alternating rounds per model")
 STEPS = flags.DEFINE_integer("steps", 3, "timed training steps per round and framework")
+GRADCAM = flags.DEFINE_bool("gradcam", False,
+                            "measure Grad-CAM of a batch (one jitted call, gradcam and "
+                            "gradcam++) against one training step instead of Keras")
 CLASSES = 3
 LR = 1e-4  # paper 2's Nadam
 
@@ -147,6 +151,45 @@ def measure(name: str, size: int, batch: int, rounds: int, steps: int) -> dict:
           "gflops_per_image": mine.forward_flops / batch / 1e9}
 
 
+def measure_gradcam(name: str, size: int, batch: int, rounds: int, steps: int) -> dict:
+  """Seconds per batch of a training step and of Grad-CAM / Grad-CAM++ (medians)."""
+  from xrayjax.evaluate import gradcam
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(batch, size, size, 1)).astype(np.float32)
+  y = rng.integers(0, CLASSES, batch).astype(np.int32)
+  mine = JaxRunner(name, x, y)  # its train step donates the state: read variables afresh
+  images, classes = jnp.asarray(x), jnp.full((batch,), -1, jnp.int32)
+  out = {"model": name}
+  fns = {m: gradcam.make_fn(mine.model, "features", m) for m in gradcam.METHODS}
+  for m, fn in fns.items():
+    t = time.perf_counter()
+    jax.block_until_ready(fn(mine.state.variables, images, classes))
+    out[f"compile_{m}"] = time.perf_counter() - t
+  times = {"train": [], **{m: [] for m in fns}}
+  for r in range(rounds):
+    times["train"].append(batch / _rate(mine.train_step, steps, batch))
+    for m, fn in fns.items():
+      times[m].append(batch / _rate(lambda: jax.block_until_ready(
+          fn(mine.state.variables, images, classes)), steps, batch))
+    print(f"  {name} round {r + 1}/{rounds}: train step {times['train'][-1]:.3f} s, "
+          + ", ".join(f"{m} {times[m][-1]:.3f} s" for m in fns), flush=True)
+  out.update({k: statistics.median(v) for k, v in times.items()})
+  return out
+
+
+def gradcam_table(rows: list[dict], size: int, batch: int) -> str:
+  lines = [f"Grad-CAM of a batch in one jitted call against one training step, {size} px, "
+           f"batch {batch}, float32, target `features`; {jax.device_count()} CPU device(s), "
+           f"{os.cpu_count()} cores.", "",
+           "| model | train step s | Grad-CAM s | ratio | Grad-CAM++ s | ratio |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['model']} | {r['train']:.3f} | {r['gradcam']:.3f} | "
+                 f"{r['gradcam'] / r['train']:.2f}x | {r['gradcam++']:.3f} | "
+                 f"{r['gradcam++'] / r['train']:.2f}x |")
+  return "\n".join(lines)
+
+
 def table(rows: list[dict], peak: float, size: int, batch: int) -> str:
   lines = [f"Training and inference throughput, {size} px, batch {batch}, Nadam, float32; "
            f"{jax.device_count()} CPU device(s), {os.cpu_count()} cores, measured matmul peak "
@@ -172,6 +215,11 @@ def main(argv):
     raise app.UsageError(f"unknown models {sorted(unknown)}; choose from {BENCH_MODELS}")
   print(f"jax {jax.__version__} on {jax.devices()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True)
+  if GRADCAM.value:
+    rows = [measure_gradcam(n, IMAGE_SIZE.value, BATCH_SIZE.value, ROUNDS.value, STEPS.value)
+            for n in FLAGS.value]
+    print(gradcam_table(rows, IMAGE_SIZE.value, BATCH_SIZE.value))
+    return
   peak = matmul_peak()
   rows = []
   for name in FLAGS.value:

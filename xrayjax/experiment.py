@@ -363,6 +363,9 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
   fold_metrics, predictions, fold_summaries, explained = [], [], [], []
   prevalences = tuple(config.eval.prevalences)
   explain = config.eval.gradcam.enabled and jax.process_count() == 1
+  if config.eval.gradcam.enabled and not explain:
+    logging.warning("Grad-CAM runs in single-process jobs only; this %d-process run skips it "
+                    "(re-run --mode=eval on one host for the maps)", jax.process_count())
   for k, fold in enumerate(p["folds"]):
     if config.stage_a.enabled:
       init = transfer(variables_a, init_variables(model_b, config.data.image_size,
