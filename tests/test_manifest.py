@@ -212,3 +212,30 @@ def test_shared_benchmark_dedup_and_split_integrity(tmp_path):
   # The benchmark's known confounding: covid only from ieee8023, other_disease only from 64 px NIH.
   assert set(experiment.source_confounded(summary["data_b_label_by_source"])) >= {
       "covid", "other_disease"}
+
+
+def test_lung_masks_from_a_manifest_column_feed_the_gradcam_audit(tmp_path):
+  rng = np.random.default_rng(3)
+  rows = []
+  for k in range(3):
+    out = phantom.render(rng, size=64, label="covid", anatomy=phantom.sample_anatomy(rng),
+                         site=phantom.SITES[0], view="PA", severity=0.8, finding=None)
+    Image.fromarray(out["image"]).save(tmp_path / f"i{k}.png")
+    if k < 2:
+      Image.fromarray(out["lung_mask"].astype(np.uint8) * 255).save(tmp_path / f"m{k}.png")
+    rows.append({"path": f"i{k}.png", "label": "covid", "patient_id": f"p{k}", "source": "s",
+                 "view": "PA", "lung_mask": f"m{k}.png" if k < 2 else ""})
+  path = _write_manifest(tmp_path, rows, columns=("path", "label", "patient_id", "source",
+                                                  "view", "lung_mask"))
+  b = sources.builder(_data_config(path, str(tmp_path / "tfds"), size=32))
+  meta = pipeline.read_metadata(b)
+  m = pipeline.masks([b], np.zeros(3, int), meta["image_id"], 32)
+  assert m["has_lung"].tolist() == [True, True, False] and not m["has_lesion"].any()
+  assert 0.1 < m["lung"][0].mean() < 0.6
+  # A resumed build reloads what a builder adds (here the mask) from its chunk cache.
+  from xrayjax.data.sources import native
+  item = {"image": np.ones((4, 4), np.uint8), "sha1": "a", "phash": "b", "view": "PA",
+          "converted": "", "height": 8, "width": 8, "lung_mask": np.eye(4, dtype=np.uint8)}
+  native._save_chunk(str(tmp_path / "c.npz"), [item, "missing file"])
+  again = native._load_chunk(str(tmp_path / "c.npz"))
+  assert again[1] == "missing file" and np.array_equal(again[0]["lung_mask"], np.eye(4))

@@ -4,6 +4,10 @@ This is the format of ../shared/data/cxr_bench_* (label columns `label4` and `la
 Paths are relative to the CSV's directory; images are PNG, JPEG, DICOM or anything Pillow
 opens (decoding and skipping as in native.py). Each example keeps its source, which also
 serves as the acquisition `site`. A row with an empty label is skipped with its reason.
+An optional `lung_mask` column names a binary PNG of the lungs aligned with the image (the
+shared benchmark has them for its ieee8023 images); it is stored as `lung_mask` (empty where
+a row has none, or the file cannot be read) and scores how much of a Grad-CAM map falls
+inside the lungs.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import csv
 import dataclasses
 import hashlib
 import os
+
+import numpy as np
 
 from xrayjax.data.sources import native
 
@@ -22,6 +28,7 @@ REQUIRED = ("path", "patient_id", "source")
 class ManifestConfig(native.NativeConfig):
   manifest: str = ""
   label_column: str = "label"
+  lung_masks: bool = False  # the CSV has a lung_mask column
 
 
 def make_config(manifest: str, label_column: str = "label", image_size: int = 256
@@ -44,22 +51,55 @@ def make_config(manifest: str, label_column: str = "label", image_size: int = 25
   stem = "".join(c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(path))[0])
   return ManifestConfig(name=f"{stem}_{label_column}_s{image_size}_{digest}", manifest=path,
                         root=os.path.dirname(path), label_column=label_column,
-                        image_size=image_size,
+                        image_size=image_size, lung_masks="lung_mask" in header,
                         description=f"{path}, labels from {label_column!r}, {image_size}px")
 
 
 class Manifest(native.NativeBuilder):
   """Images listed in a manifest CSV."""
 
-  VERSION = native.tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.1.0": "file_sha1 and phash; shared native decoding (DICOM too)."}
+  VERSION = native.tfds.core.Version("1.2.0")
+  RELEASE_NOTES = {"1.1.0": "file_sha1 and phash; shared native decoding (DICOM too).",
+                   "1.2.0": "lung_mask from an optional column."}
   SOURCE = "manifest"
+
+  def _info(self):
+    info = super()._info()
+    if not self.builder_config.lung_masks:
+      return info
+    s = self.builder_config.image_size
+    from xrayjax.data.sources import schema
+    return self.dataset_info_from_configs(
+        features=schema.features(s, lung_mask=native.tfds.features.Image(shape=(s, s, 1))),
+        description=self.__doc__)
+
+  def _decode(self, row):
+    item = super()._decode(row)
+    if isinstance(item, str) or not self.builder_config.lung_masks:
+      return item
+    size = self.builder_config.image_size
+    mask = np.zeros((size, size), np.uint8)
+    if self._masks.get(row.key):
+      try:
+        m, _, _ = native.read_image(os.path.join(self.builder_config.root, self._masks[row.key]))
+        mask = (native.resize(m, size) > 127).astype(np.uint8) * 255
+      except native.SkippedImage:
+        pass  # an unreadable mask leaves the image without one
+    item["lung_mask"] = mask
+    return item
+
+  def _example(self, row, item):
+    ex = super()._example(row, item)
+    if self.builder_config.lung_masks:
+      ex["lung_mask"] = item["lung_mask"][..., None]
+    return ex
 
   def rows(self):
     cfg = self.builder_config
     with open(cfg.manifest, newline="") as f:
       table = list(csv.DictReader(f))
     rows, rejected = [], []
+    self._masks = {r["path"]: (r.get("lung_mask") or "").strip() for r in table}
     for line, r in enumerate(table, start=2):
       row = native.Row(key=r["path"], path=os.path.join(cfg.root, r["path"]),
                        label=r[cfg.label_column].strip(), patient_id=r["patient_id"],

@@ -317,6 +317,9 @@ def _clip(v: float) -> float:
   return float(min(max(v, 0.0), 1.0))
 
 
+STANDARD = ("image", "sha1", "phash", "view", "converted", "height", "width")
+
+
 def _save_chunk(path: str, decoded: list) -> None:
   ok = [d for d in decoded if not isinstance(d, str)]
   arrays = {"reasons": np.array([d if isinstance(d, str) else "" for d in decoded], dtype=str)}
@@ -325,6 +328,8 @@ def _save_chunk(path: str, decoded: list) -> None:
     for k in ("sha1", "phash", "view", "converted"):
       arrays[k] = np.array([d[k] for d in ok], dtype=str)
     arrays["hw"] = np.array([[d["height"], d["width"]] for d in ok], np.int64)
+    for k in set(ok[0]) - set(STANDARD):  # what a subclass's _decode adds (arrays)
+      arrays[f"x_{k}"] = np.stack([d[k] for d in ok])
   tmp = path + ".tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
@@ -340,7 +345,8 @@ def _load_chunk(path: str) -> list:
       out.append({"image": z["images"][j], "sha1": str(z["sha1"][j]),
                   "phash": str(z["phash"][j]), "view": str(z["view"][j]),
                   "converted": str(z["converted"][j]),
-                  "height": int(z["hw"][j, 0]), "width": int(z["hw"][j, 1])})
+                  "height": int(z["hw"][j, 0]), "width": int(z["hw"][j, 1]),
+                  **{k[2:]: z[k][j] for k in z.files if k.startswith("x_")}})
       j += 1
   return out
 
