@@ -65,12 +65,15 @@ def explain_fold(*, model, variables, images: np.ndarray, labels: np.ndarray,
   true = maps(cam_fn, variables, images, labels.astype(np.int32), cfg.batch_size)
   result = {"fold": fold, "target": cfg.target, "method": cfg.method, "per_image": []}
   lesion, lung = masks["has_lesion"], masks["has_lung"]
+  # Each score's chance level: what a uniform map would get (the mask's share of the image).
   if lesion.any():
     result["pointing_game"] = gradcam.pointing_game(true["cam"][lesion], masks["lesion"][lesion])
     result["energy_in_lesion"] = gradcam.energy_inside(true["cam"][lesion],
                                                        masks["lesion"][lesion])
+    result["lesion_area"] = masks["lesion"][lesion].mean(axis=(1, 2))
   if lung.any():
     result["energy_in_lungs"] = gradcam.energy_inside(true["cam"][lung], masks["lung"][lung])
+    result["lung_area"] = masks["lung"][lung].mean(axis=(1, 2))
   if sanity:
     rand = randomised_top(model, variables, images.shape[1], groups, seed)
     again = maps(cam_fn, rand, images, pred["class"].astype(np.int32), cfg.batch_size)
@@ -101,9 +104,12 @@ def explain_fold(*, model, variables, images: np.ndarray, labels: np.ndarray,
 
 def summarise(fold_results: list[dict]) -> dict:
   """Mean, sd and count of each audit score over all folds' images; `undefined` counts the
-  images whose map was all zero (no score)."""
+  images whose map was all zero (no score). `lesion_area` / `lung_area` (the masks' share of
+  the image) are the chance level of the pointing game and of the energy shares: what a
+  uniform map would score."""
   out = {}
-  for key in ("pointing_game", "energy_in_lesion", "energy_in_lungs", "randomisation_spearman"):
+  for key in ("pointing_game", "energy_in_lesion", "energy_in_lungs", "randomisation_spearman",
+              "lesion_area", "lung_area"):
     values = np.concatenate([np.asarray(r[key]) for r in fold_results if key in r] or [[]])
     defined = values[~np.isnan(values)]
     if len(values):

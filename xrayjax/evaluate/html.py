@@ -171,7 +171,9 @@ def write(workdir: str, results: dict, predictions: list[dict], config: dict,
               "energy_in_lesion": "share of the map inside the lesion",
               "energy_in_lungs": "share of the map inside the lungs",
               "randomisation_spearman": "rank correlation with the map after re-initialising "
-                                        "the last conv block and head (lower is better)"}
+                                        "the last conv block and head (lower is better)",
+              "lesion_area": "chance level: the lesion's share of the image",
+              "lung_area": "chance level: the lungs' share of the image"}
     s.append(_table(["score", "mean", "sd", "images", "all-zero maps (no score)"],
                     [[labels[k], f"{v['mean']:.3f}", f"{v['sd']:.3f}", v["images"],
                       v["undefined"]] for k, v in g.items()]))
