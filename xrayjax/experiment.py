@@ -48,15 +48,16 @@ def load_data(config) -> tuple[list, dict[str, np.ndarray], dict]:
   corrected protocol duplicate copies are dropped here; the paper protocol only reports them.
   """
   builders, meta = sources.load(config.data)
-  names = [f"{n}" for n in sources.names(config.data)]
-  meta["for_a"] = meta["for_b"] = np.ones(len(meta["image_id"]), bool)
+  names = list(sources.names(config.data))
+  n = len(meta["image_id"])
+  meta["for_a"], meta["for_b"] = np.ones(n, bool), np.ones(n, bool)
   data_a = config.data_a.get("data")
   if data_a:  # Data-A from other sources (e.g. the 64 px benchmark for a 256 px Data-B)
     builders_a, meta_a = sources.load(data_a)
     meta_a["builder"] = meta_a["builder"] + len(builders)
-    meta["for_a"] = np.zeros(len(meta["image_id"]), bool)
-    meta_a["for_a"], meta_a["for_b"] = (np.ones(len(meta_a["image_id"]), bool),
-                                        np.zeros(len(meta_a["image_id"]), bool))
+    meta["for_a"] = np.zeros(n, bool)
+    n_a = len(meta_a["image_id"])
+    meta_a["for_a"], meta_a["for_b"] = np.ones(n_a, bool), np.zeros(n_a, bool)
     meta = {k: np.concatenate([meta[k], meta_a[k]]) for k in meta}
     builders += builders_a
     names += [f"data_a:{n}" for n in sources.names(data_a)]

@@ -154,7 +154,8 @@ def predict(workdir: str, paths: list[str], fold: str = "all", overlays: str | N
     row = {"file": path, "prediction": predictor.classes[c],
            **{f"p_{k}": float(probs[i, j]) for j, k in enumerate(predictor.classes)}}
     if explain:
-      out = os.path.join(overlays, f"{i:04d}_{audit._safe(os.path.basename(path))}.png")
+      stem = os.path.splitext(os.path.basename(path))[0]
+      out = os.path.join(overlays, f"{i:04d}_{audit._safe(stem)}.png")
       audit.save_overlay(out, images[i, ..., 0], cams[i],
                          f"{os.path.basename(path)}\npredicted {predictor.classes[c]} "
                          f"({100 * probs[i, c]:.0f}%), folds {predictor.folds}")
