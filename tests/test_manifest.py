@@ -239,3 +239,24 @@ def test_lung_masks_from_a_manifest_column_feed_the_gradcam_audit(tmp_path):
   native._save_chunk(str(tmp_path / "c.npz"), [item, "missing file"])
   again = native._load_chunk(str(tmp_path / "c.npz"))
   assert again[1] == "missing file" and np.array_equal(again[0]["lung_mask"], np.eye(4))
+
+
+def test_a_data_a_without_disease_images_is_refused_with_what_to_do(tmp_path):
+  rows = []
+  rng = np.random.default_rng(5)
+  for label, count in (("normal", 12), ("pneumonia", 6), ("covid", 6)):
+    for p in range(count):
+      out = phantom.render(rng, size=32, label=label, anatomy=phantom.sample_anatomy(rng),
+                           site=phantom.SITES[0], view="PA", severity=0.8, finding=None)
+      Image.fromarray(out["image"]).save(tmp_path / f"{label}{p}.png")
+      rows.append({"path": f"{label}{p}.png", "label": label, "patient_id": f"{label}{p}",
+                   "source": "s", "view": "PA"})
+  c = detl.get_config("data=manifest,runlocal")
+  c.data.tfds_dir = str(tmp_path / "tfds")
+  c.data.manifest.update(path=_write_manifest(tmp_path, rows), label_column="label",
+                         image_size=32)
+  c.data_b.task = "three_class"
+  c.data_b.images_per_class = {"normal": 6, "pneumonia": 0, "covid": 0}
+  _, meta, _ = experiment.load_data(c)
+  with pytest.raises(ValueError, match=r"Data-A has no disease image.*data_a.data"):
+    experiment.plan(meta, c)

@@ -120,6 +120,12 @@ def plan(meta: dict[str, np.ndarray], config) -> dict:
   a_train = a_val = np.array([], np.int64)
   if config.stage_a.enabled:
     data_a = sample(labels_a, strata_a, task_a.classes, config.data_a.images_per_class, exclude)
+    empty = [c for i, c in enumerate(task_a.classes) if not np.any(labels_a[data_a] == i)]
+    if empty:
+      raise ValueError(f"Data-A has no {' or '.join(empty)} image left after Data-B took its "
+                       "patients: stage A needs both classes. Give Data-A its own sources "
+                       "(--config.data_a.data, as data=manifest,classes=3 does), lower "
+                       "data_b.images_per_class, or train without stage A (init=scratch)")
     a_train, a_val = splits.carve(data_a, labels_a, groups, config.data_a.val_fraction,
                                   _seed(config.seed, 1), grouped)
   folds = []
