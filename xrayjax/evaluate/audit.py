@@ -84,12 +84,12 @@ def explain_fold(*, model, variables, images: np.ndarray, labels: np.ndarray,
   for c in range(len(classes)):
     idx = np.flatnonzero(labels == c)
     chosen.update(rng.permutation(idx)[:cfg.per_class].tolist())
-  wrong = np.flatnonzero(pred["class"] != labels)
+  wrong = set(np.flatnonzero(pred["class"] != labels).tolist())
   if cfg.misclassified:
-    chosen.update(wrong.tolist())
+    chosen.update(wrong)
   os.makedirs(out_dir, exist_ok=True)
   for i in sorted(chosen):
-    kind = "wrong" if i in set(wrong.tolist()) else "sample"
+    kind = "wrong" if i in wrong else "sample"
     path = os.path.join(out_dir, f"fold{fold}_{kind}_{_safe(names[i])}.png")
     p = float(pred["probs"][i, pred["class"][i]])
     save_overlay(path, images[i, ..., 0], pred["cam"][i],
