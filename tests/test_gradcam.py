@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from xrayjax import models, train
+from xrayjax.data import pipeline
 from xrayjax.evaluate import gradcam
 from xrayjax.models import common
 
@@ -70,7 +71,7 @@ def test_audit_measures_on_hand_made_maps():
   masks[:, :2, :2] = True
   assert gradcam.pointing_game(cams, masks).tolist() == [1.0, 0.0]
   np.testing.assert_allclose(gradcam.energy_inside(cams, masks), [1 / 1.5, 0.0])
-  m = gradcam.boxes_to_masks([np.array([[0.0, 0.5, 0.5, 1.0]]), np.zeros((0, 4))], 4)
+  m = pipeline.boxes_to_masks([np.array([[0.0, 0.5, 0.5, 1.0]]), np.zeros((0, 4))], 4)
   assert m[0, :2, 2:].all() and m[0].sum() == 4 and m[1].sum() == 0
   a = np.random.default_rng(0).random((2, 5, 5))
   np.testing.assert_allclose(gradcam.rank_similarity(a, a), [1.0, 1.0])

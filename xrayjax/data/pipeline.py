@@ -222,7 +222,16 @@ def masks(builders: list[tfds.core.DatasetBuilder], builder_index: np.ndarray,
                                          (image_size, image_size)))[..., 0] > 0.5
           out[name][k], out[f"has_{name}"][k] = m, bool(m.any())
       if "boxes" in ex and len(ex["boxes"]["bbox"]):
-        from xrayjax.evaluate import gradcam
-        out["lesion"][k] = gradcam.boxes_to_masks([ex["boxes"]["bbox"]], image_size)[0]
+        out["lesion"][k] = boxes_to_masks([ex["boxes"]["bbox"]], image_size)[0]
         out["has_lesion"][k] = True
+  return out
+
+
+def boxes_to_masks(boxes: list[np.ndarray], size: int) -> np.ndarray:
+  """Per image, [n, 4] normalised (ymin, xmin, ymax, xmax) boxes -> a [size, size] mask."""
+  out = np.zeros((len(boxes), size, size), bool)
+  for i, bs in enumerate(boxes):
+    for y0, x0, y1, x1 in np.asarray(bs).reshape(-1, 4):
+      out[i, int(np.floor(y0 * size)):int(np.ceil(y1 * size)),
+          int(np.floor(x0 * size)):int(np.ceil(x1 * size))] = True
   return out

@@ -97,16 +97,6 @@ def energy_inside(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
   return np.where(total > 0, inside / np.where(total > 0, total, 1), np.nan)
 
 
-def boxes_to_masks(boxes: list[np.ndarray], size: int) -> np.ndarray:
-  """Per image, [n, 4] normalised (ymin, xmin, ymax, xmax) boxes -> a [size, size] mask."""
-  out = np.zeros((len(boxes), size, size), bool)
-  for i, bs in enumerate(boxes):
-    for y0, x0, y1, x1 in np.asarray(bs).reshape(-1, 4):
-      out[i, int(np.floor(y0 * size)):int(np.ceil(y1 * size)),
-          int(np.floor(x0 * size)):int(np.ceil(x1 * size))] = True
-  return out
-
-
 def rank_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """Spearman rank correlation per pair of maps (Adebayo et al.'s sanity-check measure)."""
   from scipy import stats
