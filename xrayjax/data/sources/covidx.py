@@ -68,10 +68,7 @@ def read_rows(root: str, files: list[str], index: bool = True):
                          path=(images or {}).get(name, os.path.join(root, folder, name)),
                          label=label, patient_id=f"{prefix}-{pid}", source=f"covidx/{src}",
                          line=where, findings=FINDINGS.get(label.lower(), ()))
-        if images is not None and name not in images:
-          rejected.append((row, "missing file (listed in the metadata but not on disk)"))
-        else:
-          rows.append(row)
+        native.keep_if_present(row, images, name, rows, rejected)
   return rows, rejected
 
 

@@ -73,10 +73,8 @@ def read_rows(root: str, images: dict[str, str] | None = None, frontal_only: boo
         rejected.append((row, f"excluded: modality {modality} (only X-rays are kept)"))
       elif frontal_only and not is_frontal(row.view):
         rejected.append((row, f"excluded: view {row.view!r} is not frontal (frontal_only)"))
-      elif images is not None and name not in images:
-        rejected.append((row, "missing file (listed in the metadata but not on disk)"))
       else:
-        rows.append(row)
+        native.keep_if_present(row, images, name, rows, rejected)
   return rows, rejected
 
 

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -39,6 +40,9 @@ from xrayjax.data import tasks
 CHUNK = 256
 PHASH_SIZE = 16  # 16x16 = 256 bits
 DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+MISSING = "missing file (listed in the metadata but not on disk)"
 
 
 class SkippedImage(Exception):
@@ -103,7 +107,7 @@ def read_image(path: str) -> tuple[np.ndarray, dict, bytes]:
   grey, e.g. "PNG mode I;16", "DICOM MONOCHROME1 15-bit").
   """
   if not os.path.isfile(path):
-    raise SkippedImage("missing file (listed in the metadata but not on disk)")
+    raise SkippedImage(MISSING)
   with open(path, "rb") as f:
     data = f.read()
   try:
@@ -158,6 +162,15 @@ class Row:
   site: str = ""
   boxes: tuple[tuple[float, float, float, float, str], ...] = ()
   line: int | str = ""  # where the row came from, for the build report
+
+
+def keep_if_present(row: Row, images: dict | None, key: str, rows: list, rejected: list) -> None:
+  """Adds `row` to `rows`, or to `rejected` as missing when `images` (an index of the files on
+  disk; None: metadata-only reading) lacks `key`."""
+  if images is not None and key not in images:
+    rejected.append((row, MISSING))
+  else:
+    rows.append(row)
 
 
 def findings_vector(names) -> np.ndarray:
@@ -229,8 +242,9 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
     self.skipped: list[dict] = []
     self.converted: dict[str, int] = {}  # how many images of each odd mode were converted
 
+  @abc.abstractmethod
   def rows(self) -> tuple[list[Row], list[tuple[Row, str]]]:
-    raise NotImplementedError
+    """(rows to build, rows rejected from the metadata with their reasons)."""
 
   def _info(self) -> tfds.core.DatasetInfo:
     from xrayjax.data.sources import schema

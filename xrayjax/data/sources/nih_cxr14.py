@@ -77,10 +77,7 @@ def read_rows(root: str, images: dict[str, str] | None = None
                        view=r.get("View Position", ""), line=line,
                        findings=tuple(x for x in labels.split("|") if x != "No Finding"),
                        boxes=tuple(boxes.get(name, ())))
-      if images is not None and name not in images:
-        rejected.append((row, "missing file (listed in the metadata but not on disk)"))
-      else:
-        rows.append(row)
+      native.keep_if_present(row, images, name, rows, rejected)
   return rows, rejected
 
 

@@ -57,10 +57,7 @@ def read_rows(root: str, images: dict[str, str] | None = None):
         root, "stage_2_train_images", pid + ".dcm")), label=label, patient_id=f"rsna-{pid}",
                      source=SOURCE, line=p["line"], boxes=tuple(p["boxes"]),
                      findings=("Pneumonia",) if p["target"] == "1" else ())
-    if images is not None and pid not in images:
-      rejected.append((row, "missing file (listed in the metadata but not on disk)"))
-    else:
-      rows.append(row)
+    native.keep_if_present(row, images, pid, rows, rejected)
   return rows, rejected
 
 
