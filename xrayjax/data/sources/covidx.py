@@ -89,8 +89,5 @@ class Covidx(native.NativeBuilder):
 
 
 def make_config(root: str, image_size: int = 256, files: str = "") -> CovidxConfig:
-  root = native.check_root(root, SOURCE)
-  label_files(root, files)  # raises the layout error
-  return CovidxConfig(name=native.config_name(root, image_size, files), root=root,
-                      image_size=image_size, label_files=files,
-                      description=f"{root}, {image_size}px, label files {files or '*.txt'}")
+  return native.make_config(CovidxConfig, SOURCE, root, image_size,
+                            lambda r: label_files(r, files), label_files=files)

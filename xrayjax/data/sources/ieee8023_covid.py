@@ -48,12 +48,17 @@ def finding_names(finding: str) -> tuple[str, ...]:
   return tuple(out)
 
 
-def read_rows(root: str, images: dict[str, str] | None = None, frontal_only: bool = True):
+def metadata_path(root: str) -> str:
   path = os.path.join(root, METADATA)
   if not os.path.isfile(path):
     raise native.LayoutError(
         f"{root} does not look like the ieee8023 covid-chestxray-dataset: expected {METADATA} "
         f"and images/ there; found {native.listing(root)}")
+  return path
+
+
+def read_rows(root: str, images: dict[str, str] | None = None, frontal_only: bool = True):
+  path = metadata_path(root)
   rows, rejected = [], []
   with open(path, newline="", encoding="utf-8", errors="replace") as f:
     reader = csv.DictReader(f)
@@ -95,9 +100,5 @@ class Ieee8023Covid(native.NativeBuilder):
 
 
 def make_config(root: str, image_size: int = 256, frontal_only: bool = True) -> Ieee8023Config:
-  root = native.check_root(root, SOURCE)
-  if not os.path.isfile(os.path.join(root, METADATA)):
-    read_rows(root)  # raises the layout error
-  return Ieee8023Config(name=native.config_name(root, image_size, frontal_only), root=root,
-                        image_size=image_size, frontal_only=frontal_only,
-                        description=f"{root}, {image_size}px, frontal_only={frontal_only}")
+  return native.make_config(Ieee8023Config, SOURCE, root, image_size, metadata_path,
+                            frontal_only=frontal_only)

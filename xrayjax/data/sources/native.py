@@ -203,6 +203,17 @@ def check_root(root: str, source: str) -> str:
   return root
 
 
+def make_config(cls, source: str, root: str, image_size: int, metadata_path,
+                **options) -> NativeConfig:
+  """A builder config of `cls` for `root`, after checking the layout (`metadata_path(root)`
+  raises LayoutError naming what was expected); the name encodes root and options."""
+  root = check_root(root, source)
+  metadata_path(root)
+  shown = "".join(f", {k}={v!r}" for k, v in options.items())
+  return cls(name=config_name(root, image_size, *options.values()), root=root,
+             image_size=image_size, description=f"{root}, {image_size}px{shown}", **options)
+
+
 def env_var(source: str) -> str:
   return f"XRAYJAX_{source.upper()}"
 

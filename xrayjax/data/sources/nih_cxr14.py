@@ -55,17 +55,22 @@ def read_boxes(root: str) -> dict[str, list]:
   return boxes
 
 
+def metadata_path(root: str) -> str:
+  path = _first(root, METADATA)
+  if path is None:
+    raise native.LayoutError(
+        f"{root} does not look like NIH ChestX-ray14: expected one of {list(METADATA)} (and "
+        f"images/*.png) there; found {native.listing(root)}")
+  return path
+
+
 def read_rows(root: str, images: dict[str, str] | None = None
               ) -> tuple[list[native.Row], list[tuple[native.Row, str]]]:
   """Every metadata row as a Row; rows whose image is not in `images` are rejected.
 
   `images=None` lists every row (metadata-only use, e.g. counting a task's classes).
   """
-  meta_path = _first(root, METADATA)
-  if meta_path is None:
-    raise native.LayoutError(
-        f"{root} does not look like NIH ChestX-ray14: expected one of {list(METADATA)} (and "
-        f"images/*.png) there; found {native.listing(root)}")
+  meta_path = metadata_path(root)
   boxes = read_boxes(root)
   rows, rejected = [], []
   with _open(meta_path) as f:
@@ -95,8 +100,4 @@ class NihCxr14(native.NativeBuilder):
 
 
 def make_config(root: str, image_size: int = 256) -> native.NativeConfig:
-  root = native.check_root(root, SOURCE)
-  if _first(root, METADATA) is None:
-    read_rows(root)  # raises the layout error
-  return native.NativeConfig(name=native.config_name(root, image_size), root=root,
-                             image_size=image_size, description=f"{root}, {image_size}px")
+  return native.make_config(native.NativeConfig, SOURCE, root, image_size, metadata_path)

@@ -28,13 +28,18 @@ SOURCE = "rsna_pneumonia"
 LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 
 
-def read_rows(root: str, images: dict[str, str] | None = None):
-  """One Row per patientId; rows whose DICOM is not in `images` are rejected."""
+def metadata_path(root: str) -> str:
   path = os.path.join(root, LABELS)
   if not os.path.isfile(path):
     raise native.LayoutError(
         f"{root} does not look like the RSNA Pneumonia Detection Challenge data: expected "
         f"{LABELS} (and stage_2_train_images/*.dcm) there; found {native.listing(root)}")
+  return path
+
+
+def read_rows(root: str, images: dict[str, str] | None = None):
+  """One Row per patientId; rows whose DICOM is not in `images` are rejected."""
+  path = metadata_path(root)
   with open(path, newline="") as f:
     table = list(csv.DictReader(f))
   if table and set(LABEL_COLUMNS) - set(table[0]):
@@ -76,8 +81,4 @@ class RsnaPneumonia(native.NativeBuilder):
 
 
 def make_config(root: str, image_size: int = 256) -> native.NativeConfig:
-  root = native.check_root(root, SOURCE)
-  if not os.path.isfile(os.path.join(root, LABELS)):
-    read_rows(root)  # raises the layout error
-  return native.NativeConfig(name=native.config_name(root, image_size), root=root,
-                             image_size=image_size, description=f"{root}, {image_size}px")
+  return native.make_config(native.NativeConfig, SOURCE, root, image_size, metadata_path)
