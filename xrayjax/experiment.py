@@ -243,11 +243,11 @@ def init_variables(model, image_size: int, seed: int, init_from: str | None = No
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def explain_fold(config, model, variables, builders, meta, rows, labels, classes, spec,
-                 workdir, k, dataset) -> dict:
-  """Grad-CAM gallery and audits of fold k's test images (`rows` index `meta`)."""
+def explain_fold(config, model, variables, builders, meta, rows, ds, labels, classes, spec,
+                 workdir, k) -> dict:
+  """Grad-CAM gallery and audits of fold k's test images: `ds` selects `rows` (which index
+  `meta`), the dataset its predictions came from (cached: nothing is decoded again)."""
   cfg = config.eval.gradcam
-  ds = dataset(rows, labels)
   images, index = [], []
   for batch in pipeline.eval_batches(ds, len(rows), cfg.batch_size):
     keep = batch["mask"] > 0
@@ -390,16 +390,17 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
         ckpt_dir=os.path.join(workdir, f"fold{k}", "stage_b"), seed=_seed(config.seed, 21, k),
         tb_dir=os.path.join(workdir, "tensorboard", f"fold{k}"), **common)
     fold_summaries.append(summary)
+    test_ds = dataset(fold["test"], p["labels_b"])
     probs, labels, index = train.predict_dataset(
-        predict_b, variables_b, dataset(fold["test"], p["labels_b"]),
+        predict_b, variables_b, test_ds,
         len(fold["test"]), config.stage_b.eval_batch_size, mesh)
     m = metrics_lib.classification(labels, probs, classes, prevalences)
     fold_metrics.append(m)
     logging.info("[fold%d] test accuracy %.4f, macro F1 %.4f", k, m["accuracy"], m["macro_f1"])
     rows = fold["test"][index]
     if explain:
-      explained.append(explain_fold(config, model_b, variables_b, builders, meta, rows,
-                                    p["labels_b"], classes, spec, workdir, k, dataset))
+      explained.append(explain_fold(config, model_b, variables_b, builders, meta, fold["test"],
+                                    test_ds, p["labels_b"], classes, spec, workdir, k))
     for i, r in enumerate(rows):
       predictions.append({"fold": k, "image_id": meta["image_id"][r],
                           "patient_id": meta["patient_id"][r], "source": meta["source"][r],
