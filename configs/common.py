@@ -1,6 +1,9 @@
-"""Helpers shared by experiment configs: the `key=value,flag` argument string."""
+"""Helpers shared by experiment configs: the `key=value,flag` argument string, the data and
+evaluation blocks every method uses."""
 
 from __future__ import annotations
+
+import ml_collections
 
 
 def parse_arg(arg: str | None, defaults: dict[str, str], choices: dict[str, tuple],
@@ -25,3 +28,39 @@ def parse_arg(arg: str | None, defaults: dict[str, str], choices: dict[str, tupl
                        f"{[f'{k}=' + '|'.join(choices.get(k, ('...',))) for k in defaults]} "
                        f"and flags {list(flags)}")
   return out
+
+
+def data_config(source: str) -> ml_collections.ConfigDict:
+  """The data block: which sources (`nih`: NIH ChestX-ray14 + ieee8023), every source's
+  options, and the model's input size (`image_size`; built images are resized to it)."""
+  placeholder = ml_collections.config_dict.placeholder
+  source = {"nih": "nih_cxr14,ieee8023_covid"}.get(source, source)
+  return ml_collections.ConfigDict(dict(
+      source=source, image_size=96, tfds_dir=placeholder(str),
+      synthetic=dict(image_size=128, patients=(800, 60, 800, 60), site_confounding=0.0, seed=0),
+      # A CSV (path, label column, patient_id, source), e.g. ../shared/data/cxr_bench_64/
+      # manifest.csv; path_env names the environment variable read when path is unset.
+      manifest=dict(path=placeholder(str), path_env="XRAYJAX_MANIFEST", label_column="label4",
+                    image_size=64),
+      # Native layouts (data/sources/*.py); root also from $XRAYJAX_<SOURCE>.
+      nih_cxr14=dict(root=placeholder(str), image_size=256),
+      rsna_pneumonia=dict(root=placeholder(str), image_size=256),
+      ieee8023_covid=dict(root=placeholder(str), image_size=256, frontal_only=True),
+      covidx=dict(root=placeholder(str), image_size=256, label_files=""),
+  ))
+
+
+def eval_config(bootstrap: int = 1000, per_class: int = 3) -> ml_collections.ConfigDict:
+  """The evaluation block.
+
+  prevalences: PPV and NPV are also reported as they would be at these prevalences.
+  bootstrap: patient-clustered resamples for the 95% intervals (0: none).
+  gradcam: maps of `target` (any entry of the model's `out`; concat also has xception,
+  resnet50v2, concat) by `method` (gradcam | gradcam++): overlays of per_class images per
+  class and of every misclassified one; localisation scores; the model-randomisation check
+  on the first sanity_folds folds.
+  """
+  return ml_collections.ConfigDict(dict(
+      prevalences=(0.01, 0.05, 0.2), bootstrap=bootstrap,
+      gradcam=dict(enabled=True, target="features", method="gradcam", per_class=per_class,
+                   misclassified=True, sanity_folds=1, batch_size=16)))

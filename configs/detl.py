@@ -50,6 +50,10 @@ data=synthetic|manifest|nih, classes=4|3 (Data-B's task: the paper's four classe
 Other native sources (rsna_pneumonia, covidx) are chosen with --config.data.source, several
 at once comma separated, each with its --config.data.<source>.root.
 
+Scales are rows of the SCALES table below (demo, paper, and runlocal, which wins over
+scale); what depends on the data (Data-B sizes, the input size of the 64 px benchmark) is in
+the tables beside it. Nothing is overridden in an order that matters.
+
 What to expect at demo scale (README, "Results"): 5-fold accuracy 58.3% ± 1.5
 (chance 25%), macro AUROC 0.85; model=alexnet 55.4% ± 11.2, AUROC 0.81;
 init=scratch 52.7% ± 10.6, AUROC 0.77. model=resnet50 stays at chance with this
@@ -75,6 +79,43 @@ MODELS = ("vgg16", "alexnet", "resnet50", "resnet50v2", "xception", "concat")
 PAPER_DATA_A = {"normal": 57_560, "disease": 50_819}  # train 47,560/40,819 + val 10,000/10,000
 PAPER_DATA_B = {"normal": 350, "pneumonia": 322, "other_disease": 300, "covid": 305}
 
+# One row per scale. lr_a / lr_b: the paper's Adam 1e-3 and SGD 1e-4; the demo's 3e-4 and
+# 3e-3 because at 1/8 width and a few hundred steps the paper's stage-B rate barely moves the
+# new head (val accuracy 0.36 after 10 epochs, measured). alexnet_dropout: AlexNet's 0.5 on
+# 1/8-width (512-unit) FC layers let stage-B SGD drive 99.9% of conv5 units dead and the demo
+# stayed at chance (measured); full width keeps 0.5.
+SCALES = {
+    "demo": dict(image_size=96, synthetic_size=128, patients=(800, 60, 800, 60), width=0.125,
+                 epochs_a=10, epochs_b=30, batch_a=32, batch_b=16, eval_batch=64, lr_a=3e-4,
+                 lr_b=3e-3, alexnet_dropout=0.0, folds=5, bootstrap=1000, gallery=3,
+                 log_every=20),
+    "paper": dict(image_size=224, synthetic_size=256, patients=(30_000, 330, 27_000, 320),
+                  width=1.0, epochs_a=100, epochs_b=100, batch_a=32, batch_b=16, eval_batch=64,
+                  lr_a=1e-3, lr_b=1e-4, alexnet_dropout=0.5, folds=5, bootstrap=1000,
+                  gallery=3, log_every=100),
+    "runlocal": dict(image_size=32, synthetic_size=64, patients=(24, 8, 24, 8), width=1 / 16,
+                     epochs_a=1, epochs_b=1, batch_a=8, batch_b=8, eval_batch=16, lr_a=3e-4,
+                     lr_b=3e-3, alexnet_dropout=0.0, folds=2, bootstrap=50, gallery=1,
+                     log_every=1),
+}
+# Data-B images per class (whole patients are drawn; 0 = every available image), by
+# (data, classes) at demo scale; paper scale takes the paper's sizes for 4 classes.
+DATA_B = {
+    ("synthetic", "4"): {"normal": 120, "pneumonia": 0, "other_disease": 120, "covid": 0},
+    ("nih", "4"): {"normal": 120, "pneumonia": 0, "other_disease": 120, "covid": 0},
+    # sized for the 64 px benchmark (about 400 images per class)
+    ("manifest", "4"): {"normal": 120, "pneumonia": 120, "other_disease": 120, "covid": 120},
+    ("synthetic", "3"): {"normal": 0, "pneumonia": 0, "covid": 0},
+    ("nih", "3"): {"normal": 0, "pneumonia": 0, "covid": 0},
+    # Half the normals: the other half (the same patients at 64 px) are Data-A's normals.
+    ("manifest", "3"): {"normal": 200, "pneumonia": 0, "covid": 0},
+}
+RUNLOCAL_DATA_B = {"4": {"normal": 16, "pneumonia": 0, "other_disease": 16, "covid": 0},
+                   "3": {"normal": 16, "pneumonia": 0, "covid": 0}}
+# The model's input size where the data decide it (below paper scale): the 64 px 4-class
+# benchmark, and the 3-class 256 px one at 128.
+MANIFEST_INPUT = {"4": 64, "3": 128}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(
@@ -82,21 +123,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       defaults={"model": "vgg16", "data": "synthetic", "classes": "4", "protocol": "corrected",
                 "init": "detl", "scale": "demo"},
       choices={"model": MODELS, "data": ("synthetic", "manifest", "nih"), "classes": ("4", "3"),
-               "protocol": ("corrected", "paper"), "init": ("detl", "scratch"),
+               "protocol": ("corrected", "paper", "both"), "init": ("detl", "scratch"),
                "scale": ("demo", "paper")},
       flags=("runlocal",))
+  scale = "runlocal" if args["runlocal"] else args["scale"]
+  p = SCALES[scale]
+  data, classes = args["data"], args["classes"]
   c = ml_collections.ConfigDict()
+  c.method = "detl"
   c.seed = 0
-  c.protocol = args["protocol"]
-  c.folds = 5
-  c.log_every = 20
+  c.protocol = args["protocol"]  # corrected | paper | both (the two side by side)
+  c.folds = p["folds"]
+  c.log_every = p["log_every"]
 
   # --- data ---
   # source: one or several (comma separated) of synthetic, manifest, nih_cxr14,
   # rsna_pneumonia, ieee8023_covid, covidx; each has its options below. Native sources are
   # built once into tfds_dir (None: $TFDS_DATA_DIR or ~/tensorflow_datasets) at their
   # image_size; data.image_size is the model's input (images are resized).
-  c.data = data_config(args["data"])
+  c.data = common.data_config(data)
+  c.data.image_size = (MANIFEST_INPUT[classes] if data == "manifest" and scale == "demo"
+                       else p["image_size"])
+  c.data.synthetic.image_size = p["synthetic_size"]
+  c.data.synthetic.patients = p["patients"]
   # Duplicates (exact file copies, and 256-bit pHashes at most max_distance bits apart) are
   # found across all sources before splitting; the corrected protocol drops copies and keeps
   # patients joined by a duplicate in one partition (duplicates.json in the run directory).
@@ -104,122 +153,57 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ids are 0-22 bits apart (re-cropped, re-windowed copies) and different patients' images
   # more than 48. The synthetic phantoms share one anatomy template and are closer (different
   # patients from 13 bits), so synthetic data uses 12 (it holds no copies).
-  c.dedup = dict(max_distance=12 if args["data"] == "synthetic" else 24)
+  c.dedup = dict(max_distance=12 if data == "synthetic" else 24)
   # Images per class (whole patients are drawn; 0 = every available image).
   # data_a.sources: only these sources (comma separated values of the `source` field) feed
-  # Data-A ("" = all); data_a.data: a data config of its own for Data-A (None = data; its
-  # image_size is unused, both stages take data.image_size).
-  c.data_a = dict(images_per_class={"normal": 0, "disease": 0}, val_fraction=0.2,
-                  sources="", data=None)
+  # Data-A ("" = all; data=nih: NIH alone, as the paper); data_a.data: a data config of its
+  # own for Data-A (None = data; its image_size is unused, both stages take data.image_size).
+  c.data_a = dict(images_per_class=PAPER_DATA_A if scale == "paper" else
+                  {"normal": 0, "disease": 0},
+                  val_fraction=20_000 / sum(PAPER_DATA_A.values()) if scale == "paper" else 0.2,
+                  sources="nih_cxr14" if data == "nih" else "", data=None)
+  if data == "manifest" and classes == "3":  # the 3-class 256 px benchmark: Data-A from the 64 px
+    c.data.manifest.update(label_column="label3", image_size=256)
+    c.data_a.data = common.data_config("manifest")
+    c.data_a.data.manifest.update(path_env="XRAYJAX_DATA_A_MANIFEST", label_column="label4",
+                                  image_size=64)
   # task: data_b (normal, pneumonia, other_disease, covid) or three_class (paper 2's classes).
-  c.data_b = dict(task="data_b", images_per_class={"normal": 120, "pneumonia": 0,
-                                                   "other_disease": 120, "covid": 0},
+  c.data_b = dict(task="data_b" if classes == "4" else "three_class",
+                  images_per_class=(RUNLOCAL_DATA_B[classes] if scale == "runlocal" else
+                                    PAPER_DATA_B if scale == "paper" and classes == "4" else
+                                    DATA_B[data, classes]),
                   val_fraction=0.2)
-  c.augment = dict(enabled=True, rotation_deg=10.0, scale=0.1, mirror=True)
+  # The DETL paper's augmentation: random rotation, scaling and mirroring (pipeline.parse_ops).
+  c.augment = ("rotate(10)", "zoom(0.1)", "flip_lr")
 
   # --- evaluation ---
-  # prevalences: PPV and NPV are also reported as they would be at these prevalences.
-  # bootstrap: patient-clustered resamples for the 95% intervals (0: none).
-  # gradcam: maps of `target` (any entry of the model's `out`; concat also has xception,
-  # resnet50v2, concat) by `method` (gradcam | gradcam++): overlays of per_class images per
-  # class and of every misclassified one; localisation scores; the model-randomisation
-  # check on the first sanity_folds folds.
-  c.eval = dict(prevalences=(0.01, 0.05, 0.2), bootstrap=1000,
-                gradcam=dict(enabled=True, target="features", method="gradcam", per_class=3,
-                             misclassified=True, sanity_folds=1, batch_size=16))
+  c.eval = common.eval_config(bootstrap=p["bootstrap"], per_class=p["gallery"])
 
   # --- model ---
   c.model_name = args["model"]
   # init_from: Keras weight file(s) (.keras, .weights.h5, .h5; comma separated) loaded over the
   # random initialisation of the first stage that trains (models/keras_weights.py).
-  c.model = dict(width=0.125, init_from=ml_collections.config_dict.placeholder(str))
+  c.model = dict(width=p["width"], init_from=ml_collections.config_dict.placeholder(str))
   if args["model"] == "resnet50":
     c.model.stem_kernel = 3  # the DETL variant: 3x3 kernels in place of ResNet50's 7x7 stem
   if args["model"] == "alexnet":
-    # AlexNet's dropout 0.5 on 1/8-width (512-unit) FC layers: stage-B SGD drove 99.9% of
-    # conv5 units dead and the demo stayed at chance (measured); full width keeps 0.5.
-    c.model.dropout = 0.0
+    c.model.dropout = p["alexnet_dropout"]
 
   # --- stage A: from scratch on Data-A (paper: Adam 1e-3, cosine decay, best val accuracy) ---
-  c.stage_a = dict(enabled=args["init"] == "detl", epochs=10, batch_size=32, eval_batch_size=64)
-  # The paper: Adam 1e-3. At demo scale (a 1/8-width net, 8 epochs) 3e-4 learns faster.
-  c.stage_a.optimizer = dict(name="adam", lr=3e-4, schedule="cosine", momentum=0.0)
+  c.stage_a = dict(enabled=args["init"] == "detl", epochs=p["epochs_a"],
+                   batch_size=p["batch_a"], eval_batch_size=p["eval_batch"])
+  c.stage_a.optimizer = dict(name="adam", lr=p["lr_a"], schedule="cosine", momentum=0.0)
 
-  # --- stage B: new 4-way head, layers before the last conv block frozen, SGD 1e-4 m 0.9 ---
-  c.stage_b = dict(epochs=30, batch_size=16, eval_batch_size=64)
-  # The paper: SGD 1e-4, momentum 0.9. At demo scale (a few hundred steps) 1e-4 barely moves
-  # the new head (val accuracy 0.36 after 10 epochs, measured), so the demo uses 3e-3.
-  c.stage_b.optimizer = dict(name="sgd", lr=3e-3, schedule="constant", momentum=0.9)
-  c.stage_b.param_rules = (("{before_last_conv_block}", "freeze"),
-                           ("{last_conv_block}|{head}", "train"))
-
-  if args["data"] == "manifest":  # sized for the 64 px benchmark (about 400 images per class)
-    c.data.image_size = 64
-    c.data_b.images_per_class = {"normal": 120, "pneumonia": 120, "other_disease": 120,
-                                 "covid": 120}
-  if args["data"] == "nih":  # the paper's sources: Data-A from NIH alone
-    c.data_a.sources = "nih_cxr14"
-  if args["classes"] == "3":
-    c.data_b.task = "three_class"
-    c.data_b.images_per_class = {"normal": 0, "pneumonia": 0, "covid": 0}
-    if args["data"] == "manifest":  # the 3-class 256 px benchmark; Data-A from the 64 px one
-      # Half the normals: the other half (the same patients at 64 px) are Data-A's normals.
-      c.data_b.images_per_class.normal = 200
-      c.data.manifest.update(label_column="label3", image_size=256)
-      c.data.image_size = 128
-      c.data_a.data = data_config("manifest")
-      c.data_a.data.manifest.update(path_env="XRAYJAX_DATA_A_MANIFEST", label_column="label4",
-                                    image_size=64)
-
-  if args["scale"] == "paper":
-    c.data.image_size = 224
-    c.data.synthetic.image_size = 256
-    c.data.synthetic.patients = (30_000, 330, 27_000, 320)
-    c.data_a.images_per_class = PAPER_DATA_A
-    c.data_a.val_fraction = 20_000 / sum(PAPER_DATA_A.values())
-    if args["classes"] == "4":
-      c.data_b.images_per_class = PAPER_DATA_B
-    c.model.width = 1.0
-    if args["model"] == "alexnet":
-      c.model.dropout = 0.5
-    c.stage_a.optimizer.lr = 1e-3
-    c.stage_b.optimizer.lr = 1e-4
-    c.stage_a.epochs = c.stage_b.epochs = 100
-    c.log_every = 100
-
-  if args["runlocal"]:
-    c.data.image_size = 32
-    c.data.synthetic.image_size = 64
-    c.data.synthetic.patients = (24, 8, 24, 8)
-    c.data_b.images_per_class = {"normal": 16, "pneumonia": 0, "other_disease": 16, "covid": 0}
-    c.folds = 2
-    c.model.width = 1 / 16
-    c.stage_a.update(epochs=1, batch_size=8, eval_batch_size=16)
-    c.stage_b.update(epochs=1, batch_size=8, eval_batch_size=16)
-    c.eval.bootstrap = 50
-    c.eval.gradcam.per_class = 1
-    c.log_every = 1
-
-  if args["init"] == "scratch":  # same network, every layer trained on Data-B, stage-A recipe
+  # --- stage B: new head, layers before the last conv block frozen, SGD 1e-4 momentum 0.9 ---
+  # init=scratch: the same network, every layer trained on Data-B with the stage-A recipe
+  # (SGD 1e-4 from random weights barely moves).
+  c.stage_b = dict(epochs=p["epochs_b"], batch_size=p["batch_b"],
+                   eval_batch_size=p["eval_batch"])
+  if args["init"] == "detl":
+    c.stage_b.optimizer = dict(name="sgd", lr=p["lr_b"], schedule="constant", momentum=0.9)
+    c.stage_b.param_rules = (("{before_last_conv_block}", "freeze"),
+                             ("{last_conv_block}|{head}", "train"))
+  else:
     c.stage_b.optimizer = c.stage_a.optimizer.to_dict()
     c.stage_b.param_rules = ((".*", "train"),)
   return c
-
-
-def data_config(source: str) -> ml_collections.ConfigDict:
-  """The data block: which sources, and every source's options."""
-  placeholder = ml_collections.config_dict.placeholder
-  source = {"nih": "nih_cxr14,ieee8023_covid"}.get(source, source)
-  return ml_collections.ConfigDict(dict(
-      source=source, image_size=96, tfds_dir=placeholder(str),
-      synthetic=dict(image_size=128, patients=(800, 60, 800, 60), site_confounding=0.0, seed=0),
-      # A CSV (path, label column, patient_id, source), e.g. ../shared/data/cxr_bench_64/
-      # manifest.csv; path_env names the environment variable read when path is unset.
-      manifest=dict(path=placeholder(str), path_env="XRAYJAX_MANIFEST", label_column="label4",
-                    image_size=64),
-      # Native layouts (data/sources/*.py); root also from $XRAYJAX_<SOURCE>.
-      nih_cxr14=dict(root=placeholder(str), image_size=256),
-      rsna_pneumonia=dict(root=placeholder(str), image_size=256),
-      ieee8023_covid=dict(root=placeholder(str), image_size=256, frontal_only=True),
-      covidx=dict(root=placeholder(str), image_size=256, label_files=""),
-  ))

@@ -2,8 +2,9 @@ import itertools
 
 import pytest
 
-from configs import detl
+from configs import concat, detl
 from xrayjax import models, optim
+from xrayjax.data import pipeline
 
 
 @pytest.mark.parametrize("model,protocol,init,scale,runlocal", list(itertools.product(
@@ -21,7 +22,7 @@ def test_every_variant_builds(model, protocol, init, scale, runlocal):
     if init == "detl":
       assert (c.stage_b.optimizer.name, c.stage_b.optimizer.lr) == ("sgd", 1e-4)
   if model == "alexnet":  # dropout off only for the narrow demo network
-    assert c.model.dropout == (0.5 if scale == "paper" else 0.0)
+    assert c.model.dropout == (0.5 if scale == "paper" and not runlocal else 0.0)
   # The stage-B freezing rules resolve against the model's parameter groups.
   for regex, rule in c.stage_b.param_rules:
     regex.format(**models.spec(model).PARAM_GROUPS)
@@ -73,3 +74,37 @@ def test_data_and_class_variants_compose(data, classes):
     assert c.data_a.data.manifest.label_column == "label4"
     assert c.data_a.data.manifest.path_env == "XRAYJAX_DATA_A_MANIFEST"
     assert c.data.manifest.label_column == "label3" and c.data.manifest.image_size == 256
+
+
+@pytest.mark.parametrize("model,data,protocol,sampler,scale,runlocal", list(itertools.product(
+    concat.MODELS, tuple(concat.DATA), ("corrected", "paper", "both"), ("phased", "all"),
+    ("demo", "paper"), (False, True))))
+def test_every_concat_variant_builds(model, data, protocol, sampler, scale, runlocal):
+  from xrayjax import methods
+  from xrayjax.data import sources, tasks
+  c = concat.get_config(f"model={model},data={data},protocol={protocol},sampler={sampler},"
+                        f"scale={scale}" + (",runlocal" if runlocal else ""))
+  assert (c.method, c.model_name, c.protocol) == ("concat", model, protocol)
+  assert tasks.get(c.task).classes == ("normal", "pneumonia", "covid")
+  sources.names(c.data)
+  pipeline.parse_ops(c.augment)
+  if protocol != "both":
+    methods.get(c.method).check(c)
+  if scale == "paper" and not runlocal:  # the published recipe (Table 2 of the paper)
+    assert c.data.image_size == 300 and c.model.width == 1.0
+    assert (c.phases.count, c.phases.epochs) == (8, 100)
+    assert c.phases.fresh.to_dict() == {"normal": 250, "pneumonia": 200}
+    assert c.phases.shared.to_dict() == {"covid": -1, "pneumonia": 34}
+    assert c.train.batch_size == (20 if model == "concat" else 30)
+    assert (c.train.optimizer.name, c.train.optimizer.lr) == ("nadam", 1e-4)
+
+
+def test_detl_presets_are_rows_of_one_table():
+  demo, paper, tiny = (detl.get_config(a) for a in ("", "scale=paper", "runlocal"))
+  assert (demo.data.image_size, paper.data.image_size, tiny.data.image_size) == (96, 224, 32)
+  assert detl.get_config("runlocal,scale=paper").data.image_size == 32  # runlocal wins
+  assert detl.get_config("data=manifest").data.image_size == 64
+  assert detl.get_config("data=manifest,classes=3").data.image_size == 128
+  assert detl.get_config("data=manifest,scale=paper").data_b.images_per_class.to_dict() == \
+      detl.PAPER_DATA_B
+  assert demo.augment == ("rotate(10)", "zoom(0.1)", "flip_lr")

@@ -29,7 +29,9 @@ def test_tiny_run_trains_evaluates_and_reports(tiny_config, tmp_path):
   assert len({p["image_id"] for p in preds}) == len(preds)
   cm = np.array(results["across_folds"]["confusion_summed"])
   assert cm.sum() == results["num_images"]
-  assert results["data_summary"]["data_b_patients_also_in_data_a"] == 0
+  assert results["data_summary"]["test_patients_seen_in_training"] == 0
+  for name in ("results_table3.csv", "results_table4.csv", "plan.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
   # Eval mode restores the best checkpoints and recomputes the same metrics.
   again = experiment.run(tiny_config, workdir, mode="eval")
   np.testing.assert_equal(again["fold_metrics"], results["fold_metrics"])  # NaN == NaN here
@@ -126,7 +128,7 @@ def test_paper_protocol_runs_image_level_with_alexnet(tiny_config, tmp_path):
   tiny_config.model_name = "alexnet"  # with dropout, on the data-parallel mesh
   results = experiment.run(tiny_config, str(tmp_path / "run"))
   assert results["protocol"] == "paper" and results["model"] == "alexnet"
-  assert all(s["select"] == "last" for s in results["stage_b_summaries"])
+  assert [s["select"] for s in results["stages"]] == ["best", "last", "last"]
 
 
 def test_resnet50_run_restores_batch_norm_statistics(tfds_dir, tmp_path):
@@ -150,7 +152,7 @@ def test_scratch_run_and_bad_scratch_config(tfds_dir, tmp_path):
   c = detl.get_config("runlocal,init=scratch")
   c.data.tfds_dir = tfds_dir
   results = experiment.run(c, str(tmp_path / "scratch"))
-  assert results["stage_a_summary"] is None
+  assert [s["name"] for s in results["stages"]] == ["fold0/stage_b", "fold1/stage_b"]
   c = detl.get_config("runlocal")
   c.stage_a.enabled = False
   with pytest.raises(ValueError, match="init=scratch"):
@@ -159,31 +161,100 @@ def test_scratch_run_and_bad_scratch_config(tfds_dir, tmp_path):
 
 def test_reports_warn_about_confounding_and_leakage(tiny_config):
   mixed = {"a": {"normal": 10, "covid": 9}, "b": {"normal": 8, "covid": 11}}
-  summary = {"data_b_patients_also_in_data_a": 0, "data_b_label_by_site": mixed}
+  summary = {"test_patients_seen_in_training": 0, "evaluated_label_by_site": mixed}
   assert experiment.warnings(tiny_config, summary) == []
   tiny_config.data.synthetic.site_confounding = 0.8
-  summary["data_b_patients_also_in_data_a"] = 3
-  summary["data_b_label_by_site"] = {"a": {"normal": 10, "covid": 1}, "b": {"normal": 2, "covid": 30}}
+  summary["test_patients_seen_in_training"] = 3
+  summary["evaluated_label_by_site"] = {"a": {"normal": 10, "covid": 1},
+                                        "b": {"normal": 2, "covid": 30}}
   found = experiment.warnings(tiny_config, summary)
-  assert len(found) == 4 and "site-confounded" in found[0] and "3 Data-B patients" in found[3]
+  assert len(found) == 4 and "site-confounded" in found[0] and found[3].startswith("3 (fold, ")
   assert "covid images come from sources where covid makes up" in found[1]
   assert "normal images come from" in found[2]
   # normal: 10 of 12 images come from site a, where normal is 10/11 -> flagged too at 0.8.
-  assert experiment.source_confounded(summary["data_b_label_by_site"]) == {
+  assert experiment.source_confounded(summary["evaluated_label_by_site"]) == {
       "normal": pytest.approx(10 / 12), "covid": pytest.approx(30 / 31)}
 
 
 def test_paper_protocol_plan_draws_cohorts_independently(tfds_dir):
   from configs import detl
-  from xrayjax.data import pipeline, sources
   c = detl.get_config("runlocal,protocol=paper")
   c.data.tfds_dir = tfds_dir
-  _, meta, _ = experiment.load_data(c)
-  paper = experiment.plan(meta, c)
+  cohort, paper = experiment.prepare(c)
   c.protocol = "corrected"
-  _, meta, _ = experiment.load_data(c)
-  corrected = experiment.plan(meta, c)
-  assert experiment.describe(meta, corrected)["data_b_patients_also_in_data_a"] == 0
+  cohort_c, corrected = experiment.prepare(c)
+  assert experiment.describe(cohort_c, corrected)["test_patients_seen_in_training"] == 0
   # Paper: Data-A may contain Data-B patients; folds are image-level, no stage-B validation.
-  assert all(len(f["val"]) == 0 for f in paper["folds"])
-  assert all(len(f["val"]) > 0 for f in corrected["folds"])
+  assert all(len(s.val) == 0 for s in paper.stages if s.name != "stage_a")
+  assert all(len(s.val) > 0 for s in corrected.stages)
+  assert [s.init_from for s in paper.stages] == [None, "stage_a", "stage_a"]
+
+
+def _tiny_concat(tfds_dir, arg="runlocal"):
+  """Paper 2's method at runlocal scale on the fastest network (the runner is under test
+  here; tests/test_models.py covers the concatenated network itself)."""
+  from configs import concat
+  c = concat.get_config(arg)
+  c.data.tfds_dir = tfds_dir
+  c.model_name = "alexnet"
+  c.model.dropout = 0.0
+  c.phases.epochs = 2
+  c.eval.gradcam.enabled = False
+  return c
+
+
+def test_phased_run_killed_inside_phase_two_resumes_to_the_same_result(tfds_dir, tmp_path,
+                                                                       monkeypatch):
+  c = _tiny_concat(tfds_dir)
+  straight = str(tmp_path / "straight")
+  results = experiment.run(c, straight)
+  assert [s["phases"] for s in results["stages"]] == [2, 2]
+  assert "sampler phased" in " ".join(results["notes"])
+  plan = files.read_json(os.path.join(straight, "plan.json"))
+  assert [len(s["phases"]) for s in plan["stages"]] == [2, 2]
+
+  resumed = str(tmp_path / "resumed")
+  real_save, saves = checkpoint.StageCheckpoints.save, []
+
+  def save_then_die(self, state, step, metrics):
+    real_save(self, state, step, metrics)
+    saves.append(step)
+    if len(saves) == 3:  # fold 0: phase 1 (2 epochs), then phase 2's first epoch
+      raise _Killed()
+
+  monkeypatch.setattr(checkpoint.StageCheckpoints, "save", save_then_die)
+  with pytest.raises(_Killed):
+    experiment.run(c, resumed)
+  monkeypatch.setattr(checkpoint.StageCheckpoints, "save", real_save)
+  # The optimizer state is carried across phases: its step count runs on from phase 1.
+  killed = _latest_state(os.path.join(resumed, "fold0", "alexnet"))
+  counts = [int(v) for p, v in jax.tree_util.tree_flatten_with_path(killed["opt_state"])[0]
+            if "count" in jax.tree_util.keystr(p)]
+  assert counts and all(n == int(killed["step"]) == saves[-1] for n in counts)
+  again = experiment.run(c, resumed)
+  for stage in ("fold0/alexnet", "fold1/alexnet"):
+    x, y = _latest_state(os.path.join(straight, stage)), _latest_state(os.path.join(resumed, stage))
+    for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+      np.testing.assert_array_equal(u, v)
+  np.testing.assert_equal(again["fold_metrics"], results["fold_metrics"])
+
+
+def test_both_protocols_side_by_side_in_one_command(tfds_dir, tmp_path):
+  c = _tiny_concat(tfds_dir, "runlocal,protocol=both")
+  c.phases.epochs = 1
+  workdir = str(tmp_path / "both")
+  out = experiment.run(c, workdir)
+  paper, corrected = out["protocols"]["paper"], out["protocols"]["corrected"]
+  assert (paper["protocol"], corrected["protocol"]) == ("paper", "corrected")
+  # The published scheme tests every image no phase used, so far more than the held-out fold.
+  assert all(p["num_images"] > c["num_images"]
+             for p, c in zip(paper["fold_metrics"], corrected["fold_metrics"]))
+  assert paper["data_summary"]["test_patients_seen_in_training"] > 0
+  assert corrected["data_summary"]["test_patients_seen_in_training"] == 0
+  rows = {r["metric"]: r for r in out["compare"]}
+  assert rows["accuracy"]["inflation"] == pytest.approx(
+      rows["accuracy"]["paper_mean"] - rows["accuracy"]["corrected_mean"])
+  assert {"covid/ppv", "macro_auroc"} <= set(rows)
+  for name in ("compare.json", "compare.csv", "compare_summary.txt", "paper/report.html",
+               "corrected/report.html"):
+    assert os.path.exists(os.path.join(workdir, name)), name

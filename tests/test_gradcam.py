@@ -39,7 +39,7 @@ def test_the_map_points_at_the_only_region_the_class_score_reads(method):
   quadrants[1, :, :8, :8] = True  # class 1
   quadrants[0, :, 8:, 8:] = True  # class 0
   for c in (0, 1):
-    res = fn(variables, images, jnp.full((3,), c))
+    res = fn(variables, {"image": images, "class": jnp.full((3,), c)})
     cam = np.asarray(res["map"])
     inside = quadrants[c][:, ::2, ::2] if cam.shape[1] == 8 else quadrants[c]
     assert cam[inside].min() > 0 and cam[~inside].max() == 0
@@ -48,8 +48,10 @@ def test_the_map_points_at_the_only_region_the_class_score_reads(method):
     assert gradcam.pointing_game(up, quadrants[c]).tolist() == [1.0, 1.0, 1.0]
     assert np.all(gradcam.energy_inside(up, quadrants[c]) > 0.9)
   # The predicted class (-1) is whichever logit is larger.
-  res = fn(variables, images, jnp.array([-1, -1, -1]))
-  assert np.array_equal(res["class"], np.asarray(res["logits"]).argmax(-1))
+  res = fn(variables, {"image": images, "class": jnp.array([-1, -1, -1])})
+  assert np.array_equal(res["class"], np.asarray(res["probs"]).argmax(-1))
+  res = fn(variables, {"image": images})  # no class: the predicted one
+  assert np.array_equal(res["class"], np.asarray(res["probs"]).argmax(-1))
 
 
 def test_unknown_target_lists_the_valid_ones():
@@ -59,7 +61,7 @@ def test_unknown_target_lists_the_valid_ones():
   assert gradcam.targets(model, variables, 32) == ["block1", "block2", "block3", "block4",
                                                    "block5", "features"]
   with pytest.raises(ValueError, match=r"no map 'nope'.*'features'"):
-    gradcam.make_fn(model, "nope")(variables, x, jnp.array([0]))
+    gradcam.make_fn(model, "nope")(variables, {"image": x, "class": jnp.array([0])})
 
 
 def test_audit_measures_on_hand_made_maps():
@@ -116,8 +118,8 @@ def test_same_map_as_tensorflow_on_the_keras_twin(name, make, size, layer, tmp_p
       model.init(jax.random.PRNGKey(0), grey[:1], train=False))), models.spec(name))
   classes = np.array([0, 2])
   for method in gradcam.METHODS:
-    ours = np.asarray(gradcam.make_fn(model, "features", method)(variables, grey,
-                                                                 jnp.asarray(classes))["map"])
+    batch = {"image": grey, "class": jnp.asarray(classes)}
+    ours = np.asarray(gradcam.make_fn(model, "features", method)(variables, batch)["map"])
     theirs = _tf_gradcam(kmodel, layer, np.repeat(grey, 3, axis=-1), classes, method)
     assert theirs.max() > 0
     np.testing.assert_allclose(ours, theirs, atol=2e-3 * theirs.max(), rtol=2e-3)

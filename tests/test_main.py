@@ -19,7 +19,7 @@ def test_cli_trains_then_evaluates_on_eight_devices(tfds_dir, tmp_path):
   proc = _main("--config=configs/detl.py:runlocal", f"--workdir={workdir}",
                f"--config.data.tfds_dir={tfds_dir}", env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "2-fold cross-validation on Data-B" in proc.stdout
+  assert "2-fold evaluation" in proc.stdout
   assert "confusion matrix summed over folds" in proc.stdout
   assert "steps/s, ETA" in proc.stderr  # progress lines
   with open(os.path.join(workdir, "results.json")) as f:

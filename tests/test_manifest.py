@@ -150,17 +150,17 @@ def test_detl_three_classes_with_data_a_from_another_collection(tmp_path):
   c.data_a.data.manifest.update(path=_write_manifest(small, rows_a), label_column="label",
                                 image_size=32)
   c.data_b.images_per_class = {"normal": 12, "pneumonia": 0, "covid": 0}
-  _, meta, info = experiment.load_data(c)
+  cohort, p = experiment.prepare(c)
+  meta = cohort.meta
   # Every normal picture is in both collections: found as perceptual duplicates of one patient.
-  assert info["duplicates"]["summary"]["perceptual_pairs"] >= 20
-  assert info["duplicates"]["summary"]["merged_patient_groups"] == 0
-  p = experiment.plan(meta, c)
-  summary = experiment.describe(meta, p)
-  assert summary["data_b"] == {"normal": 12, "pneumonia": 10, "covid": 10}
-  assert summary["data_b_patients_also_in_data_a"] == 0
-  a = np.concatenate([p["a_train"], p["a_val"]])
-  assert set(meta["builder"][a]) == {1} and set(meta["builder"][p["data_b"]]) == {0}
-  assert sum(summary["data_a_train"].values()) + sum(summary["data_a_val"].values()) == 12 + 16
+  assert cohort.duplicates["summary"]["perceptual_pairs"] >= 20
+  assert cohort.duplicates["summary"]["merged_patient_groups"] == 0
+  summary = experiment.describe(cohort, p)
+  assert summary["partitions"]["data_b"] == {"normal": 12, "pneumonia": 10, "covid": 10}
+  assert summary["test_patients_seen_in_training"] == 0
+  a = p.stage("stage_a").rows()
+  assert set(meta["builder"][a]) == {1} and set(meta["builder"][p.partitions["data_b"]]) == {0}
+  assert len(a) == 12 + 16
   results = experiment.run(c, str(tmp_path / "run"))
   assert results["classes"] == ["normal", "pneumonia", "covid"]
   assert set(results["per_source"]) == {"covid_site", "hospital"}
@@ -168,7 +168,7 @@ def test_detl_three_classes_with_data_a_from_another_collection(tmp_path):
   assert set(results["build_reports"]) == {"manifest", "data_a:manifest"}
   assert all(r["skipped"] == 0 for r in results["build_reports"].values())
   splits_file = files.read_json(str(tmp_path / "run" / "splits.json"))
-  assert splits_file["data_a_train"][0].startswith("1/")  # builder 1 holds Data-A
+  assert splits_file["stages"]["stage_a"]["phases"][0][0].startswith("1/")  # builder 1: Data-A
 
 @pytest.mark.skipif(not os.path.exists(BENCH_64),
                     reason="../shared/data/cxr_bench_64 is not beside this checkout")
@@ -188,8 +188,8 @@ def test_shared_benchmark_dedup_and_split_integrity(tmp_path):
   c = detl.get_config("data=manifest")
   c.data.update(tfds_dir=str(tmp_path))
   c.data.manifest.update(path=BENCH_64, image_size=32)
-  _, meta, info = experiment.load_data(c)
-  dup = info["duplicates"]
+  cohort, p = experiment.prepare(c)
+  meta, dup = cohort.meta, cohort.duplicates
   # ieee8023 holds the same pictures under two patient ids (found by hand in the benchmark:
   # images 01628-01631 of patient 97 are 01729-01732 of patient 178).
   assert ["ieee-178", "ieee-97"] in dup["merged_patients"]
@@ -197,20 +197,20 @@ def test_shared_benchmark_dedup_and_split_integrity(tmp_path):
   assert dup["summary"]["exact_sets"] >= 4 and dup["summary"]["dropped"] >= 4
   assert len(meta["image_id"]) == 1531 - dup["summary"]["dropped"]
   assert len(set(meta["file_sha1"])) == len(meta["file_sha1"])  # no exact copy is left
-  p = experiment.plan(meta, c)
-  summary = experiment.describe(meta, p)
-  assert summary["data_b_patients_also_in_data_a"] == 0
+  summary = experiment.describe(cohort, p)
+  assert summary["test_patients_seen_in_training"] == 0
   # Every perceptual duplicate pair lands in one partition of every fold.
   near_i, near_j = splits.near_pairs(meta["phash"], c.dedup.max_distance)
   assert len(near_i) > 0
-  for fold in p["folds"]:
+  for e in p.evaluations:
+    stage = p.stage(e.stage)
     part = np.full(len(meta["image_id"]), -1)
-    for k, name in enumerate(("train", "val", "test")):
-      part[fold[name]] = k
+    for k, rows in enumerate((stage.phases[0].train, stage.val, e.test)):
+      part[rows] = k
     both = (part[near_i] >= 0) & (part[near_j] >= 0)
     assert np.all(part[near_i][both] == part[near_j][both])
   # The benchmark's known confounding: covid only from ieee8023, other_disease only from 64 px NIH.
-  assert set(experiment.source_confounded(summary["data_b_label_by_source"])) >= {
+  assert set(experiment.source_confounded(summary["evaluated_label_by_source"])) >= {
       "covid", "other_disease"}
 
 
@@ -257,6 +257,5 @@ def test_a_data_a_without_disease_images_is_refused_with_what_to_do(tmp_path):
                          image_size=32)
   c.data_b.task = "three_class"
   c.data_b.images_per_class = {"normal": 6, "pneumonia": 0, "covid": 0}
-  _, meta, _ = experiment.load_data(c)
   with pytest.raises(ValueError, match=r"Data-A has no disease image.*data_a.data"):
-    experiment.plan(meta, c)
+    experiment.prepare(c)

@@ -101,3 +101,30 @@ def test_cosine_schedule_decays_to_zero():
   cfg = type("Cfg", (), dict(name="adam", lr=1e-3, momentum=0.0, schedule="cosine"))
   lr = optim.learning_rate(cfg, 100)
   assert lr(0) == pytest.approx(1e-3) and lr(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_nadam_is_keras_nadam_step_for_step():
+  """Paper 2 trained with keras.optimizers.Nadam; `nadam` follows it (momentum schedule,
+  epsilon), where optax.nadam does not."""
+  import keras
+  import optax
+  import tensorflow as tf
+  from ml_collections import ConfigDict
+  rng = np.random.default_rng(0)
+  grads = rng.normal(size=(60, 5)).astype(np.float32)
+  var = tf.Variable(np.ones(5, np.float32))
+  reference = keras.optimizers.Nadam(learning_rate=1e-2)
+  tx = optim.optimizer(ConfigDict(dict(name="nadam", lr=1e-2, schedule="constant",
+                                       momentum=0.0)), 60)
+  params = jnp.ones(5)
+  state = tx.init(params)
+  plain = optax.nadam(1e-2)
+  plain_params, plain_state = jnp.ones(5), plain.init(jnp.ones(5))
+  for g in grads:
+    reference.apply_gradients([(tf.constant(g), var)])
+    updates, state = tx.update(jnp.asarray(g), state, params)
+    params = optax.apply_updates(params, updates)
+    u, plain_state = plain.update(jnp.asarray(g), plain_state, plain_params)
+    plain_params = optax.apply_updates(plain_params, u)
+  np.testing.assert_allclose(params, var.numpy(), rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(plain_params) - var.numpy()).max() > 1e-3  # optax's Nadam differs

@@ -1,4 +1,6 @@
-import ml_collections
+import math
+
+import pytest
 import numpy as np
 import tensorflow as tf
 
@@ -12,7 +14,7 @@ def _ds(n, size=16):
        "index": np.arange(n, dtype=np.int32)})
 
 
-AUG = ml_collections.ConfigDict(dict(enabled=True, rotation_deg=10.0, scale=0.1, mirror=True))
+AUG = ("rotate(10)", "zoom(0.1)", "flip_lr")
 
 
 def test_eval_batches_pad_and_mask_every_example_once():
@@ -39,9 +41,9 @@ def test_eval_batches_split_over_processes():
 
 def test_train_epochs_are_deterministic_and_differ_between_epochs():
   ds = _ds(40, 24)
-  e0 = list(pipeline.train_batches(ds, 40, 8, seed=3, epoch=0, augment_config=AUG))
-  again = list(pipeline.train_batches(ds, 40, 8, seed=3, epoch=0, augment_config=AUG))
-  e1 = list(pipeline.train_batches(ds, 40, 8, seed=3, epoch=1, augment_config=AUG))
+  e0 = list(pipeline.train_batches(ds, 40, 8, seed=3, epoch=0, augment_ops=AUG))
+  again = list(pipeline.train_batches(ds, 40, 8, seed=3, epoch=0, augment_ops=AUG))
+  e1 = list(pipeline.train_batches(ds, 40, 8, seed=3, epoch=1, augment_ops=AUG))
   assert len(e0) == 5
   for a, b in zip(e0, again):
     np.testing.assert_array_equal(a["image"], b["image"])
@@ -50,20 +52,54 @@ def test_train_epochs_are_deterministic_and_differ_between_epochs():
   assert sorted(order0.tolist()) == sorted((np.arange(40) % 3).tolist())
 
 
+def _aug(image, seed, *ops):
+  return pipeline.augment(image, tf.constant(seed, tf.int64), pipeline.parse_ops(ops)).numpy()
+
+
 def test_augment_rotates_scales_and_mirrors():
   image = np.full((32, 32, 1), -1.0, np.float32)
   image[:, :8] = 1.0  # a bright band on the left
   image = tf.constant(image)
-  flipped = pipeline.augment(image, tf.constant([0, 0], tf.int64), 0.0, 0.0, True)
-  outs = [pipeline.augment(image, tf.constant([s, 1], tf.int64), 0.0, 0.0, True).numpy()
-          for s in range(8)]
+  outs = [_aug(image, [s, 1], "flip_lr") for s in range(8)]
   lefts = {bool(o[:, :8].mean() > 0) for o in outs}
   assert lefts == {True, False}  # some mirrored, some not
-  identity = pipeline.augment(image, tf.constant([5, 5], tf.int64), 0.0, 0.0, False).numpy()
-  np.testing.assert_allclose(identity, image.numpy(), atol=1e-5)
-  rotated = pipeline.augment(image, tf.constant([1, 2], tf.int64), 20.0, 0.0, False).numpy()
-  assert np.abs(rotated - image.numpy()).max() > 0.5
-  assert flipped.shape == image.shape
+  ups = [_aug(tf.transpose(image, (1, 0, 2)), [s, 1], "flip_ud") for s in range(8)]
+  assert {bool(o[:8].mean() > 0) for o in ups} == {True, False}
+  np.testing.assert_allclose(_aug(image, [5, 5]), image.numpy(), atol=1e-5)  # no ops
+  np.testing.assert_allclose(_aug(image, [5, 5], "rotate(0)", "shift(0)", "shear(0)",
+                                  "zoom_xy(0)"), image.numpy(), atol=1e-5)
+  for op in ("rotate(20)", "zoom(0.3)", "zoom_xy(0.3)", "shift(0.2)", "shear(20)"):
+    assert np.abs(_aug(image, [1, 2], op) - image.numpy()).max() > 0.5, op
+
+
+def test_detl_augmentation_is_the_rotation_zoom_mirror_it_always_was():
+  """The op list ("rotate(10)", "zoom(0.1)", "flip_lr") reproduces, bit for bit, the closed
+  form DETL's published demo figures were made with."""
+  rng = np.random.default_rng(0)
+  image = tf.constant(rng.uniform(-1, 1, (24, 24, 1)).astype(np.float32))
+  for s in range(6):
+    seed = tf.constant([s, 7], tf.int64)
+    s_rot, s_zoom, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    angle = tf.random.stateless_uniform([], s_rot, -10.0, 10.0) * math.pi / 180
+    zoom = tf.random.stateless_uniform([], s_zoom, 1 - 0.1, 1 + 0.1)
+    flip = tf.random.stateless_uniform([], s_flip) < 0.5
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    sx = tf.where(flip, -1.0, 1.0)
+    a0, a1, b0, b1 = cos * sx, -sin, sin * sx, cos
+    c = (24 - 1) / 2
+    t = tf.stack([a0, a1, c - a0 * c - a1 * c, b0, b1, c - b0 * c - b1 * c, 0.0, 0.0])[None]
+    old = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=t, output_shape=[24, 24], fill_value=-1.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")[0].numpy()
+    np.testing.assert_array_equal(_aug(image, [s, 7], *AUG), old)
+
+
+@pytest.mark.parametrize("ops,message", [
+    (("spin(3)",), "unknown augmentation op"), (("rotate",), "takes a number"),
+    (("flip_lr(1)",), "takes no number"), (("zoom(x)",), "is not a number")])
+def test_bad_augmentation_ops_say_what_is_valid(ops, message):
+  with pytest.raises(ValueError, match=message):
+    pipeline.parse_ops(ops)
 
 
 def test_batch_larger_than_split_is_a_clear_error():

@@ -126,3 +126,65 @@ def test_predict_png_jpeg_and_dicom_and_skip_what_cannot_be_read(run, tmp_path):
   assert "skipped" in predict.table(rows, classes, skipped, "table")
   with pytest.raises(FileNotFoundError, match="not an xrayjax run directory"):
     predict.predict(str(tmp_path), [str(folder)])
+
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "detl_runlocal_predictions.csv")
+
+
+def test_the_runner_reproduces_the_detl_run_made_before_it(run):
+  """tests/golden holds the runlocal DETL predictions of the DETL-shaped experiment.py that
+  the method-agnostic runner replaced (commit f11f2e2, same test settings): same images,
+  folds, classes and probabilities."""
+  workdir, _ = run
+  with open(GOLDEN) as f:
+    golden = list(csv.DictReader(f))
+  with open(os.path.join(workdir, "results_predictions.csv")) as f:
+    now = list(csv.DictReader(f))
+  assert [(r["fold"], r["image_id"], r["label"], r["prediction"]) for r in now] == \
+      [(r["fold"], r["image_id"], r["label"], r["prediction"]) for r in golden]
+  for a, b in zip(now, golden):
+    for k in b:
+      if k.startswith("p_"):
+        assert abs(float(a[k]) - float(b[k])) < 1e-4, (a["image_id"], k, a[k], b[k])
+
+
+def test_predict_feeds_the_model_what_training_fed_it(run, tmp_path):
+  """The images of fold 0's test set, written as the PNGs the builder stored, come out of
+  predict.load exactly as the training pipeline gave them to the model, and predict scores
+  them as the run did."""
+  import numpy as np
+  from PIL import Image
+
+  from ml_collections import config_dict
+  from xrayjax import files, predict
+  from xrayjax.data.sources import native
+  workdir, _ = run
+  config = config_dict.ConfigDict(files.read_json(os.path.join(workdir, "config.json")))
+  cohort, plan = experiment.prepare(config)
+  test = plan.evaluations[0].test
+  fed = {ex["index"]: ex["image"] for ex in cohort.dataset(test, plan.labels,
+                                                          config.data.image_size)
+         .as_numpy_iterator()}
+  fed = np.stack([fed[k] for k in range(len(test))])
+  builder = cohort.builders[0]
+  stored = {ex["image_id"].decode(): ex["image"] for ex in
+            builder.as_dataset(split="train").as_numpy_iterator()}
+  paths = []
+  for k, image_id in enumerate(cohort.meta["image_id"][test]):
+    paths.append(str(tmp_path / f"{k:03d}_{image_id}.png"))
+    Image.fromarray(stored[image_id][..., 0]).save(paths[-1])
+  size = config.data.synthetic.image_size
+  loaded, ok, skipped = predict.load(paths, size, config.data.image_size)
+  assert ok == paths and not skipped
+  np.testing.assert_array_equal(loaded, fed)
+  # A single PIL resize (what predict used to do) gives the model other inputs.
+  once = np.stack([native.resize(stored[i][..., 0], config.data.image_size)
+                   for i in cohort.meta["image_id"][test]])
+  assert np.abs(once.astype(int) - fed[..., 0].astype(int)).max() > 0
+  rows, _, classes = predict.predict(workdir, paths, fold="0", overlays="none")
+  with open(os.path.join(workdir, "results_predictions.csv")) as f:
+    scored = {r["image_id"]: r for r in csv.DictReader(f) if r["fold"] == "0"}
+  for path, row in zip(paths, rows):
+    image_id = os.path.basename(path)[4:-4]
+    for c in classes:
+      assert abs(row[f"p_{c}"] - float(scored[image_id][f"p_{c}"])) < 1e-5

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import dicom_files
-from configs import detl
+from configs import common, detl
 from xrayjax.data import pipeline, sources, tasks
 from xrayjax.data.sources import covidx, ieee8023_covid, native, nih_cxr14, rsna_pneumonia
 
@@ -31,7 +31,7 @@ def _image(seed, shape=(80, 64)):
 
 
 def _build(tmp_path, source, root, size=32, **options):
-  c = detl.data_config(source)
+  c = common.data_config(source)
   c.tfds_dir = str(tmp_path / "tfds")
   c[source].update(root=str(root), image_size=size, **options)
   b = sources.builder(c, source)
@@ -197,7 +197,7 @@ def test_covidx_label_files_and_patient_ids_shared_with_their_collections(tmp_pa
 def test_a_directory_in_another_layout_is_refused_with_what_was_expected(tmp_path, source,
                                                                          expected):
   (tmp_path / "something_else.txt.gz").write_text("x")
-  c = detl.data_config(source)
+  c = common.data_config(source)
   c[source].root = str(tmp_path)
   with pytest.raises(native.LayoutError, match=expected) as e:
     sources.builder(c, source)
@@ -267,22 +267,24 @@ def test_the_papers_data_nih_for_data_a_and_nih_plus_ieee8023_for_data_b(tmp_pat
   c.data.ieee8023_covid.update(root=str(ieee), image_size=32)
   c.data_b.update(images_per_class={"normal": 4, "pneumonia": 0, "other_disease": 6, "covid": 0},
                   val_fraction=0.5)
-  _, meta, info = experiment.load_data(c)
-  assert set(info["build_reports"]) == {"nih_cxr14", "ieee8023_covid"}
-  p = experiment.plan(meta, c)
-  summary = experiment.describe(meta, p)
-  assert summary["data_b"] == {"normal": 4, "pneumonia": 6, "other_disease": 6, "covid": 6}
-  from_ieee = summary["data_b_label_by_source"]["ieee8023_covid"]
+  cohort, p = experiment.prepare(c)
+  meta = cohort.meta
+  assert set(cohort.build_reports()) == {"nih_cxr14", "ieee8023_covid"}
+  summary = experiment.describe(cohort, p)
+  assert summary["partitions"]["data_b"] == {"normal": 4, "pneumonia": 6, "other_disease": 6,
+                                             "covid": 6}
+  from_ieee = summary["evaluated_label_by_source"]["ieee8023_covid"]
   assert from_ieee["covid"] == 6 and from_ieee["pneumonia"] == from_ieee["other_disease"] == 0
-  b_other = p["data_b"][p["labels_b"][p["data_b"]] == 2]
+  data_b = p.partitions["data_b"]
+  b_other = data_b[p.labels[data_b] == 2]
   assert sorted(meta["label"][b_other]) == sorted(tasks.DETL_OTHER)  # one of each of the six
-  a = np.concatenate([p["a_train"], p["a_val"]])
+  a = p.stage("stage_a").rows()
   assert set(meta["source"][a]) == {"nih_cxr14"}  # ieee8023's normals stay out of Data-A
-  assert summary["data_b_patients_also_in_data_a"] == 0
+  assert summary["test_patients_seen_in_training"] == 0
   assert not any("Pneumonia" in l for l in meta["label"][a])
-  n_a = sum(summary["data_a_train"].values()) + sum(summary["data_a_val"].values())
+  n_a = len(a)
   # NIH's normals not in Data-B, 12 other findings, the 6 unused single-finding images.
-  assert n_a == 14 - summary["data_b_label_by_source"]["nih_cxr14"]["normal"] + 12 + 6
+  assert n_a == 14 - summary["evaluated_label_by_source"]["nih_cxr14"]["normal"] + 12 + 6
 
 # --- the shared real samples --------------------------------------------------------------------
 

@@ -54,6 +54,10 @@ class StageCheckpoints:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+  def restore_raw(self, step: int) -> dict:
+    """The state saved at `step` as host arrays, in the structure it was saved with."""
+    return self._manager.restore(step, args=ocp.args.StandardRestore())
+
   def restore_or_init(self, init_state):
     """(state, step): the latest checkpoint, or `init_state` and 0 if there is none."""
     step = self.latest_step()

@@ -14,6 +14,22 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def write_text(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_with(path: str, save) -> None:
+  """`save(tmp_path)` writes the file (e.g. matplotlib's savefig); it lands atomically at
+  `path`. The temporary name keeps the suffix, so writers that infer the format work."""
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp{ext}"
+  save(tmp)
+  os.replace(tmp, path)
+
+
 def read_json(path: str):
   with open(path) as f:
     return json.load(f)

@@ -55,7 +55,7 @@ def main(argv):
     config = _CONFIG.value
     if not workdir:
       stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-      workdir = os.path.join("checkpoints", f"detl-{config.model_name}-{stamp}")
+      workdir = os.path.join("checkpoints", f"{config.method}-{config.model_name}-{stamp}")
   logging.info("workdir: %s", workdir)
   experiment.run(config, workdir, _MODE.value, _ALLOW_CONFIG_CHANGE.value)
 

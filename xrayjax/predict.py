@@ -3,11 +3,13 @@ r"""Predicts PNG, JPEG or DICOM chest X-rays with a trained run, with a Grad-CAM
   python -m xrayjax.predict --workdir=checkpoints/detl-vgg16-... scan1.dcm scans/ xray.png
   python -m xrayjax.predict --workdir=RUN --fold=2 --format=csv --output=pred.csv FILES...
 
---fold=all (default) averages the class probabilities (and the Grad-CAM maps) of every
-fold's stage-B model: an ensemble of the cross-validation models. --fold=K uses fold K's.
-Folders are searched recursively for .png, .jpg, .jpeg and .dcm files. Images are decoded as
-the builders decode them (DICOM: modality and VOI LUT, MONOCHROME1, any bit depth, JPEG and
-JPEG 2000), squashed to the model's input size and normalised. A file that cannot be read is
+--fold=all (default) averages the class probabilities (and the Grad-CAM maps) of the model
+every fold evaluated (the run's plan.json names them): an ensemble of the cross-validation
+models. --fold=K uses fold K's. Folders are searched recursively for .png, .jpg, .jpeg and
+.dcm files. Images reach the model exactly as training images did: decoded as the builders
+decode them (DICOM: modality and VOI LUT, MONOCHROME1, any bit depth, JPEG and JPEG 2000),
+squashed to the size the run's data were built at, resized to the model's input by the
+training pipeline's resize, and normalised. A file that cannot be read is
 reported with its reason and skipped; the others are still predicted. Overlays (the image
 beside its map for the predicted class) go to --overlays (default WORKDIR/predictions/).
 """
@@ -30,7 +32,7 @@ _OVERLAYS = flags.DEFINE_string("overlays", None,
                                 "`none` to skip).")
 _TARGET = flags.DEFINE_string("gradcam_target", None,
                               "Map to explain (default: the run's eval.gradcam.target).")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Images per batch.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Images per batch (a multiple of the devices).")
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
@@ -47,8 +49,16 @@ def find_images(paths: list[str]) -> list[str]:
   return out
 
 
-def load(paths: list[str], size: int) -> tuple[np.ndarray, list[str], list[dict]]:
-  """(images [n, size, size, 1] in [-1, 1], the paths read, [{file, reason}] skipped)."""
+def load(paths: list[str], stored_size: int, image_size: int
+         ) -> tuple[np.ndarray, list[str], list[dict]]:
+  """(uint8 images [n, image_size, image_size, 1] as training fed them, the paths read,
+  [{file, reason}] skipped).
+
+  Each file goes the way a training image went: decoded as the builders decode it, squashed
+  to the size the run's data were built at (`stored_size`, as the builders store it), then
+  resized to the model's input by the pipeline's own resize (pipeline.to_model_size).
+  """
+  from xrayjax.data import pipeline
   from xrayjax.data.sources import native
   images, ok, skipped = [], [], []
   for p in paths:
@@ -57,54 +67,59 @@ def load(paths: list[str], size: int) -> tuple[np.ndarray, list[str], list[dict]
     except native.SkippedImage as e:
       skipped.append({"file": p, "reason": str(e)})
       continue
-    images.append(native.resize(image, size).astype(np.float32) / 127.5 - 1.0)
+    stored = native.resize(image, stored_size)[..., None]
+    images.append(np.asarray(pipeline.to_model_size(stored, image_size)))
     ok.append(p)
-  return (np.stack(images)[..., None] if images else np.zeros((0, size, size, 1), np.float32),
+  return (np.stack(images) if images else np.zeros((0, image_size, image_size, 1), np.uint8),
           ok, skipped)
 
 
 class Predictor:
-  """The stage-B model(s) of a trained run."""
+  """The evaluated models of a trained run (one per fold), read from its plan.json."""
 
   def __init__(self, workdir: str, fold: str = "all"):
     from ml_collections import config_dict
 
-    from xrayjax import experiment, files, models, train
-    from xrayjax.data import tasks
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} not found: --workdir is not an xrayjax run directory")
-    self.config = config = config_dict.ConfigDict(files.read_json(path))
-    self.classes = tasks.get(config.data_b.task).classes
+    from xrayjax import files, infer, models, sharding
+    from xrayjax.data import sources
+    for name in ("config.json", "plan.json"):
+      if not os.path.exists(os.path.join(workdir, name)):
+        raise FileNotFoundError(f"{os.path.join(workdir, name)} not found: --workdir is not an "
+                                "xrayjax run directory (or was made by an older version: "
+                                "re-run it)")
+    self.config = config = config_dict.ConfigDict(files.read_json(os.path.join(workdir,
+                                                                               "config.json")))
+    plan = files.read_json(os.path.join(workdir, "plan.json"))
+    evaluations = plan["evaluations"]
+    if fold != "all":
+      evaluations = [e for e in evaluations if str(e["fold"]) == str(fold)]
+      if not evaluations:
+        raise ValueError(f"--fold={fold}: the run has folds "
+                         f"{[e['fold'] for e in plan['evaluations']]} (or `all`)")
+    self.classes = tuple(plan["classes"])
     self.model = models.build(config.model_name, len(self.classes), config.model)
     self.size = config.data.image_size
-    spec = models.spec(config.model_name)
-    folds = range(config.folds) if fold == "all" else [int(fold)]
-    init = experiment.init_variables(self.model, self.size, 0)
-    self.variables = [
-        train.restore_selected(self.model, init, os.path.join(workdir, f"fold{k}", "stage_b"),
-                               config.stage_b, tuple(config.stage_b.param_rules),
-                               spec.PARAM_GROUPS) for k in folds]
-    self.folds = list(folds)
+    self.stored_size = sources.stored_size(config.data)
+    self.mesh = sharding.make_mesh()
+    self.variables = [infer.restore(os.path.join(workdir, e["stage"])) for e in evaluations]
+    self.folds = [e["fold"] for e in evaluations]
 
   def __call__(self, images: np.ndarray, batch: int, target: str | None = None):
     """(probabilities [n, C] averaged over the models, Grad-CAM [n, s, s] of the predicted
-    class, averaged over the models; None when `target` is None)."""
-    import jax
-    import jax.numpy as jnp
-
+    class, averaged over the models; None when `target` is None). `images` as `load`
+    returns them."""
+    from xrayjax import infer
+    from xrayjax.data import pipeline
     from xrayjax.evaluate import audit, gradcam
-    logits_fn = jax.jit(lambda v, x: jax.nn.softmax(self.model.apply(v, x, train=False)[0]))
-    probs = []
-    for v in self.variables:
-      probs.append(np.concatenate([np.asarray(logits_fn(v, jnp.asarray(images[s:s + batch])))
-                                   for s in range(0, len(images), batch)]))
-    probs = np.mean(probs, axis=0)
+    ds, n = pipeline.from_arrays(images), len(images)
+    predict_fn = infer.make_predict_fn(self.model, self.mesh)
+    probs = np.mean([infer.predict(predict_fn, v, ds, n, batch, self.mesh)[0]
+                     for v in self.variables], axis=0)
     if target is None:
       return probs, None
     cam_fn = gradcam.make_fn(self.model, target, self.config.eval.gradcam.method)
-    chosen = probs.argmax(-1).astype(np.int32)
-    cams = np.mean([audit.maps(cam_fn, v, images, chosen, batch)["cam"]
+    chosen = probs.argmax(-1)
+    cams = np.mean([audit.maps(cam_fn, v, ds, n, chosen, batch, self.mesh)["cam"]
                     for v in self.variables], axis=0)
     return probs, cams
 
@@ -137,7 +152,7 @@ def predict(workdir: str, paths: list[str], fold: str = "all", overlays: str | N
   from xrayjax.evaluate import audit
   predictor = Predictor(workdir, fold)
   files_ = find_images(paths)
-  images, ok, skipped = load(files_, predictor.size)
+  images, ok, skipped = load(files_, predictor.stored_size, predictor.size)
   for s in skipped:
     logging.warning("skipped %s: %s", s["file"], s["reason"])
   if not ok:

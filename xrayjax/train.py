@@ -15,7 +15,7 @@ import optax
 import tensorflow as tf
 from absl import logging
 
-from xrayjax import checkpoint, optim, sharding
+from xrayjax import checkpoint, infer, optim, sharding
 from xrayjax.data import pipeline
 
 
@@ -76,94 +76,66 @@ def make_train_step(model, tx: optax.GradientTransformation, key: jax.Array,
   return train_step
 
 
-def make_predict_fn(model, mesh) -> Callable:
-  """Jitted `predict(variables, batch)`: class probabilities with the batch's label, index and
-  mask.
-
-  Outputs are replicated, so on multi-host jobs every process sees the whole global batch.
-  """
-
-  def predict(variables, batch):
-    logits, _ = model.apply(variables, batch["image"], train=False)
-    return {"probs": jax.nn.softmax(logits.astype(jnp.float32)), "label": batch["label"],
-            "index": batch["index"], "mask": batch["mask"]}
-
-  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
-
-
-def predict_dataset(predict_fn, variables, ds, num_examples: int, batch_size: int, mesh):
-  """(probs [n, C], labels [n], index [n]) for every example exactly once, sorted by index."""
-  outs = []
-  for batch in pipeline.eval_batches(ds, num_examples, batch_size, jax.process_index(),
-                                     jax.process_count()):
-    out = jax.device_get(predict_fn(variables, sharding.to_global(batch, mesh)))
-    keep = out["mask"] > 0
-    outs.append({k: np.asarray(v)[keep] for k, v in out.items()})
-  probs, labels, index = (np.concatenate([o[k] for o in outs]) for k in ("probs", "label", "index"))
-  order = np.argsort(index)
-  return probs[order], labels[order], index[order]
-
-
-def restore_selected(model, init_variables, ckpt_dir: str, cfg, rules, groups) -> dict:
-  """The variables a finished stage selected (what its stage summary names), on the host.
-
-  Raises FileNotFoundError when the stage has not finished.
-  """
-  ckpts = checkpoint.StageCheckpoints(ckpt_dir)
-  try:
-    if ckpts.summary() is None:
-      raise FileNotFoundError(f"{ckpt_dir} holds no finished training stage: train it first "
-                              "(python -m xrayjax.main ... --workdir=...)")
-    init = variables_of(init_variables)
-    tx = optim.make(cfg.optimizer, 1, init["params"], rules, groups)
-    return jax.device_get(ckpts.best(TrainState.create(init, tx)).variables)
-  finally:
-    ckpts.close()
-
-
 @dataclasses.dataclass
 class StageData:
-  """What a stage trains and validates on (datasets from `pipeline.select`)."""
-  train: Any
-  num_train: int
+  """What a stage trains and validates on: per phase (dataset, images) from
+  `Cohort.dataset`, and the validation dataset (None: no validation)."""
+  phases: list[tuple[Any, int]]
   val: Any = None
   num_val: int = 0
 
 
-def train_stage(*, name: str, model, init_variables, rules, groups, cfg, data: StageData,
-                select: str, ckpt_dir: str, seed: int, augment_cfg, mesh, log_every: int,
-                tb_dir: str | None, require_finished: bool = False) -> tuple[Any, dict]:
-  """Trains one stage (or skips it when finished) and returns (selected variables, summary).
+def epoch_schedule(phase_sizes: list[int], phase_epochs: list[int], batch_size: int
+                   ) -> list[dict]:
+  """Every epoch of a stage in order: {phase, epoch (within the phase), steps, end (the
+  stage's step count when it ends)}; a checkpoint's step maps to the epoch it ends."""
+  out, end = [], 0
+  for p, (n, epochs) in enumerate(zip(phase_sizes, phase_epochs)):
+    steps = pipeline.steps_per_epoch(n, batch_size)
+    for e in range(epochs):
+      end += steps
+      out.append({"phase": p, "epoch": e, "steps": steps, "end": end})
+  return out
+
+
+def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_dir: str, mesh,
+                log_every: int, tb_dir: str | None, require_finished: bool = False
+                ) -> tuple[Any, dict]:
+  """Trains one planned stage (or skips it when finished): (selected variables, summary).
+
+  All phases run on one optimizer state (and one learning-rate schedule over the whole
+  stage), as the authors' successive Keras `fit` calls do. Checkpoints are written at the end
+  of every epoch; a killed run resumes at the next epoch of the right phase.
 
   Args:
-    name: label for logs, e.g. "stage_a" or "fold2/stage_b".
+    stage: a methods.Stage (phases, optimizer, freezing rules, batch sizes, selection,
+      seeds, augmentation).
     model: Flax module.
     init_variables: starting {"params", "batch_stats"} (host or device pytrees).
-    rules: freezing rules (see optim.param_labels); groups: the model's PARAM_GROUPS.
-    cfg: the stage config (epochs, batch_size, eval_batch_size, optimizer).
-    data: the stage's datasets.
-    select: which checkpoint the stage returns: "best" validation accuracy or "last".
+    groups: the model's PARAM_GROUPS (for the freezing rules).
+    data: the stage's datasets, one per phase.
     ckpt_dir: this stage's checkpoint directory.
-    seed: seeds the data order, augmentation and dropout.
-    augment_cfg: config.augment.
     mesh: device mesh.
     log_every: steps between progress lines.
     tb_dir: TensorBoard directory (None: no events).
     require_finished: only restore (evaluation): fail if the stage never finished.
   """
+  name, cfg = stage.name, stage
   ckpts = checkpoint.StageCheckpoints(ckpt_dir)
   replicated = sharding.replicated(mesh)
-  steps_per_epoch = pipeline.steps_per_epoch(data.num_train, cfg.batch_size)
-  total_steps = steps_per_epoch * cfg.epochs
+  schedule = epoch_schedule([n for _, n in data.phases], [p.epochs for p in stage.phases],
+                            stage.batch_size)
+  total_steps = schedule[-1]["end"]
   init = jax.device_put(variables_of(init_variables), replicated)
-  tx = optim.make(cfg.optimizer, total_steps, init["params"], rules, groups)
+  rules = tuple(stage.param_rules)
+  tx = optim.make(stage.optimizer, total_steps, init["params"], rules, groups)
   stats_rules = optim.param_labels(init["batch_stats"], rules, groups)
   state = jax.jit(lambda v: TrainState.create(v, tx), out_shardings=replicated)(init)
 
   summary = ckpts.summary()
   if summary is not None:
-    logging.info("[%s] finished earlier (best step %d): skipping", name, summary["selected_step"])
+    logging.info("[%s] finished earlier (selected step %d): skipping", name,
+                 summary["selected_step"])
     variables = ckpts.best(state).variables
     ckpts.close()
     return variables, summary
@@ -172,29 +144,38 @@ def train_stage(*, name: str, model, init_variables, rules, groups, cfg, data: S
     ckpts.close()
     raise FileNotFoundError(f"[{name}] has not finished training in {ckpt_dir}: run "
                             "--mode=train with this workdir first")
-  if select == "best" and data.val is None:
-    raise ValueError(f"[{name}] select='best' needs a validation split; use select='last'")
   sharding.check_batch_size(cfg.batch_size, mesh, f"[{name}] batch_size")
   sharding.check_batch_size(cfg.eval_batch_size, mesh, f"[{name}] eval_batch_size")
   state, step = ckpts.restore_or_init(state)
-  if step % steps_per_epoch:
-    raise ValueError(f"[{name}] checkpoint step {step} is not at an epoch end of "
-                     f"{steps_per_epoch} steps: {ckpt_dir} was written by a different config")
+  ends = [e["end"] for e in schedule]
+  if step and step not in ends:
+    raise ValueError(f"[{name}] checkpoint step {step} is not at an epoch end of this stage's "
+                     f"schedule: {ckpt_dir} was written by a different config")
+  first = ends.index(step) + 1 if step else 0
   if step:
-    logging.info("[%s] resuming from step %d (epoch %d of %d)", name, step,
-                 step // steps_per_epoch, cfg.epochs)
+    e = schedule[first - 1]
+    logging.info("[%s] resuming from step %d (phase %d of %d, epoch %d of %d)", name, step,
+                 e["phase"] + 1, len(stage.phases), e["epoch"] + 1,
+                 stage.phases[e["phase"]].epochs)
 
-  key = jax.random.PRNGKey(seed)
-  predict_fn = make_predict_fn(model, mesh)
+  key = jax.random.PRNGKey(stage.seed)
+  predict_fn = infer.make_predict_fn(model, mesh)
   step_fn = jax.jit(make_train_step(model, tx, key, stats_rules),
                     in_shardings=(replicated, sharding.batch_sharding(mesh)),
                     out_shardings=(replicated, replicated), donate_argnums=0)
   writer = tf.summary.create_file_writer(tb_dir) if tb_dir and jax.process_index() == 0 else None
   start_time, start_step = time.time(), step
-  for epoch in range(step // steps_per_epoch, cfg.epochs):
+  phased = len(stage.phases) > 1
+  for index in range(first, len(schedule)):
+    e = schedule[index]
+    where = (f"phase {e['phase'] + 1}/{len(stage.phases)} " if phased else "") + \
+        f"epoch {e['epoch'] + 1}/{stage.phases[e['phase']].epochs}"
+    ds, num = data.phases[e["phase"]]
+    # The epoch's randomness is keyed by its index in the whole stage (one phase: the epoch).
+    batches = pipeline.train_batches(ds, num, cfg.batch_size, stage.seed, index,
+                                     tuple(stage.augment), jax.process_index(),
+                                     jax.process_count())
     sums = None
-    batches = pipeline.train_batches(data.train, data.num_train, cfg.batch_size, seed, epoch,
-                                     augment_cfg, jax.process_index(), jax.process_count())
     for batch in batches:
       state, metrics = step_fn(state, sharding.to_global(batch, mesh))
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
@@ -204,27 +185,27 @@ def train_stage(*, name: str, model, init_variables, rules, groups, cfg, data: S
         _check_finite(name, step, loss, ckpts)
         rate = (step - start_step) / (time.time() - start_time)
         eta = (total_steps - step) / max(rate, 1e-9)
-        logging.info("[%s] epoch %d/%d step %d/%d loss %.4f | %.2f steps/s, ETA %s", name,
-                     epoch + 1, cfg.epochs, step, total_steps, loss, rate, _hms(eta))
+        logging.info("[%s] %s step %d/%d loss %.4f | %.2f steps/s, ETA %s", name, where, step,
+                     total_steps, loss, rate, _hms(eta))
         _write_scalars(writer, step, {"train/loss_step": loss})
-    epoch_metrics = {f"train_{k}": float(v) / steps_per_epoch for k, v in sums.items()}
+    epoch_metrics = {f"train_{k}": float(v) / e["steps"] for k, v in sums.items()}
     _check_finite(name, step, epoch_metrics["train_loss"], ckpts)
     if data.val is not None:
-      probs, labels, _ = predict_dataset(predict_fn, state.variables, data.val, data.num_val,
-                                         cfg.eval_batch_size, mesh)
+      probs, labels, _ = infer.predict(predict_fn, state.variables, data.val, data.num_val,
+                                       cfg.eval_batch_size, mesh)
       epoch_metrics["val_accuracy"] = float(np.mean(probs.argmax(-1) == labels))
-    epoch_metrics["select_metric"] = (epoch_metrics["val_accuracy"] if select == "best"
+    epoch_metrics["select_metric"] = (epoch_metrics["val_accuracy"] if stage.select == "best"
                                       else float(step))
     ckpts.save(state, step, epoch_metrics)
     _write_scalars(writer, step, epoch_metrics)
-    logging.info("[%s] epoch %d/%d done: %s", name, epoch + 1, cfg.epochs,
+    logging.info("[%s] %s done: %s", name, where,
                  ", ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items()
                            if k != "select_metric"))
 
   best_step = ckpts.best_step()
   variables = ckpts.best(state).variables
-  summary = {"selected_step": int(best_step), "select": select, "total_steps": total_steps,
-             "selected_metrics": ckpts.metrics(best_step)}
+  summary = {"selected_step": int(best_step), "select": stage.select, "total_steps": total_steps,
+             "phases": len(stage.phases), "selected_metrics": ckpts.metrics(best_step)}
   ckpts.finish(summary)
   ckpts.close()
   if writer:

@@ -79,14 +79,46 @@ def _select_one(builder, image_ids, positions, label_of, image_size, split):
   def prepare(ex):
     index = table.lookup(ex["image_id"])
     image = image_feature.decode_example(ex["image"])  # only the selected images are decoded
-    if image.shape[0] != image_size or image.shape[1] != image_size:
-      image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size),
-                              antialias=True)
-      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    return {"image": image, "label": tf.gather(label_of, index), "index": tf.cast(index, tf.int32)}
+    return {"image": to_model_size(image, image_size), "label": tf.gather(label_of, index),
+            "index": tf.cast(index, tf.int32)}
 
   ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_images(builder))
   return ds.filter(keep).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def to_model_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  """A stored uint8 image [h, w, 1] -> the model's input size (antialiased, rounded to uint8).
+
+  The one resize between a built image and the model: training, evaluation and `predict`
+  all go through it.
+  """
+  if image.shape[0] == image_size and image.shape[1] == image_size:
+    return image
+  image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size), antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def from_arrays(images: np.ndarray, **fields: np.ndarray) -> tf.data.Dataset:
+  """In-memory uint8 images [n, s, s, 1] (and per-image `fields`) as a dataset like `select`'s:
+  {image, label (0 unless given), index, **fields}."""
+  n = len(images)
+  data = {"image": np.asarray(images, np.uint8),
+          "label": np.asarray(fields.pop("label", np.zeros(n)), np.int32),
+          "index": np.arange(n, dtype=np.int32), **fields}
+  return tf.data.Dataset.from_tensor_slices(data)
+
+
+def with_field(ds: tf.data.Dataset, name: str, values: np.ndarray) -> tf.data.Dataset:
+  """`ds` with `name` = values[index] added to every example."""
+  table = tf.constant(values)
+  return ds.map(lambda ex: {**ex, name: tf.gather(table, ex["index"])})
+
+
+def images(ds: tf.data.Dataset, indices) -> dict[int, np.ndarray]:
+  """{index: uint8 image [s, s]} of the chosen examples of `ds` (e.g. for a gallery)."""
+  wanted = set(int(i) for i in indices)
+  return {int(ex["index"]): ex["image"][..., 0] for ex in ds.as_numpy_iterator()
+          if int(ex["index"]) in wanted}
 
 
 def normalise(image: tf.Tensor) -> tf.Tensor:
@@ -94,31 +126,83 @@ def normalise(image: tf.Tensor) -> tf.Tensor:
   return tf.cast(image, tf.float32) / 127.5 - 1.0
 
 
-def augment(image: tf.Tensor, seed: tf.Tensor, rotation_deg: float, scale: float,
-            mirror: bool) -> tf.Tensor:
-  """The DETL paper's augmentation: random rotation, scaling and mirroring.
+AUGMENT_OPS = ("rotate", "zoom", "zoom_xy", "shift", "shear", "flip_lr", "flip_ud")
+
+
+def parse_ops(ops) -> list[tuple[str, float]]:
+  """("rotate(10)", "flip_lr", ...) -> [("rotate", 10.0), ("flip_lr", 0.0), ...].
+
+  Ops (each draws its own random value per image and epoch; all compose into one affine
+  resampling, so the order only decides which random key each op gets):
+    rotate(d): rotation by uniform(-d, d) degrees (rotate(360): any angle).
+    zoom(r): isotropic scaling by uniform(1 - r, 1 + r) (DETL's "scaling").
+    zoom_xy(r): width and height scaled independently by uniform(1 - r, 1 + r) (Keras
+      ImageDataGenerator's zoom_range).
+    shift(r): translation by uniform(-r, r) of the width and, independently, the height.
+    shear(d): shear by uniform(-d, d) degrees (Keras's shear_range, which is in degrees).
+    flip_lr, flip_ud: mirror left-right / top-bottom with probability 1/2.
+  """
+  out = []
+  for op in ops:
+    name, _, arg = str(op).strip().partition("(")
+    if name not in AUGMENT_OPS or (arg and not arg.endswith(")")):
+      raise ValueError(f"unknown augmentation op {op!r}; valid ops: {AUGMENT_OPS}, e.g. "
+                       "('rotate(10)', 'zoom(0.1)', 'flip_lr')")
+    needs_arg = not name.startswith("flip")
+    if needs_arg != bool(arg):
+      raise ValueError(f"augmentation op {op!r}: {name} " +
+                       ("takes a number, e.g. rotate(10)" if needs_arg else "takes no number"))
+    try:
+      out.append((name, float(arg[:-1]) if arg else 0.0))
+    except ValueError:
+      raise ValueError(f"augmentation op {op!r}: {arg[:-1]!r} is not a number") from None
+  return out
+
+
+def augment(image: tf.Tensor, seed: tf.Tensor, ops: list[tuple[str, float]]) -> tf.Tensor:
+  """Random affine augmentation of one image by `ops` (parse_ops), stateless.
 
   Args:
     image: float32 [h, w, c] in [-1, 1].
-    seed: int64 [2] stateless seed.
-    rotation_deg: maximum absolute rotation in degrees.
-    scale: maximum relative zoom (0.1 -> 0.9..1.1).
-    mirror: flip left-right with probability 1/2.
+    seed: int64 [2] stateless seed; op k draws from the k-th of its splits.
+    ops: parsed ops. Pixels from outside the image are black (-1).
   """
-  s_rot, s_zoom, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-  angle = tf.random.stateless_uniform([], s_rot, -rotation_deg, rotation_deg) * math.pi / 180
-  zoom = tf.random.stateless_uniform([], s_zoom, 1 - scale, 1 + scale)
-  flip = tf.logical_and(tf.constant(mirror), tf.random.stateless_uniform([], s_flip) < 0.5)
+  if not ops:
+    return image
+  keys = tf.unstack(tf.random.experimental.stateless_split(seed, len(ops)))
+  zero, one = tf.constant(0.0), tf.constant(1.0)
+  angle = shear = tx = ty = zero
+  zx = zy = sx = sy = one
   h = tf.cast(tf.shape(image)[0], tf.float32)
   w = tf.cast(tf.shape(image)[1], tf.float32)
+  for (name, v), key in zip(ops, keys):
+    if name == "rotate":
+      angle = tf.random.stateless_uniform([], key, -v, v) * math.pi / 180
+    elif name == "zoom":
+      zx = zy = tf.random.stateless_uniform([], key, 1 - v, 1 + v)
+    elif name == "zoom_xy":
+      zx, zy = tf.unstack(tf.random.stateless_uniform([2], key, 1 - v, 1 + v))
+    elif name == "shift":
+      fx, fy = tf.unstack(tf.random.stateless_uniform([2], key, -v, v))
+      tx, ty = fx * w, fy * h
+    elif name == "shear":
+      shear = tf.random.stateless_uniform([], key, -v, v) * math.pi / 180
+    elif name == "flip_lr":
+      sx = tf.where(tf.random.stateless_uniform([], key) < 0.5, -1.0, 1.0)
+    elif name == "flip_ud":
+      sy = tf.where(tf.random.stateless_uniform([], key) < 0.5, -1.0, 1.0)
   cx, cy = (w - 1) / 2, (h - 1) / 2
-  cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
-  sx = tf.where(flip, -1.0, 1.0)  # mirror: x_out -> w - 1 - x_out before rotating
-  # Output pixel (x, y) samples input at R/zoom @ (mirror(x) - c) + c.
-  a0, a1 = cos * sx, -sin
-  b0, b1 = sin * sx, cos
-  a2 = cx - a0 * cx - a1 * cy
-  b2 = cy - b0 * cx - b1 * cy
+  # Output pixel p samples the input at R(angle) Shear(shear) diag(1/zx, 1/zy) diag(sx, sy)
+  # (p - c) + c + t. (With shear 0, t 0 and zx = zy the terms below reduce exactly, bit for
+  # bit, to the rotation-zoom-mirror form DETL's runs were made with.)
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  cos_s, sin_s = tf.cos(shear), tf.sin(shear)
+  a0 = cos / zx * sx
+  a1 = -(sin * cos_s + cos * sin_s) / zy * sy
+  b0 = sin / zx * sx
+  b1 = (cos * cos_s - sin * sin_s) / zy * sy
+  a2 = cx - a0 * cx - a1 * cy + tx
+  b2 = cy - b0 * cx - b1 * cy + ty
   transform = tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None]
   out = tf.raw_ops.ImageProjectiveTransformV3(
       images=image[None], transforms=transform, output_shape=tf.shape(image)[:2],
@@ -131,19 +215,20 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def train_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int, seed: int,
-                  epoch: int, augment_config, process_index: int = 0,
+                  epoch: int, augment_ops=(), process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """One epoch of shuffled, augmented, full batches (the remainder is dropped)."""
+  """One epoch of shuffled, augmented (`augment_ops`, see parse_ops) full batches (the
+  remainder is dropped)."""
   steps = steps_per_epoch(num_examples, global_batch)
   local_batch = global_batch // process_count
   epoch_seed = _epoch_seed(seed, epoch)
-  aug = augment_config
+  ops = parse_ops(augment_ops)
 
   def prepare(ex):
     image = normalise(ex["image"])
-    if aug.enabled:
+    if ops:
       key = tf.stack([tf.constant(epoch_seed % (2**62), tf.int64), tf.cast(ex["index"], tf.int64)])
-      image = augment(image, key, aug.rotation_deg, aug.scale, aug.mirror)
+      image = augment(image, key, ops)
     return {"image": image, "label": ex["label"]}
 
   out = (ds.shuffle(num_examples, seed=epoch_seed, reshuffle_each_iteration=False)
@@ -173,7 +258,7 @@ def eval_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int,
   local_batch = global_batch // process_count
   num_batches = math.ceil(num_examples / global_batch)
   ds = ds.shard(process_count, process_index).map(
-      lambda ex: {"image": normalise(ex["image"]), "label": ex["label"], "index": ex["index"]},
+      lambda ex: {**ex, "image": normalise(ex["image"])},
       num_parallel_calls=tf.data.AUTOTUNE).batch(local_batch).prefetch(2)
   it = ds.as_numpy_iterator()
   template = None

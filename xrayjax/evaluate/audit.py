@@ -23,23 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xrayjax import files, infer
+from xrayjax.data import pipeline
 from xrayjax.evaluate import gradcam
 
 
-def maps(cam_fn, variables, images: np.ndarray, classes: np.ndarray, batch: int) -> dict:
-  """Grad-CAM of every image in batches of `batch` (the last one padded): cam, class, probs."""
-  out = {"cam": [], "class": [], "probs": []}
-  for s in range(0, len(images), batch):
-    x, c = images[s:s + batch], classes[s:s + batch]
-    n = len(x)
-    if n < batch:  # one compiled shape
-      x = np.concatenate([x, np.zeros((batch - n,) + x.shape[1:], x.dtype)])
-      c = np.concatenate([c, np.zeros(batch - n, c.dtype)])
-    r = jax.device_get(cam_fn(variables, jnp.asarray(x), jnp.asarray(c)))
-    out["cam"].append(np.asarray(r["cam"])[:n])
-    out["class"].append(np.asarray(r["class"])[:n])
-    out["probs"].append(np.asarray(jax.nn.softmax(r["logits"]))[:n])
-  return {k: np.concatenate(v) for k, v in out.items()}
+def maps(cam_fn, variables, ds, num_examples: int, classes: np.ndarray, batch: int,
+         mesh) -> dict:
+  """Grad-CAM of every image of `ds` for `classes` (per dataset index; -1: predicted), by
+  the one padded-batch loop: {cam, probs, class, map} per image, in index order."""
+  with_class = pipeline.with_field(ds, "class", np.asarray(classes, np.int32))
+  return infer.batched(cam_fn, variables, with_class, num_examples, batch, mesh)
 
 
 def randomised_top(model, variables, image_size: int, groups: dict, seed: int) -> dict:
@@ -56,13 +50,15 @@ def randomised_top(model, variables, image_size: int, groups: dict, seed: int) -
   return out
 
 
-def explain_fold(*, model, variables, images: np.ndarray, labels: np.ndarray,
+def explain_fold(*, model, variables, ds, num_examples: int, labels: np.ndarray,
                  masks: dict, classes, cfg, groups: dict, out_dir: str, names: np.ndarray,
-                 fold: int, seed: int, sanity: bool) -> dict:
-  """Grad-CAM audit of one fold's test images (normalised [n, s, s, 1], true labels)."""
+                 fold: int, seed: int, sanity: bool, mesh) -> dict:
+  """Grad-CAM audit of one fold's test images: `ds` (index k = the k-th test image, true
+  label `labels[k]`, mask `masks[...][k]`, name `names[k]`)."""
   cam_fn = gradcam.make_fn(model, cfg.target, cfg.method)
-  pred = maps(cam_fn, variables, images, np.full(len(images), -1, np.int32), cfg.batch_size)
-  true = maps(cam_fn, variables, images, labels.astype(np.int32), cfg.batch_size)
+  pred = maps(cam_fn, variables, ds, num_examples, np.full(num_examples, -1), cfg.batch_size,
+              mesh)
+  true = maps(cam_fn, variables, ds, num_examples, labels, cfg.batch_size, mesh)
   result = {"fold": fold, "target": cfg.target, "method": cfg.method, "per_image": []}
   lesion, lung = masks["has_lesion"], masks["has_lung"]
   # Each score's chance level: what a uniform map would get (the mask's share of the image).
@@ -75,8 +71,9 @@ def explain_fold(*, model, variables, images: np.ndarray, labels: np.ndarray,
     result["energy_in_lungs"] = gradcam.energy_inside(true["cam"][lung], masks["lung"][lung])
     result["lung_area"] = masks["lung"][lung].mean(axis=(1, 2))
   if sanity:
-    rand = randomised_top(model, variables, images.shape[1], groups, seed)
-    again = maps(cam_fn, rand, images, pred["class"].astype(np.int32), cfg.batch_size)
+    size = int(ds.element_spec["image"].shape[0])
+    rand = randomised_top(model, variables, size, groups, seed)
+    again = maps(cam_fn, rand, ds, num_examples, pred["class"], cfg.batch_size, mesh)
     result["randomisation_spearman"] = gradcam.rank_similarity(pred["cam"], again["cam"])
   # Gallery: a sample per class (seeded) and every misclassified image.
   rng = np.random.default_rng(seed)
@@ -88,11 +85,12 @@ def explain_fold(*, model, variables, images: np.ndarray, labels: np.ndarray,
   if cfg.misclassified:
     chosen.update(wrong)
   os.makedirs(out_dir, exist_ok=True)
+  images = pipeline.images(ds, sorted(chosen))
   for i in sorted(chosen):
     kind = "wrong" if i in wrong else "sample"
     path = os.path.join(out_dir, f"fold{fold}_{kind}_{_safe(names[i])}.png")
     p = float(pred["probs"][i, pred["class"][i]])
-    save_overlay(path, images[i, ..., 0], pred["cam"][i],
+    save_overlay(path, images[i], pred["cam"][i],
                  f"{names[i]}\ntruth {classes[labels[i]]} | predicted {classes[pred['class'][i]]}"
                  f" ({100 * p:.0f}%)")
     result["per_image"].append({"image": str(names[i]), "file": os.path.basename(path),
@@ -136,7 +134,5 @@ def save_overlay(path: str, image: np.ndarray, cam: np.ndarray, title: str) -> N
     ax.axis("off")
   fig.suptitle(title, fontsize=7)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp)
+  files.write_with(path, fig.savefig)
   plt.close(fig)
-  os.replace(tmp, path)

@@ -37,13 +37,19 @@ def targets(model, variables, image_size: int) -> list[str]:
 
 
 def make_fn(model, target: str = "features", method: str = "gradcam"):
-  """-> jitted fn(variables, images [B, H, W, 1], classes [B] (-1: predicted)) ->
-  {"cam" [B, H, W] in [0, 1], "logits" [B, C], "class" [B], "map" [B, h, w] (unscaled)}."""
+  """-> jitted fn(variables, batch) -> {"cam" [B, H, W] in [0, 1], "probs" [B, C],
+  "class" [B], "map" [B, h, w] (unscaled)}, for infer.batched.
+
+  `batch["image"]` [B, H, W, 1] normalised; `batch["class"]` [B] is the class to explain
+  (-1 or absent: the predicted one).
+  """
   if method not in METHODS:
     raise ValueError(f"unknown Grad-CAM method {method!r}; valid: {METHODS}")
 
   @jax.jit
-  def fn(variables, images, classes):
+  def fn(variables, batch):
+    images = batch["image"]
+    classes = batch.get("class", jnp.full(images.shape[:1], -1, jnp.int32))
     shapes = jax.eval_shape(lambda: model.apply(variables, images, train=False,
                                                 mutable=["perturbations"])[1]["perturbations"])
     if TAP + target not in shapes:
@@ -73,7 +79,7 @@ def make_fn(model, target: str = "features", method: str = "gradcam"):
     up = jax.nn.relu(up)
     top = up.max(axis=(1, 2), keepdims=True)
     return {"cam": jnp.where(top > 0, up / jnp.where(top > 0, top, 1.0), 0.0),
-            "logits": logits, "class": chosen, "map": cam}
+            "probs": jax.nn.softmax(logits.astype(jnp.float32)), "class": chosen, "map": cam}
 
   return fn
 

@@ -14,7 +14,9 @@ import os
 
 import numpy as np
 
+from xrayjax import files
 from xrayjax.evaluate import metrics as metrics_lib
+from xrayjax.evaluate import report
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "macro_auprc", "ece")
 PER_CLASS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc", "auprc")
@@ -36,11 +38,9 @@ def _figures(workdir: str, results: dict, predictions: list[dict]) -> dict[str, 
 
   def save(fig, name):
     path = os.path.join(PLOTS, f"{name}.png")
-    tmp = os.path.join(workdir, path + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=90)
+    files.write_with(os.path.join(workdir, path), lambda p: fig.savefig(p, dpi=90))
     plt.close(fig)
-    os.replace(tmp, os.path.join(workdir, path))
     out[name] = path
 
   cm = np.array(results["across_folds"]["confusion_summed"])
@@ -119,10 +119,16 @@ def write(workdir: str, results: dict, predictions: list[dict], config: dict,
   s = []
   s.append(f"<h1>xrayjax {html.escape(results['method'])}: {html.escape(results['model'])}, "
            f"protocol {html.escape(results['protocol'])}</h1>")
-  s.append(f"<p>Data: {html.escape(results['data'])} (task {html.escape(results['task'])}); "
-           f"stage A: {html.escape(results['stage_a'])}; {results['num_images']} Data-B images "
+  s.append(f"<p>Data: {html.escape(results['data'])}; initialisation: "
+           f"{html.escape(results['initialisation'])}; {results['num_images']} test images "
            f"of {results['num_patients']} patients; {results['across_folds']['folds']} folds; "
            f"{results['devices']} device(s); {results['seconds']:.0f} s.</p>")
+  if results.get("notes"):
+    s.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in results["notes"]) + "</ul>")
+  s.append(_table(["stage", "what", "phases", "selected step", "of", "selected by"],
+                  [[st["name"], st.get("description", ""), st.get("phases", 1),
+                    st["selected_step"], st["total_steps"], st["select"]]
+                   for st in results["stages"]]))
   for w in results.get("warnings", []):
     s.append(f"<p class='warn'>Warning: {html.escape(w)}</p>")
 
@@ -150,6 +156,16 @@ def write(workdir: str, results: dict, predictions: list[dict], config: dict,
   s.append(_table(["fold", "images", "accuracy", "balanced accuracy", "macro AUROC"],
                   [[k, m["num_images"], _pct(m["accuracy"]), _pct(m["balanced_accuracy"]),
                     f"{m['macro_auroc']:.3f}"] for k, m in enumerate(results["fold_metrics"])]))
+  s.append("<h3>Paper 2's Table 4: overall accuracy; per class recall, specificity, "
+           "precision, one-vs-rest accuracy</h3>")
+  t4 = report.table4(results)
+  s.append(_table(list(t4[0]), [[r["fold"]] + [_pct(v) for k, v in r.items() if k != "fold"]
+                                for r in t4]))
+  s.append("<h3>Paper 2's Table 3: per class correct / not detected / wrongly detected</h3>")
+  s.append(_table(["fold"] + list(classes),
+                  [[r["fold"]] + [f"{r[c]['correct']} / {r[c]['not_detected']} / "
+                                  f"{r[c]['wrongly_detected']}" for c in classes]
+                   for r in report.table3(results)]))
   if results.get("per_source"):
     s.append("<h3>Per source</h3>")
     s.append(_table(["source", "images", "accuracy", "sensitivity per class"],
@@ -189,15 +205,13 @@ def write(workdir: str, results: dict, predictions: list[dict], config: dict,
 
   s.append("<h2>Data</h2>")
   ds = results["data_summary"]
-  parts = [k for k in ds if isinstance(ds[k], dict) and k.startswith(("data_", "fold")) and
-           all(isinstance(v, int) for v in ds[k].values())]
-  cols = sorted({c for k in parts for c in ds[k]}, key=lambda c: (c not in classes, c))
-  s.append(_table(["partition"] + cols, [[k] + [ds[k].get(c, "") for c in cols] for k in parts]))
-  if ds.get("data_b_label_by_source"):
-    s.append("<h3>Data-B by source</h3>")
-    s.append(_table(["source"] + list(classes),
-                    [[src] + [n.get(c, 0) for c in classes]
-                     for src, n in ds["data_b_label_by_source"].items()]))
+  parts = ds["partitions"]
+  s.append(_table(["partition"] + list(classes),
+                  [[k] + [v.get(c, "") for c in classes] for k, v in parts.items()]))
+  s.append("<h3>Evaluated images by source</h3>")
+  s.append(_table(["source"] + list(classes),
+                  [[src] + [n.get(c, 0) for c in classes]
+                   for src, n in ds["evaluated_label_by_source"].items()]))
   if results.get("build_reports"):
     s.append("<h3>Build reports</h3>")
     s.append(_table(["source", "built", "skipped", "reasons", "report"],
@@ -234,10 +248,7 @@ window.addEventListener("load", function () {{
 </body></html>
 """
   path = os.path.join(workdir, f"{name}.html")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(page)
-  os.replace(tmp, path)
+  files.write_text(path, page)
   return path
 
 

@@ -26,7 +26,8 @@ def classification(labels: np.ndarray, probs: np.ndarray, classes,
     dict with accuracy, balanced_accuracy, macro_f1, macro_auroc, macro_auprc, ece (expected
     calibration error of the top-label confidence), reliability (per bin: mean confidence,
     accuracy, count), confusion (rows = truth, columns = prediction) and per_class[name] =
-    sensitivity, specificity, ppv, npv, f1, auroc, auprc (average precision), support.
+    sensitivity (recall), specificity, ppv (precision), one-vs-rest accuracy, npv, f1,
+    auroc, auprc (average precision), support.
   """
   labels = np.asarray(labels)
   pred = probs.argmax(-1)
@@ -46,6 +47,7 @@ def classification(labels: np.ndarray, probs: np.ndarray, classes,
     spec = _ratio(tn, tn + fp)
     per_class[name] = {
         "sensitivity": sens, "specificity": spec, "ppv": ppv,
+        "accuracy": _ratio(tp + tn, cm.sum()),  # one vs rest (paper 2's per-class accuracy)
         "npv": _ratio(tn, tn + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn), "auroc": auroc,
         "auprc": auprc, "support": int(tp + fn)}
     for p in prevalences:
@@ -168,4 +170,16 @@ def per_group(predictions: list[dict], key: str, classes) -> dict:
                   "confusion": cm.tolist(),
                   "sensitivity": {c: _ratio(cm[i, i], cm[i].sum()) for i, c in
                                   enumerate(classes) if cm[i].sum()}}
+  return out
+
+
+def detection_counts(confusion, classes) -> dict[str, dict[str, int]]:
+  """Paper 2's Table 3 from a confusion matrix (rows = truth): per class, images correctly
+  detected (TP), not detected (FN) and wrongly detected as the class (FP)."""
+  cm = np.asarray(confusion)
+  out = {}
+  for c, name in enumerate(classes):
+    tp = int(cm[c, c])
+    out[name] = {"correct": tp, "not_detected": int(cm[c].sum()) - tp,
+                 "wrongly_detected": int(cm[:, c].sum()) - tp}
   return out

@@ -12,8 +12,8 @@ from xrayjax.evaluate import metrics as metrics_lib
 
 def write(workdir: str, results: dict, predictions: list[dict], name: str = "results") -> None:
   """Writes `{name}.json`, `{name}_folds.csv` (every metric per fold), `{name}_metrics.csv`
-  (per metric: pooled value, bootstrap interval, fold mean and sd) and
-  `{name}_predictions.csv`."""
+  (per metric: pooled value, bootstrap interval, fold mean and sd), `{name}_predictions.csv`
+  and paper 2's tables, `{name}_table3.csv` and `{name}_table4.csv`."""
   files.write_json(os.path.join(workdir, f"{name}.json"), results)
   rows = [{"fold": i, **metrics_lib.flat(m)} for i, m in enumerate(results["fold_metrics"])]
   files.write_csv(os.path.join(workdir, f"{name}_folds.csv"), rows)
@@ -24,21 +24,65 @@ def write(workdir: str, results: dict, predictions: list[dict], name: str = "res
        "fold_sd": agg.get(k, {}).get("sd")}
       for k, v in metrics_lib.flat(results["pooled"]).items()])
   files.write_csv(os.path.join(workdir, f"{name}_predictions.csv"), predictions)
+  files.write_csv(os.path.join(workdir, f"{name}_table3.csv"), [
+      {"fold": r["fold"], **{f"{c}/{k}": v for c, counts in r.items() if c != "fold"
+                             for k, v in counts.items()}} for r in table3(results)])
+  files.write_csv(os.path.join(workdir, f"{name}_table4.csv"), table4(results))
+
+
+TABLE4 = (("sensitivity", "recall"), ("specificity", "specificity"),
+          ("ppv", "precision"), ("accuracy", "accuracy"))
+COMPARED = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
+COMPARED_PER_CLASS = ("sensitivity", "specificity", "ppv", "auroc")
+
+
+def table3(results: dict) -> list[dict]:
+  """Paper 2's Table 3 per fold and summed: per class correct / not detected / wrongly
+  detected."""
+  classes = results["classes"]
+  rows = []
+  for k, m in enumerate(results["fold_metrics"]):
+    rows.append({"fold": str(k), **metrics_lib.detection_counts(m["confusion"], classes)})
+  rows.append({"fold": "sum", **metrics_lib.detection_counts(
+      results["across_folds"]["confusion_summed"], classes)})
+  return rows
+
+
+def table4(results: dict) -> list[dict]:
+  """Paper 2's Table 4 per fold and averaged: overall accuracy and per class recall,
+  specificity, precision and one-vs-rest accuracy."""
+  classes = results["classes"]
+  rows = []
+  for k, m in enumerate(results["fold_metrics"]):
+    rows.append({"fold": str(k), "accuracy": m["accuracy"],
+                 **{f"{c}/{label}": m["per_class"][c][key] for c in classes
+                    for key, label in TABLE4}})
+  agg = results["across_folds"]["metrics"]
+  rows.append({"fold": "mean", "accuracy": agg["accuracy"]["mean"],
+               **{f"{c}/{label}": agg[f"{c}/{key}"]["mean"] for c in classes
+                  for key, label in TABLE4}})
+  return rows
 
 
 def summary_text(results: dict) -> str:
-  """A short human summary: protocol, fold mean ± sd, per class, summed confusion, per
-  source, build reports and duplicates."""
+  """A short human summary: method, protocol, notes, fold mean ± sd, per class, paper 2's
+  tables, summed confusion, per source, build reports and duplicates."""
   classes = results["classes"]
   agg = results["across_folds"]["metrics"]
   lines = [
-      f"xrayjax DETL | model {results['model']} | protocol {results['protocol']} | "
-      f"data {results['data']} | stage A: {results['stage_a']}",
+      f"xrayjax {results['method']} | model {results['model']} | protocol "
+      f"{results['protocol']} | data {results['data']} | init {results['initialisation']}",
   ]
+  lines += [f"  note: {n}" for n in results.get("notes", [])]
+  lines.append("  stages (selected step of total" + (", its validation accuracy" if any(
+      "val_accuracy" in st["selected_metrics"] for st in results["stages"]) else "") + "): " +
+      "; ".join(f"{st['name']} {st['selected_step']}/{st['total_steps']}" + (
+          f" {st['selected_metrics']['val_accuracy']:.3f}"
+          if "val_accuracy" in st["selected_metrics"] else "") for st in results["stages"]))
   if results.get("warnings"):
     lines += [f"WARNING: {w}" for w in results["warnings"]]
-  lines.append(f"{results['across_folds']['folds']}-fold cross-validation on Data-B "
-               f"({results['num_images']} images, {results['num_patients']} patients):")
+  lines.append(f"{results['across_folds']['folds']}-fold evaluation "
+               f"({results['num_images']} test images, {results['num_patients']} patients):")
   for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
     lines.append(f"  {key:<18} {100 * agg[key]['mean']:6.2f}% ± {100 * agg[key]['sd']:.2f}")
   lines.append("  per fold: accuracy " + ", ".join(
@@ -50,11 +94,29 @@ def summary_text(results: dict) -> str:
     lines.append("  pooled over folds (95% interval, patient bootstrap): " + ", ".join(
         f"{k} {100 * pooled[k]:.1f}% ({100 * ci[k]['low']:.1f}-{100 * ci[k]['high']:.1f})"
         for k in ("accuracy", "macro_auroc", "macro_auprc", "ece") if k in ci))
-  lines.append("  per class (mean over folds): sensitivity / specificity / PPV / AUROC")
+  lines.append("  per class (mean over folds): sensitivity / specificity / PPV / NPV / AUROC")
   for c in classes:
-    lines.append("    {:<14} {:6.2f}% / {:6.2f}% / {:6.2f}% / {:.3f}".format(
-        c, *(100 * agg[f"{c}/{m}"]["mean"] for m in ("sensitivity", "specificity", "ppv")),
+    lines.append("    {:<14} {:6.2f}% / {:6.2f}% / {:6.2f}% / {:6.2f}% / {:.3f}".format(
+        c, *(100 * agg[f"{c}/{m}"]["mean"] for m in ("sensitivity", "specificity", "ppv",
+                                                      "npv")),
         agg[f"{c}/auroc"]["mean"]))
+  prev = results.get("prevalences") or []
+  if prev:
+    pc = results["pooled"]["per_class"]
+    lines.append("  PPV at prevalence " + ", ".join(f"{p:g}" for p in prev) + " (pooled): " +
+                 "; ".join(f"{c} " + " / ".join(f"{100 * pc[c][f'ppv@{p:g}']:.1f}%"
+                                                 for p in prev) for c in classes))
+  t4 = table4(results)[-1]
+  lines.append(f"  paper 2's Table 4 (mean over folds): accuracy {100 * t4['accuracy']:.2f}%; "
+               "per class recall / specificity / precision / accuracy:")
+  for c in classes:
+    lines.append("    {:<14} ".format(c) + " / ".join(
+        f"{100 * t4[f'{c}/{label}']:.2f}%" for _, label in TABLE4))
+  t3 = table3(results)[-1]
+  lines.append("  paper 2's Table 3 (summed over folds): correct / not detected / wrongly "
+               "detected: " + "; ".join(
+                   f"{c} {t3[c]['correct']} / {t3[c]['not_detected']} / "
+                   f"{t3[c]['wrongly_detected']}" for c in classes))
   cm = np.array(results["across_folds"]["confusion_summed"])
   width = max(len(c) for c in classes) + 2
   lines.append("  confusion matrix summed over folds (rows = truth, columns = prediction):")
@@ -78,4 +140,32 @@ def summary_text(results: dict) -> str:
     lines.append(f"  duplicates: {d['exact_sets']} exact sets, {d['perceptual_pairs']} perceptual "
                  f"pairs, {d['dropped']} images dropped, {d['merged_patient_groups']} patient "
                  "groups merged (duplicates.json)")
+  return "\n".join(lines)
+
+
+def compare_protocols(paper: dict, corrected: dict) -> list[dict]:
+  """Per metric: fold mean ± sd under each protocol and the inflation (paper - corrected)."""
+  a, b = paper["across_folds"]["metrics"], corrected["across_folds"]["metrics"]
+  keys = list(COMPARED) + [f"{c}/{m}" for c in paper["classes"] for m in COMPARED_PER_CLASS]
+  ci = corrected.get("bootstrap_ci", {})
+  return [{"metric": k, "paper_mean": a[k]["mean"], "paper_sd": a[k]["sd"],
+           "corrected_mean": b[k]["mean"], "corrected_sd": b[k]["sd"],
+           "corrected_ci_low": ci.get(k, {}).get("low"),
+           "corrected_ci_high": ci.get(k, {}).get("high"),
+           "inflation": a[k]["mean"] - b[k]["mean"]} for k in keys if k in a and k in b]
+
+
+def compare_text(table: list[dict], paper: dict, corrected: dict) -> str:
+  lines = [f"xrayjax {paper['method']} | model {paper['model']} | data {paper['data']}: the "
+           "published protocol against the corrected one (fold mean ± sd; inflation = paper "
+           "- corrected)",
+           f"  paper: {paper['num_images']} test images, "
+           f"{paper['data_summary']['test_patients_seen_in_training']} (fold, test patient) "
+           f"pairs seen in training; corrected: {corrected['num_images']} test images, "
+           f"{corrected['data_summary']['test_patients_seen_in_training']}",
+           f"  {'metric':<26}{'paper':>17}{'corrected':>17}{'inflation':>11}"]
+  for r in table:
+    lines.append(f"  {r['metric']:<26}{100 * r['paper_mean']:8.2f}% ± {100 * r['paper_sd']:5.2f}"
+                 f"{100 * r['corrected_mean']:8.2f}% ± {100 * r['corrected_sd']:5.2f}"
+                 f"{100 * r['inflation']:+10.2f}")
   return "\n".join(lines)

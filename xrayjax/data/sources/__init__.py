@@ -88,6 +88,12 @@ def builder(data_config, name: str | None = None) -> tfds.core.DatasetBuilder:
   return b
 
 
+def stored_size(data_config) -> int:
+  """The size images of `data_config`'s first source are built (stored) at."""
+  name = names(data_config)[0]
+  return int(data_config[name].image_size)
+
+
 def _only(data_config) -> str:
   found = names(data_config)
   if len(found) != 1:

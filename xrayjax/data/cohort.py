@@ -1,0 +1,82 @@
+"""The cohort: a run's builders and its deduplicated metadata table, one row per image.
+
+Everything downstream names images by cohort row: methods plan with row indices, the
+runner asks the cohort for datasets and masks of rows. Nothing else pairs builder indices
+with image ids.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from xrayjax.data import pipeline, sources, splits
+
+
+class Cohort:
+  """Builders + metadata (`meta[key][row]`: image_id, label, findings, patient_id, source,
+  site, view, file_sha1, phash, builder, role, group)."""
+
+  def __init__(self, builders: list, meta: dict[str, np.ndarray], names: list[str],
+               duplicates: dict):
+    self.builders, self.meta, self.names, self.duplicates = builders, meta, names, duplicates
+
+  @classmethod
+  def load(cls, data_config, extra: dict | None = None, max_distance: int = 0,
+           drop_duplicates: bool = True) -> Cohort:
+    """Loads `data_config`'s sources and, tagged with their role, each of `extra`'s.
+
+    `meta["role"]` is "" for rows of `data_config` and the role's name for the others.
+    Duplicates are searched across all of them (splits.deduplicate); `meta["group"]` is
+    the split group (patients joined by a duplicate) when `drop_duplicates` (the corrected
+    protocol, which also drops the copies), else the patient id (the paper protocol only
+    reports duplicates).
+    """
+    builders, meta = sources.load(data_config)
+    names = list(sources.names(data_config))
+    meta["role"] = np.full(len(meta["image_id"]), "", dtype=object)
+    for role, cfg in (extra or {}).items():
+      more_builders, more = sources.load(cfg)
+      more["builder"] = more["builder"] + len(builders)
+      more["role"] = np.full(len(more["image_id"]), role, dtype=object)
+      meta = {k: np.concatenate([meta[k], more[k]]) for k in meta}
+      builders += more_builders
+      names += [f"{role}:{n}" for n in sources.names(cfg)]
+    dup = splits.deduplicate(meta, max_distance)
+    dup["report"]["applied"] = drop_duplicates
+    meta["group"] = dup["group"] if drop_duplicates else meta["patient_id"]
+    if drop_duplicates:
+      meta = {k: v[dup["keep"]] for k, v in meta.items()}
+    return cls(builders, meta, names, dup["report"])
+
+  def __len__(self) -> int:
+    return len(self.meta["image_id"])
+
+  def keys(self, rows: np.ndarray) -> list[str]:
+    """Stable names of rows: the image id, prefixed by the builder when there are several."""
+    ids = self.meta["image_id"][rows]
+    if len(self.builders) == 1:
+      return [str(i) for i in ids]
+    return [f"{b}/{i}" for b, i in zip(self.meta["builder"][rows], ids)]
+
+  def dataset(self, rows: np.ndarray, labels: np.ndarray, image_size: int):
+    """The rows' images as a cached tf.data.Dataset (pipeline.select); `labels` is per
+    cohort row, `index` in the dataset is the position in `rows`."""
+    return pipeline.select(self.builders, self.meta["builder"][rows],
+                           self.meta["image_id"][rows], labels[rows], image_size)
+
+  def masks(self, rows: np.ndarray, image_size: int) -> dict[str, np.ndarray]:
+    """Lesion and lung masks of the rows (pipeline.masks)."""
+    return pipeline.masks(self.builders, self.meta["builder"][rows], self.meta["image_id"][rows],
+                          image_size)
+
+  def build_reports(self) -> dict:
+    """Per source: built and skipped counts, reasons, and where the full report is."""
+    out = {}
+    for name, b in zip(self.names, self.builders):
+      r = sources.build_report(b) or {}
+      out[name] = {"built": r.get("built"), "skipped": r.get("skipped", 0),
+                   "skipped_by_reason": r.get("skipped_by_reason", {}),
+                   "report": os.path.join(b.data_dir, sources.BUILD_REPORT)}
+    return out

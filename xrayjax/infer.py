@@ -1,0 +1,78 @@
+"""Inference: the one padded-batch loop, and trained variables restored without an optimizer.
+
+Validation, test evaluation, Grad-CAM audits and `predict` all run `batched`: every example
+of a tf.data.Dataset exactly once, in fixed-size batches padded with `mask` = 0 (one compiled
+shape), split over the mesh, results returned in the dataset's `index` order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xrayjax import checkpoint, sharding
+from xrayjax.data import pipeline
+
+
+def batched(fn: Callable, variables, ds, num_examples: int, batch_size: int, mesh
+            ) -> dict[str, np.ndarray]:
+  """`fn(variables, batch) -> {name: [B, ...]}` over every example of `ds` once.
+
+  `ds` yields {image, label, index, ...} (pipeline.select or pipeline.from_arrays); the
+  batch fn sees images normalised to [-1, 1]. Keys of its output that start with "_" are
+  dropped; in multi-process jobs its (replicated, global) output must carry the batch's
+  mask and index as "_mask" and "_index" (make_predict_fn does). Returns {name: [num_examples, ...]} sorted
+  by `index` (and `index` itself).
+  """
+  outs = []
+  for batch in pipeline.eval_batches(ds, num_examples, batch_size, jax.process_index(),
+                                     jax.process_count()):
+    keep = batch["mask"] > 0
+    index = batch["index"]
+    out = jax.device_get(fn(variables, sharding.to_global(batch, mesh)))
+    if jax.process_count() > 1:  # outputs are replicated: every process has the global batch
+      keep, index = out.pop("_mask") > 0, out.pop("_index")
+    outs.append({"index": np.asarray(index)[keep],
+                 **{k: np.asarray(v)[keep] for k, v in out.items() if not k.startswith("_")}})
+  result = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  order = np.argsort(result["index"])
+  return {k: v[order] for k, v in result.items()}
+
+
+def make_predict_fn(model, mesh) -> Callable:
+  """Jitted `predict(variables, batch) -> {"probs", "label"}` with replicated outputs."""
+
+  def predict(variables, batch):
+    logits, _ = model.apply(variables, batch["image"], train=False)
+    return {"probs": jax.nn.softmax(logits.astype(jnp.float32)), "label": batch["label"],
+            "_mask": batch["mask"], "_index": batch["index"]}
+
+  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def predict(predict_fn, variables, ds, num_examples: int, batch_size: int, mesh
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(probs [n, C], labels [n], index [n]) of every example once, sorted by index."""
+  out = batched(predict_fn, variables, ds, num_examples, batch_size, mesh)
+  return out["probs"], out["label"], out["index"]
+
+
+def restore(stage_dir: str) -> dict:
+  """{"params", "batch_stats"} a finished stage selected (what its summary names), on the
+  host, read from the checkpoint's own structure: no model, optimizer or config needed.
+
+  Raises FileNotFoundError when the stage has not finished.
+  """
+  ckpts = checkpoint.StageCheckpoints(stage_dir)
+  try:
+    if ckpts.summary() is None:
+      raise FileNotFoundError(f"{stage_dir} holds no finished training stage: train it first "
+                              "(python -m xrayjax.main ... --workdir=...)")
+    state = ckpts.restore_raw(ckpts.best_step())
+    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+  finally:
+    ckpts.close()

@@ -1,0 +1,170 @@
+"""Published methods as plans: metadata + config -> stages to train and evaluations to run.
+
+A method module (one per paper: `detl.py`, `concat.py`) needs no JAX and does no I/O. It
+exposes
+  - `NAME`: what reports call it;
+  - `extra_data(config) -> {role: data config}`: data it loads beside `config.data` (the
+    cohort tags those rows with the role; e.g. DETL's Data-A from other sources);
+  - `plan(meta, config) -> Plan`: every training stage and every evaluation, as row
+    indices into the cohort's metadata table.
+
+The runner (`experiment.py`), training, evaluation, the reports and `predict` read only the
+plan, so a third method is one new module here and one config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+INITS = ("random", "stage")
+SELECTIONS = ("best", "last")
+
+
+@dataclasses.dataclass
+class Phase:
+  """A training index set shown for `epochs` epochs (paper 2: a subset of the majority
+  classes per phase). All phases of a stage share one optimizer state."""
+  train: np.ndarray
+  epochs: int
+
+
+@dataclasses.dataclass
+class Stage:
+  """One network trained once: everything `train.train_stage` needs, as plain data.
+
+  Attributes:
+    name: its directory under the run directory, e.g. "stage_a" or "fold2/stage_b".
+    classes: class names of its head (label k is classes[k]).
+    labels: class index per cohort row (-1: not in this stage's task).
+    init: "random" (plus Keras files from config.model.init_from when `keras_init`) or
+      "stage" (the weights of stage `init_from`, with this stage's head swapped in).
+    init_from: the stage whose weights start this one (init="stage").
+    keras_init: load config.model.init_from over the random initialisation.
+    phases: the training index sets, in order.
+    optimizer: config of optim.optimizer (name, lr, schedule, momentum).
+    param_rules: (regex, "train"|"freeze") pairs (optim.param_labels).
+    batch_size, eval_batch_size: global batch sizes.
+    val: validation rows (empty: none).
+    select: "best" validation accuracy or "last" weights.
+    init_seed, seed: seeds of the random initialisation and of data order / augmentation /
+      dropout.
+    augment: augmentation config (pipeline.augment_ops).
+    description: one line for reports.
+  """
+  name: str
+  classes: tuple[str, ...]
+  labels: np.ndarray
+  phases: list[Phase]
+  optimizer: Any
+  param_rules: tuple
+  batch_size: int
+  eval_batch_size: int
+  select: str
+  init_seed: int
+  seed: int
+  augment: Any
+  val: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+  init: str = "random"
+  init_from: str | None = None
+  keras_init: bool = False
+  description: str = ""
+
+  def __post_init__(self):
+    if self.init not in INITS:
+      raise ValueError(f"stage {self.name}: init {self.init!r} is not one of {INITS}")
+    if self.select not in SELECTIONS:
+      raise ValueError(f"stage {self.name}: select {self.select!r} is not one of {SELECTIONS}")
+    if self.init == "stage" and not self.init_from:
+      raise ValueError(f"stage {self.name}: init='stage' needs init_from")
+    if self.select == "best" and not len(self.val):
+      raise ValueError(f"stage {self.name}: select='best' needs a validation split")
+
+  @property
+  def epochs(self) -> int:
+    return sum(p.epochs for p in self.phases)
+
+  def rows(self) -> np.ndarray:
+    """Every row the stage trains or validates on."""
+    return np.unique(np.concatenate([p.train for p in self.phases] + [self.val]))
+
+
+@dataclasses.dataclass
+class Evaluation:
+  """Stage `stage`'s model scored on `test` rows (fold `fold` of protocol `protocol`)."""
+  fold: int
+  stage: str
+  test: np.ndarray
+  protocol: str
+
+
+@dataclasses.dataclass
+class Plan:
+  """What a method trains and evaluates, and what its reports must say.
+
+  `stages` are in training order (a stage's `init_from` comes before it); `evaluations`
+  are the folds whose predictions are pooled; `notes` are lines every report repeats
+  (e.g. how the checkpoint was selected); `partitions` names extra row sets worth counting
+  in the data summary (e.g. DETL's Data-A).
+  """
+  method: str
+  protocol: str
+  classes: tuple[str, ...]
+  labels: np.ndarray
+  stages: list[Stage]
+  evaluations: list[Evaluation]
+  notes: list[str] = dataclasses.field(default_factory=list)
+  partitions: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def stage(self, name: str) -> Stage:
+    for s in self.stages:
+      if s.name == name:
+        return s
+    raise KeyError(f"the plan has no stage {name!r}; stages: {[s.name for s in self.stages]}")
+
+  def check(self) -> None:
+    """Stages come before the stages they initialise; evaluations name planned stages."""
+    seen = set()
+    for s in self.stages:
+      if s.init == "stage" and s.init_from not in seen:
+        raise ValueError(f"stage {s.name} starts from {s.init_from!r}, which is not planned "
+                         "before it")
+      seen.add(s.name)
+    for e in self.evaluations:
+      if e.stage not in seen:
+        raise ValueError(f"evaluation of fold {e.fold} names unplanned stage {e.stage!r}")
+
+  def describe(self) -> dict:
+    """JSON-ready plan: per stage its init, phases (images per class) and selection."""
+    def counts(rows, labels, classes):
+      return {c: int(np.sum(labels[rows] == i)) for i, c in enumerate(classes)}
+
+    return {
+        "method": self.method, "protocol": self.protocol, "classes": list(self.classes),
+        "notes": list(self.notes),
+        "stages": [{"name": s.name, "classes": list(s.classes), "init": s.init,
+                    "init_from": s.init_from, "keras_init": s.keras_init, "select": s.select,
+                    "description": s.description, "epochs": s.epochs,
+                    "phases": [{"epochs": p.epochs, **counts(p.train, s.labels, s.classes)}
+                               for p in s.phases],
+                    "val": counts(s.val, s.labels, s.classes)} for s in self.stages],
+        "evaluations": [{"fold": e.fold, "stage": e.stage, "protocol": e.protocol,
+                         "test": counts(e.test, self.labels, self.classes)}
+                        for e in self.evaluations],
+    }
+
+
+def seed(*parts: int) -> int:
+  """A 31-bit seed derived from integers (the run seed and a purpose code)."""
+  return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] % (2**31))
+
+
+def get(name: str):
+  """The method module registered as `name`."""
+  from xrayjax.methods import concat, detl
+  registry = {"detl": detl, "concat": concat}
+  if name not in registry:
+    raise ValueError(f"unknown method {name!r}; valid methods: {sorted(registry)}")
+  return registry[name]
