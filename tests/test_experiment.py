@@ -109,13 +109,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path
   def poisoned(*args):  # the loss turns NaN from step 8 on (epoch 2 here)
     step = real(*args)
 
-    def wrapped(state, batch):
-      new, metrics = step(state, batch)
+    def wrapped(state, batch, key):
+      new, metrics = step(state, batch, key)
       bad = state.step >= 8
       return new, {**metrics, "loss": jnp.where(bad, jnp.nan, metrics["loss"])}
     return wrapped
 
   monkeypatch.setattr(train, "make_train_step", poisoned)
+  monkeypatch.setattr(train, "_STEPS", {})  # no step compiled by an earlier test
   workdir = str(tmp_path / "run")
   with pytest.raises(FloatingPointError, match=r"last good checkpoint \(step 7\)"):
     experiment.run(tiny_config, workdir)

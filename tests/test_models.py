@@ -17,14 +17,13 @@ def test_runlocal_training_steps(name):
   rules = tuple(c.stage_b.param_rules)
   tx = optim.make(c.stage_b.optimizer, 10, variables["params"], rules, spec.PARAM_GROUPS)
   step = jax.jit(train.make_train_step(
-      model, tx, jax.random.PRNGKey(0), optim.param_labels(variables["batch_stats"], rules,
-                                                            spec.PARAM_GROUPS)))
+      model, tx, optim.param_labels(variables["batch_stats"], rules, spec.PARAM_GROUPS)))
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(8, c.data.image_size, c.data.image_size, 1)).astype(
       np.float32), "label": rng.integers(0, 4, 8).astype(np.int32)}
   state = train.TrainState.create(variables, tx)
   for _ in range(2):
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, jax.random.PRNGKey(0))
     assert np.isfinite(float(metrics["loss"]))
   logits, out = model.apply(state.variables, batch["image"], train=False)
   assert logits.shape == (8, 4)

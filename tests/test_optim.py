@@ -38,10 +38,9 @@ def test_frozen_params_stay_bit_identical_and_trainable_ones_move(model_name):
   groups = models.spec(model_name).PARAM_GROUPS
   labels = {k: optim.param_labels(v, DETL_RULES, groups) for k, v in variables.items()}
   state = train.TrainState.create(variables, tx)
-  step = jax.jit(train.make_train_step(model, tx, jax.random.PRNGKey(1),
-                                       labels["batch_stats"]))
+  step = jax.jit(train.make_train_step(model, tx, labels["batch_stats"]))
   for _ in range(3):
-    state, _ = step(state, batch)
+    state, _ = step(state, batch, jax.random.PRNGKey(1))
   flat_labels = dict(jax.tree_util.tree_leaves_with_path(labels))
   after = dict(jax.tree_util.tree_leaves_with_path(state.variables))
   n_frozen = n_train = 0

@@ -25,13 +25,14 @@ SCRIPT = textwrap.dedent("""
         mesh = sharding.make_mesh(jax.devices()[:n])
         rep = sharding.replicated(mesh)
         state = jax.device_put(train.TrainState.create(variables, tx), rep)
-        step = jax.jit(train.make_train_step(model, tx, jax.random.PRNGKey(1)),
-                       in_shardings=(rep, sharding.batch_sharding(mesh)), out_shardings=(rep, rep))
+        step = jax.jit(train.make_train_step(model, tx),
+                       in_shardings=(rep, sharding.batch_sharding(mesh), rep),
+                       out_shardings=(rep, rep))
         gbatch = sharding.to_global(batch, mesh)
         assert len(gbatch["image"].sharding.device_set) == n
         losses = []
         for _ in range(3):
-          state, m = step(state, gbatch)
+          state, m = step(state, gbatch, jax.random.PRNGKey(1))
           losses.append(float(m["loss"]))
         out[n] = (losses, jax.device_get(state.variables))
       np.testing.assert_allclose(out[1][0], out[8][0], rtol=1e-5)

@@ -85,8 +85,8 @@ class JaxRunner:
     variables = self.model.init(jax.random.PRNGKey(0), x[:1], train=False)
     tx = optax.nadam(LR)
     self.state = jax.jit(lambda v: train.TrainState.create(v, tx))(variables)
-    self.step_fn = jax.jit(train.make_train_step(self.model, tx, jax.random.PRNGKey(1)),
-                           donate_argnums=0)
+    self.step_fn = jax.jit(train.make_train_step(self.model, tx), donate_argnums=0)
+    self.key = jax.random.PRNGKey(1)
     self.predict_fn = jax.jit(lambda v, x: self.model.apply(v, x, train=False)[0])
     self.batch = {"image": jnp.asarray(x), "label": jnp.asarray(y)}
     t = time.perf_counter()
@@ -97,7 +97,7 @@ class JaxRunner:
     self.forward_flops = float(lowered.compile().cost_analysis().get("flops", float("nan")))
 
   def train_step(self):
-    self.state, metrics = self.step_fn(self.state, self.batch)
+    self.state, metrics = self.step_fn(self.state, self.batch, self.key)
     jax.block_until_ready(metrics)
 
   def infer(self):

@@ -200,14 +200,17 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
     raise ValueError(f"unknown mode {mode!r}; valid modes: {MODES}")
   if config.protocol != BOTH:
     return run_protocol(config, workdir, mode, allow_config_change)
-  os.makedirs(workdir, exist_ok=True)
-  results = {}
+  subs = {}
   for protocol in COMPARED:
-    sub = config.copy_and_resolve_references()
-    with sub.unlocked():
-      sub.protocol = protocol
-    results[protocol] = run_protocol(sub, os.path.join(workdir, protocol), mode,
-                                     allow_config_change)
+    subs[protocol] = config.copy_and_resolve_references()
+    with subs[protocol].unlocked():
+      subs[protocol].protocol = protocol
+    methods.get(config.method).check(subs[protocol])
+  os.makedirs(workdir, exist_ok=True)
+  if mode == "train":  # so that --mode=eval finds the run's config here too
+    check_workdir_config(workdir, config, allow_config_change)
+  results = {protocol: run_protocol(sub, os.path.join(workdir, protocol), mode,
+                                    allow_config_change) for protocol, sub in subs.items()}
   table = report.compare_protocols(results["paper"], results["corrected"])
   name = "compare" if mode == "train" else "eval_compare"
   text = report.compare_text(table, results["paper"], results["corrected"])
@@ -234,25 +237,23 @@ def prepare(config) -> tuple[Cohort, methods.Plan]:
 def run_protocol(config, workdir: str, mode: str = "train",
                  allow_config_change: bool = False) -> dict:
   """Runs one protocol of the configured method in `workdir` (see `run`)."""
-  method = methods.get(config.method)
-  method.check(config)
-  os.makedirs(workdir, exist_ok=True)
-  if mode == "train":
-    check_workdir_config(workdir, config, allow_config_change)
   start = time.time()
   mesh = sharding.make_mesh()
   spec = models.spec(config.model_name)
   image_size = config.data.image_size
 
-  # --- cohort and plan ---
+  # --- cohort and plan (a config or data error stops the run before it writes anything) ---
   cohort, plan = prepare(config)
-  files.write_json(os.path.join(workdir, "splits.json"), {
-      "stages": {s.name: {"phases": [cohort.keys(p.train) for p in s.phases],
-                          "val": cohort.keys(s.val)} for s in plan.stages},
-      "evaluations": [{"fold": e.fold, "stage": e.stage, "test": cohort.keys(e.test)}
-                      for e in plan.evaluations]})
-  files.write_json(os.path.join(workdir, "plan.json"), plan.describe())
-  files.write_json(os.path.join(workdir, "duplicates.json"), cohort.duplicates)
+  os.makedirs(workdir, exist_ok=True)
+  if mode == "train":
+    check_workdir_config(workdir, config, allow_config_change)
+    files.write_json(os.path.join(workdir, "splits.json"), {
+        "stages": {s.name: {"phases": [cohort.keys(p.train) for p in s.phases],
+                            "val": cohort.keys(s.val)} for s in plan.stages},
+        "evaluations": [{"fold": e.fold, "stage": e.stage, "test": cohort.keys(e.test)}
+                        for e in plan.evaluations]})
+    files.write_json(os.path.join(workdir, "plan.json"), plan.describe())
+    files.write_json(os.path.join(workdir, "duplicates.json"), cohort.duplicates)
   data_summary = describe(cohort, plan)
   logging.info("plan: %s", {k: v for k, v in data_summary["partitions"].items()})
   logging.info("duplicates: %s", cohort.duplicates["summary"])
@@ -268,6 +269,10 @@ def run_protocol(config, workdir: str, mode: str = "train",
 
   variables, summaries = {}, {}
   for stage in plan.stages:
+    if mode == "eval":  # the selected weights only: no optimizer, no training data
+      variables[stage.name], summaries[stage.name] = infer.restore(
+          os.path.join(workdir, stage.name))
+      continue
     model, _ = model_for(len(stage.classes))
     if stage.init == "stage":
       init = transfer(variables[stage.init_from],
@@ -284,8 +289,7 @@ def run_protocol(config, workdir: str, mode: str = "train",
     variables[stage.name], summaries[stage.name] = train.train_stage(
         stage=stage, model=model, init_variables=init, groups=spec.PARAM_GROUPS, data=data,
         ckpt_dir=os.path.join(workdir, stage.name), mesh=mesh, log_every=config.log_every,
-        tb_dir=os.path.join(workdir, "tensorboard", stage.name),
-        require_finished=mode == "eval")
+        tb_dir=os.path.join(workdir, "tensorboard", stage.name))
 
   # --- evaluate ---
   classes = plan.classes

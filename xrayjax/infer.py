@@ -24,8 +24,8 @@ def batched(fn: Callable, variables, ds, num_examples: int, batch_size: int, mes
   `ds` yields {image, label, index, ...} (pipeline.select or pipeline.from_arrays); the
   batch fn sees images normalised to [-1, 1]. Keys of its output that start with "_" are
   dropped; in multi-process jobs its (replicated, global) output must carry the batch's
-  mask and index as "_mask" and "_index" (make_predict_fn does). Returns {name: [num_examples, ...]} sorted
-  by `index` (and `index` itself).
+  mask and index as "_mask" and "_index" (make_predict_fn does). Returns
+  {name: [num_examples, ...]} sorted by `index` (and `index` itself).
   """
   outs = []
   for batch in pipeline.eval_batches(ds, num_examples, batch_size, jax.process_index(),
@@ -61,18 +61,19 @@ def predict(predict_fn, variables, ds, num_examples: int, batch_size: int, mesh
   return out["probs"], out["label"], out["index"]
 
 
-def restore(stage_dir: str) -> dict:
-  """{"params", "batch_stats"} a finished stage selected (what its summary names), on the
-  host, read from the checkpoint's own structure: no model, optimizer or config needed.
+def restore(stage_dir: str) -> tuple[dict, dict]:
+  """({"params", "batch_stats"} a finished stage selected, its summary), read from the
+  checkpoint's own structure: no model, optimizer or config needed.
 
   Raises FileNotFoundError when the stage has not finished.
   """
   ckpts = checkpoint.StageCheckpoints(stage_dir)
   try:
-    if ckpts.summary() is None:
+    summary = ckpts.summary()
+    if summary is None:
       raise FileNotFoundError(f"{stage_dir} holds no finished training stage: train it first "
-                              "(python -m xrayjax.main ... --workdir=...)")
-    state = ckpts.restore_raw(ckpts.best_step())
-    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+                              "(python -m xrayjax.main --mode=train with this --workdir)")
+    state = ckpts.restore_raw(summary["selected_step"])
+    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, summary
   finally:
     ckpts.close()

@@ -85,8 +85,9 @@ class Predictor:
     for name in ("config.json", "plan.json"):
       if not os.path.exists(os.path.join(workdir, name)):
         raise FileNotFoundError(f"{os.path.join(workdir, name)} not found: --workdir is not an "
-                                "xrayjax run directory (or was made by an older version: "
-                                "re-run it)")
+                                "xrayjax run directory (a protocol=both run holds two: give "
+                                "WORKDIR/corrected or WORKDIR/paper), or one made by an xrayjax "
+                                "older than plan.json")
     self.config = config = config_dict.ConfigDict(files.read_json(os.path.join(workdir,
                                                                                "config.json")))
     plan = files.read_json(os.path.join(workdir, "plan.json"))
@@ -101,7 +102,7 @@ class Predictor:
     self.size = config.data.image_size
     self.stored_size = sources.stored_size(config.data)
     self.mesh = sharding.make_mesh()
-    self.variables = [infer.restore(os.path.join(workdir, e["stage"])) for e in evaluations]
+    self.variables = [infer.restore(os.path.join(workdir, e["stage"]))[0] for e in evaluations]
     self.folds = [e["fold"] for e in evaluations]
 
   def __call__(self, images: np.ndarray, batch: int, target: str | None = None):
@@ -189,8 +190,8 @@ def main(argv):
                                    _TARGET.value, _BATCH.value)
   text = table(rows, classes, skipped, _FORMAT.value)
   if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.write(text + "\n")
+    from xrayjax import files
+    files.write_text(_OUTPUT.value, text + "\n")
   else:
     print(text)
   if not rows:

@@ -41,9 +41,11 @@ def variables_of(variables: dict) -> dict:
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
-def make_train_step(model, tx: optax.GradientTransformation, key: jax.Array,
-                    stats_rules=None) -> Callable:
-  """Pure `train_step(state, batch) -> (state, metrics)`; randomness = fold_in(key, step).
+def make_train_step(model, tx: optax.GradientTransformation, stats_rules=None) -> Callable:
+  """Pure `train_step(state, batch, key) -> (state, metrics)`; randomness = fold_in(key, step).
+
+  The stage's key is an argument (not a constant of the compiled step), so the folds of a
+  run share one compiled step.
 
   `stats_rules` (a pytree like `state.batch_stats` of "train"/"freeze", from
   optim.param_labels) keeps the running statistics of frozen layers' BatchNorms
@@ -51,7 +53,7 @@ def make_train_step(model, tx: optax.GradientTransformation, key: jax.Array,
   where Keras runs a frozen BatchNorm in inference mode (README: deviations).
   """
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, key):
     rng = jax.random.fold_in(key, state.step)
 
     def loss_fn(params):
@@ -99,8 +101,7 @@ def epoch_schedule(phase_sizes: list[int], phase_epochs: list[int], batch_size: 
 
 
 def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_dir: str, mesh,
-                log_every: int, tb_dir: str | None, require_finished: bool = False
-                ) -> tuple[Any, dict]:
+                log_every: int, tb_dir: str | None) -> tuple[Any, dict]:
   """Trains one planned stage (or skips it when finished): (selected variables, summary).
 
   All phases run on one optimizer state (and one learning-rate schedule over the whole
@@ -118,7 +119,6 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
     mesh: device mesh.
     log_every: steps between progress lines.
     tb_dir: TensorBoard directory (None: no events).
-    require_finished: only restore (evaluation): fail if the stage never finished.
   """
   name, cfg = stage.name, stage
   ckpts = checkpoint.StageCheckpoints(ckpt_dir)
@@ -127,9 +127,7 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
                             stage.batch_size)
   total_steps = schedule[-1]["end"]
   init = jax.device_put(variables_of(init_variables), replicated)
-  rules = tuple(stage.param_rules)
-  tx = optim.make(stage.optimizer, total_steps, init["params"], rules, groups)
-  stats_rules = optim.param_labels(init["batch_stats"], rules, groups)
+  tx, step_fn = _compiled_step(model, stage, total_steps, init, groups, mesh)
   state = jax.jit(lambda v: TrainState.create(v, tx), out_shardings=replicated)(init)
 
   summary = ckpts.summary()
@@ -140,10 +138,6 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
     ckpts.close()
     return variables, summary
 
-  if require_finished:
-    ckpts.close()
-    raise FileNotFoundError(f"[{name}] has not finished training in {ckpt_dir}: run "
-                            "--mode=train with this workdir first")
   sharding.check_batch_size(cfg.batch_size, mesh, f"[{name}] batch_size")
   sharding.check_batch_size(cfg.eval_batch_size, mesh, f"[{name}] eval_batch_size")
   state, step = ckpts.restore_or_init(state)
@@ -158,11 +152,8 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
                  e["phase"] + 1, len(stage.phases), e["epoch"] + 1,
                  stage.phases[e["phase"]].epochs)
 
-  key = jax.random.PRNGKey(stage.seed)
+  key = jax.device_put(jax.random.PRNGKey(stage.seed), replicated)
   predict_fn = infer.make_predict_fn(model, mesh)
-  step_fn = jax.jit(make_train_step(model, tx, key, stats_rules),
-                    in_shardings=(replicated, sharding.batch_sharding(mesh)),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
   writer = tf.summary.create_file_writer(tb_dir) if tb_dir and jax.process_index() == 0 else None
   start_time, start_step = time.time(), step
   phased = len(stage.phases) > 1
@@ -177,7 +168,7 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
                                      jax.process_count())
     sums = None
     for batch in batches:
-      state, metrics = step_fn(state, sharding.to_global(batch, mesh))
+      state, metrics = step_fn(state, sharding.to_global(batch, mesh), key)
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       step += 1
       if step % log_every == 0:
@@ -211,6 +202,27 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
   if writer:
     writer.flush()
   return variables, summary
+
+
+_STEPS: dict = {}
+
+
+def _compiled_step(model, stage, total_steps: int, init, groups, mesh):
+  """(optimizer, jitted train step) of a stage; stages that differ only in data and seed
+  (the folds of a run) share them, so the step compiles once per run, not once per fold."""
+  rules = tuple(tuple(r) for r in stage.param_rules)
+  key = (model, repr(sorted(dict(stage.optimizer).items())), total_steps, rules,
+         tuple(sorted(groups.items())), mesh, jax.tree.structure(init))
+  if key not in _STEPS:
+    tx = optim.make(stage.optimizer, total_steps, init["params"], rules, groups)
+    stats_rules = optim.param_labels(init["batch_stats"], rules, groups)
+    replicated = sharding.replicated(mesh)
+    _STEPS.clear()  # one run's step at a time: a compiled step holds device memory
+    _STEPS[key] = (tx, jax.jit(make_train_step(model, tx, stats_rules),
+                               in_shardings=(replicated, sharding.batch_sharding(mesh),
+                                             replicated),
+                               out_shardings=(replicated, replicated), donate_argnums=0))
+  return _STEPS[key]
 
 
 def _check_finite(name: str, step: int, loss: float, ckpts) -> None:

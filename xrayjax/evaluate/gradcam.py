@@ -36,6 +36,7 @@ def targets(model, variables, image_size: int) -> list[str]:
   return [k[len(TAP):] for k in shapes if k.startswith(TAP)]
 
 
+@functools.lru_cache(maxsize=8)  # one compiled function per model, target and method
 def make_fn(model, target: str = "features", method: str = "gradcam"):
   """-> jitted fn(variables, batch) -> {"cam" [B, H, W] in [0, 1], "probs" [B, C],
   "class" [B], "map" [B, h, w] (unscaled)}, for infer.batched.

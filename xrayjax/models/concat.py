@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from xrayjax.models import resnet50v2, xception
-from xrayjax.models.common import conv, global_avg_pool, record, scaled
+from xrayjax.models.common import BN_MOMENTUM, conv, global_avg_pool, record, scaled
 
 HEADS = ("flatten", "gap")
 
@@ -48,6 +48,7 @@ KERAS_UNNAMED = {
 class Concat(nn.Module):
   num_classes: int
   width: float = 1.0
+  bn_momentum: float = BN_MOMENTUM  # Keras's; see common.batch_norm
   dropout: float = 0.5
   head: str = "flatten"
 
@@ -55,8 +56,10 @@ class Concat(nn.Module):
   def __call__(self, images, *, train: bool):
     if self.head not in HEADS:
       raise ValueError(f"unknown concat head {self.head!r}; valid heads: {HEADS}")
-    _, out_x = xception.Xception(None, self.width, name="xception")(images, train=train)
-    _, out_r = resnet50v2.ResNet50V2(None, self.width, name="resnet50v2")(images, train=train)
+    _, out_x = xception.Xception(None, self.width, self.bn_momentum, name="xception")(
+        images, train=train)
+    _, out_r = resnet50v2.ResNet50V2(None, self.width, self.bn_momentum,
+                                      name="resnet50v2")(images, train=train)
     out = {}
     branch_x = record(self, out, "xception", out_x["features"])
     branch_r = record(self, out, "resnet50v2", out_r["features"])

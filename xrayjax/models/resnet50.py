@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from xrayjax.models.common import batch_norm, conv, pooled_top, record, scaled, zero_pad
+from xrayjax.models.common import (BN_MOMENTUM, batch_norm, conv, pooled_top, record, scaled,
+                                   zero_pad)
 
 STAGES = (("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2))
 EPSILON = 1.001e-5
@@ -28,12 +29,13 @@ HEAD_LAYER = "predictions"
 class ResNet50(nn.Module):
   num_classes: int | None  # None: no top (the final conv map only)
   width: float = 1.0
+  bn_momentum: float = BN_MOMENTUM  # Keras's; see common.batch_norm
   stem_kernel: int = 7
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     c = lambda n: scaled(n, self.width)
-    bn = lambda name: batch_norm(train, EPSILON, name)
+    bn = lambda name: batch_norm(train, EPSILON, name, self.bn_momentum)
     out = {}
     k = self.stem_kernel
     x = conv(c(64), (k, k), strides=2, padding=k // 2, name="conv1_conv")(images)

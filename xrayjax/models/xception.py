@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from xrayjax.models.common import (SeparableConv, batch_norm, conv, pooled_top, record,
-                                   scaled)
+from xrayjax.models.common import (BN_MOMENTUM, SeparableConv, batch_norm, conv, pooled_top,
+                                   record, scaled)
 
 EPSILON = 1e-3
 RESIDUAL_BLOCKS = (2, 3, 4, 13)
@@ -33,11 +33,12 @@ KERAS_UNNAMED = {
 class Xception(nn.Module):
   num_classes: int | None  # None: no top (the final conv map only)
   width: float = 1.0
+  bn_momentum: float = BN_MOMENTUM  # Keras's; see common.batch_norm
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     c = lambda n: scaled(n, self.width)
-    bn = lambda name: batch_norm(train, EPSILON, name)
+    bn = lambda name: batch_norm(train, EPSILON, name, self.bn_momentum)
     out = {}
     x = conv(c(32), (3, 3), strides=2, padding="VALID", use_bias=False, name="block1_conv1")(images)
     x = nn.relu(bn("block1_conv1_bn")(x))

@@ -35,6 +35,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
+from xrayjax import files
 from xrayjax.data import tasks
 
 CHUNK = 256
@@ -355,9 +356,7 @@ def _save_chunk(path: str, decoded: list) -> None:
     arrays["hw"] = np.array([[d["height"], d["width"]] for d in ok], np.int64)
     for k in set(ok[0]) - set(STANDARD):  # what a subclass's _decode adds (arrays)
       arrays[f"x_{k}"] = np.stack([d[k] for d in ok])
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  files.write_with(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def _load_chunk(path: str) -> list:
