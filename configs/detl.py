@@ -11,6 +11,9 @@ Commands (from the project root):
   python -m xrayjax.main --config=configs/detl.py:protocol=paper
   python -m xrayjax.main --config=configs/detl.py:init=scratch
 
+  # The published protocol and the corrected one side by side (how much it inflates):
+  python -m xrayjax.main --config=configs/detl.py:protocol=both
+
   # Real images listed in a manifest CSV (path, label4, patient_id, source), e.g. the
   # shared 4-class benchmark at 64 px (the path may also come from $XRAYJAX_MANIFEST):
   python -m xrayjax.main --config=configs/detl.py:data=manifest \
@@ -46,7 +49,7 @@ Commands (from the project root):
 Config args (comma separated): model=vgg16|alexnet|resnet50|resnet50v2|xception|concat
 (resnet50 is the paper's 3x3-stem variant; the last three are paper 2's networks),
 data=synthetic|manifest|nih, classes=4|3 (Data-B's task: the paper's four classes or paper
-2's three), protocol=corrected|paper, init=detl|scratch, scale=demo|paper, runlocal.
+2's three), protocol=corrected|paper|both, init=detl|scratch, scale=demo|paper, runlocal.
 Other native sources (rsna_pneumonia, covidx) are chosen with --config.data.source, several
 at once comma separated, each with its --config.data.<source>.root.
 

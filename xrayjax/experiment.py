@@ -345,6 +345,7 @@ def run_protocol(config, workdir: str, mode: str = "train",
       "fold_metrics": fold_metrics, "across_folds": metrics_lib.across_folds(fold_metrics),
       "seconds": time.time() - start, "devices": jax.device_count(),
   }
+  results["table3"], results["table4"] = report.table3(results), report.table4(results)
   name = "results" if mode == "train" else "eval"
   text = report.summary_text(results)
   if jax.process_index() == 0:

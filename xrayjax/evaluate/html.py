@@ -16,7 +16,6 @@ import numpy as np
 
 from xrayjax import files
 from xrayjax.evaluate import metrics as metrics_lib
-from xrayjax.evaluate import report
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "macro_auprc", "ece")
 PER_CLASS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc", "auprc")
@@ -158,14 +157,14 @@ def write(workdir: str, results: dict, predictions: list[dict], config: dict,
                     f"{m['macro_auroc']:.3f}"] for k, m in enumerate(results["fold_metrics"])]))
   s.append("<h3>Paper 2's Table 4: overall accuracy; per class recall, specificity, "
            "precision, one-vs-rest accuracy</h3>")
-  t4 = report.table4(results)
+  t4 = results["table4"]
   s.append(_table(list(t4[0]), [[r["fold"]] + [_pct(v) for k, v in r.items() if k != "fold"]
                                 for r in t4]))
   s.append("<h3>Paper 2's Table 3: per class correct / not detected / wrongly detected</h3>")
   s.append(_table(["fold"] + list(classes),
                   [[r["fold"]] + [f"{r[c]['correct']} / {r[c]['not_detected']} / "
                                   f"{r[c]['wrongly_detected']}" for c in classes]
-                   for r in report.table3(results)]))
+                   for r in results["table3"]]))
   if results.get("per_source"):
     s.append("<h3>Per source</h3>")
     s.append(_table(["source", "images", "accuracy", "sensitivity per class"],

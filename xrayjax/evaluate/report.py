@@ -26,8 +26,8 @@ def write(workdir: str, results: dict, predictions: list[dict], name: str = "res
   files.write_csv(os.path.join(workdir, f"{name}_predictions.csv"), predictions)
   files.write_csv(os.path.join(workdir, f"{name}_table3.csv"), [
       {"fold": r["fold"], **{f"{c}/{k}": v for c, counts in r.items() if c != "fold"
-                             for k, v in counts.items()}} for r in table3(results)])
-  files.write_csv(os.path.join(workdir, f"{name}_table4.csv"), table4(results))
+                             for k, v in counts.items()}} for r in results["table3"]])
+  files.write_csv(os.path.join(workdir, f"{name}_table4.csv"), results["table4"])
 
 
 TABLE4 = (("sensitivity", "recall"), ("specificity", "specificity"),
@@ -106,13 +106,13 @@ def summary_text(results: dict) -> str:
     lines.append("  PPV at prevalence " + ", ".join(f"{p:g}" for p in prev) + " (pooled): " +
                  "; ".join(f"{c} " + " / ".join(f"{100 * pc[c][f'ppv@{p:g}']:.1f}%"
                                                  for p in prev) for c in classes))
-  t4 = table4(results)[-1]
+  t4 = results["table4"][-1]
   lines.append(f"  paper 2's Table 4 (mean over folds): accuracy {100 * t4['accuracy']:.2f}%; "
                "per class recall / specificity / precision / accuracy:")
   for c in classes:
     lines.append("    {:<14} ".format(c) + " / ".join(
         f"{100 * t4[f'{c}/{label}']:.2f}%" for _, label in TABLE4))
-  t3 = table3(results)[-1]
+  t3 = results["table3"][-1]
   lines.append("  paper 2's Table 3 (summed over folds): correct / not detected / wrongly "
                "detected: " + "; ".join(
                    f"{c} {t3[c]['correct']} / {t3[c]['not_detected']} / "
