@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import shared_data
 from configs import detl
 from xrayjax import experiment, files
 from xrayjax.data import pipeline, sources, splits
 from xrayjax.data.sources import manifest, phantom
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-BENCH_64 = os.path.join(SHARED, "cxr_bench_64", "manifest.csv")
+BENCH_64 = shared_data.path("cxr_bench_64", "manifest.csv")
 
 
 def _write_manifest(root, rows, columns=("path", "label", "patient_id", "source", "view")):
@@ -170,8 +170,7 @@ def test_detl_three_classes_with_data_a_from_another_collection(tmp_path):
   splits_file = files.read_json(str(tmp_path / "run" / "splits.json"))
   assert splits_file["stages"]["stage_a"]["phases"][0][0].startswith("1/")  # builder 1: Data-A
 
-@pytest.mark.skipif(not os.path.exists(BENCH_64),
-                    reason="../shared/data/cxr_bench_64 is not beside this checkout")
+@shared_data.needs(BENCH_64)
 def test_shared_benchmark_builds_with_every_image(tmp_path):
   b = sources.builder(_data_config(BENCH_64, str(tmp_path), size=32, label_column="label4"))
   with open(BENCH_64) as f:
@@ -182,8 +181,7 @@ def test_shared_benchmark_builds_with_every_image(tmp_path):
   assert collections.Counter(meta["label"]) == collections.Counter(r["label4"] for r in rows)
 
 
-@pytest.mark.skipif(not os.path.exists(BENCH_64),
-                    reason="../shared/data/cxr_bench_64 is not beside this checkout")
+@shared_data.needs(BENCH_64)
 def test_shared_benchmark_dedup_and_split_integrity(tmp_path):
   c = detl.get_config("data=manifest")
   c.data.update(tfds_dir=str(tmp_path))

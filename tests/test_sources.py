@@ -12,14 +12,13 @@ import pytest
 from PIL import Image
 
 import dicom_files
+import shared_data
 from configs import common, detl
 from xrayjax.data import pipeline, sources, tasks
 from xrayjax.data.sources import covidx, ieee8023_covid, native, nih_cxr14, rsna_pneumonia
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-NATIVE = os.path.join(SHARED, "native")
-needs_native = pytest.mark.skipif(not os.path.isdir(NATIVE),
-                                  reason="../shared/data/native is not beside this checkout")
+NATIVE = shared_data.path("native")
+needs_native = shared_data.needs(NATIVE)
 
 
 def _image(seed, shape=(80, 64)):

@@ -3,6 +3,7 @@ import os
 import numpy as np
 import pytest
 
+import shared_data
 from xrayjax.data import splits
 
 
@@ -141,11 +142,10 @@ def test_phases_share_the_minority_and_draw_fresh_disjoint_majorities():
                   fresh={"normal": 250}, shared={}, seed=0)
 
 
-MR7495 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mr7495_splits")
+MR7495 = shared_data.path("mr7495_splits")
 
 
-@pytest.mark.skipif(not os.path.isdir(MR7495),
-                    reason="../shared/data/mr7495_splits is not beside this checkout")
+@shared_data.needs(MR7495)
 def test_the_authors_split_files_reproduce_their_phase_structure():
   lists = splits.read_mr7495(MR7495)
   names = sorted(lists["all"])
