@@ -252,6 +252,9 @@ def test_both_protocols_side_by_side_in_one_command(tfds_dir, tmp_path):
              for p, c in zip(paper["fold_metrics"], corrected["fold_metrics"]))
   assert paper["data_summary"]["test_patients_seen_in_training"] > 0
   assert corrected["data_summary"]["test_patients_seen_in_training"] == 0
+  from xrayjax.evaluate import report
+  assert "kept as the paper protocol does" in report.summary_text(paper)
+  assert "images dropped" in report.summary_text(corrected)
   rows = {r["metric"]: r for r in out["compare"]}
   assert rows["accuracy"]["inflation"] == pytest.approx(
       rows["accuracy"]["paper_mean"] - rows["accuracy"]["corrected_mean"])

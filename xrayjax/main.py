@@ -1,4 +1,5 @@
-"""Entry point: `python -m xrayjax.main --config=configs/detl.py [--workdir=DIR] [--mode=eval]`."""
+"""Entry point: `python -m xrayjax.main --config=configs/<method>.py[:args] [--workdir=DIR]
+[--mode=eval]` (configs/detl.py, configs/concat.py)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def main(argv):
     config = config_dict.ConfigDict(files.read_json(path))
   else:
     if _CONFIG.value is None:
-      raise app.UsageError("--config is required, e.g. --config=configs/detl.py")
+      raise app.UsageError("--config is required, e.g. --config=configs/detl.py or "
+                           "--config=configs/concat.py")
     config = _CONFIG.value
     if not workdir:
       stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

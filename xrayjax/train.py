@@ -211,7 +211,8 @@ def _compiled_step(model, stage, total_steps: int, init, groups, mesh):
   """(optimizer, jitted train step) of a stage; stages that differ only in data and seed
   (the folds of a run) share them, so the step compiles once per run, not once per fold."""
   rules = tuple(tuple(r) for r in stage.param_rules)
-  key = (model, repr(sorted(dict(stage.optimizer).items())), total_steps, rules,
+  schedule_steps = total_steps if stage.optimizer.get("schedule") != "constant" else None
+  key = (model, repr(sorted(dict(stage.optimizer).items())), schedule_steps, rules,
          tuple(sorted(groups.items())), mesh, jax.tree.structure(init))
   if key not in _STEPS:
     tx = optim.make(stage.optimizer, total_steps, init["params"], rules, groups)

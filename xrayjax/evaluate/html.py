@@ -16,6 +16,7 @@ import numpy as np
 
 from xrayjax import files
 from xrayjax.evaluate import metrics as metrics_lib
+from xrayjax.evaluate import report
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "macro_auprc", "ece")
 PER_CLASS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc", "auprc")
@@ -220,8 +221,8 @@ def write(workdir: str, results: dict, predictions: list[dict], config: dict,
   if results.get("duplicates"):
     d = results["duplicates"]
     s.append(f"<p>Duplicates found before splitting: {d['exact_sets']} exact sets, "
-             f"{d['perceptual_pairs']} perceptual pairs; {d['dropped']} images dropped, "
-             f"{d['merged_patient_groups']} patient groups merged (duplicates.json).</p>")
+             f"{d['perceptual_pairs']} perceptual pairs; "
+             f"{html.escape(report.duplicate_handling(d))} (duplicates.json).</p>")
   s.append("<h2>Config</h2><pre>" + html.escape(_dump(config)) + "</pre>")
   page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>xrayjax report</title>

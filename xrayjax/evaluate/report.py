@@ -138,9 +138,16 @@ def summary_text(results: dict) -> str:
   if results.get("duplicates"):
     d = results["duplicates"]
     lines.append(f"  duplicates: {d['exact_sets']} exact sets, {d['perceptual_pairs']} perceptual "
-                 f"pairs, {d['dropped']} images dropped, {d['merged_patient_groups']} patient "
-                 "groups merged (duplicates.json)")
+                 f"pairs; {duplicate_handling(d)} (duplicates.json)")
   return "\n".join(lines)
+
+
+def duplicate_handling(d: dict) -> str:
+  """What the run did with the duplicates it found (the paper protocol only reports them)."""
+  if d.get("applied", True):
+    return f"{d['dropped']} images dropped, {d['merged_patient_groups']} patient groups merged"
+  return (f"kept as the paper protocol does ({d['dropped']} copies and "
+          f"{d['merged_patient_groups']} patient merges the corrected protocol would make)")
 
 
 def compare_protocols(paper: dict, corrected: dict) -> list[dict]:
