@@ -251,6 +251,10 @@ def test_both_protocols_side_by_side_in_one_command(tfds_dir, tmp_path):
   assert all(p["num_images"] > c["num_images"]
              for p, c in zip(paper["fold_metrics"], corrected["fold_metrics"]))
   assert paper["data_summary"]["test_patients_seen_in_training"] > 0
+  # Its test sets overlap; pooled metrics count every image once (probabilities averaged).
+  assert sum(m["num_images"] for m in paper["fold_metrics"]) > paper["num_images"]
+  assert paper["pooled"]["num_images"] == paper["num_images"]
+  assert any("test sets overlap" in n for n in paper["notes"])
   assert corrected["data_summary"]["test_patients_seen_in_training"] == 0
   from xrayjax.evaluate import report
   assert "kept as the paper protocol does" in report.summary_text(paper)

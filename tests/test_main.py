@@ -34,3 +34,18 @@ def test_cli_trains_then_evaluates_on_eight_devices(tfds_dir, tmp_path):
 
   proc = _main("--mode=eval", f"--workdir={tmp_path / 'nothing'}", env=env)
   assert proc.returncode != 0 and "not an xrayjax run directory" in proc.stderr
+
+  # The models trained on 8 devices predict in a 1-device process (another machine's shape).
+  import numpy as np
+  from PIL import Image
+  from xrayjax.data.sources import phantom
+  rng = np.random.default_rng(0)
+  image = phantom.render(rng, size=64, label="covid", anatomy=phantom.sample_anatomy(rng),
+                         site=phantom.SITES[0], view="PA", severity=0.8, finding=None)["image"]
+  Image.fromarray(image).save(tmp_path / "x.png")
+  one_device = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-m", "xrayjax.predict", f"--workdir={workdir}",
+                         "--format=json", "--overlays=none", str(tmp_path / "x.png")],
+                        env=one_device, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert len(json.loads(proc.stdout)["predictions"]) == 1

@@ -142,6 +142,14 @@ def test_bad_concat_configs_are_refused_before_anything_runs():
   c.phases.sampler = "random"
   with pytest.raises(ValueError, match="phases.sampler"):
     concat.check(c)
+  c = _config()
+  c.phases.fresh = {"normal": 8, "pneumonias": 6}
+  with pytest.raises(ValueError, match=r"phases.fresh names 'pneumonias'.*normal"):
+    concat.check(c)
+  c = _config("runlocal,protocol=paper")
+  c.phases.shared = {"pneumonia": 4}
+  with pytest.raises(ValueError, match="shared = -1"):
+    concat.check(c)
   meta = _meta()
   meta["label"][meta["label"] == "covid"] = "other_disease"
   with pytest.raises(ValueError, match="no covid image"):
@@ -151,16 +159,22 @@ def test_bad_concat_configs_are_refused_before_anything_runs():
 
 
 def test_a_plan_refuses_a_stage_started_from_one_not_trained_before_it():
-  s = methods.Stage(name="b", classes=("x",), labels=np.zeros(1), phases=[], optimizer={},
+  one = [methods.Phase(np.arange(1), 1)]
+  s = methods.Stage(name="b", classes=("x",), labels=np.zeros(1), phases=one, optimizer={},
                     param_rules=(), batch_size=1, eval_batch_size=1, select="last", init_seed=0,
                     seed=0, augment=(), init="stage", init_from="a")
   with pytest.raises(ValueError, match="not planned before it"):
     methods.Plan(method="m", protocol="p", classes=("x",), labels=np.zeros(1), stages=[s],
                  evaluations=[]).check()
   with pytest.raises(ValueError, match="needs a validation split"):
-    methods.Stage(name="c", classes=("x",), labels=np.zeros(1), phases=[], optimizer={},
+    methods.Stage(name="c", classes=("x",), labels=np.zeros(1), phases=one, optimizer={},
                   param_rules=(), batch_size=1, eval_batch_size=1, select="best", init_seed=0,
                   seed=0, augment=())
+  with pytest.raises(ValueError, match="at least one epoch"):
+    methods.Stage(name="d", classes=("x",), labels=np.zeros(1),
+                  phases=[methods.Phase(np.arange(1), 0)], optimizer={}, param_rules=(),
+                  batch_size=1, eval_batch_size=1, select="last", init_seed=0, seed=0,
+                  augment=())
 
 
 def test_tables_3_and_4_against_a_hand_computed_confusion_matrix():

@@ -106,3 +106,12 @@ def test_batch_larger_than_split_is_a_clear_error():
   import pytest
   with pytest.raises(ValueError, match="fewer than one batch"):
     pipeline.steps_per_epoch(5, 8)
+
+
+def test_a_process_without_examples_still_yields_padding_batches():
+  seen = []
+  for p in range(4):  # 3 examples over 4 processes: process 3 has none
+    batches = list(pipeline.eval_batches(_ds(3), 3, 8, process_index=p, process_count=4))
+    assert len(batches) == 1 and batches[0]["image"].shape == (2, 16, 16, 1)
+    seen.extend(batches[0]["index"][batches[0]["mask"] > 0].tolist())
+  assert sorted(seen) == [0, 1, 2]

@@ -16,6 +16,8 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from xrayjax import files
 
 SUMMARY = "summary.json"
+ITEM = "default"  # the CheckpointManager's name for a single saved item
+VARIABLES = ("params", "batch_stats")
 
 
 def _metric(metrics) -> float:
@@ -54,9 +56,24 @@ class StageCheckpoints:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
-  def restore_raw(self, step: int) -> dict:
-    """The state saved at `step` as host arrays, in the structure it was saved with."""
-    return self._manager.restore(step, args=ocp.args.StandardRestore())
+  def restore_variables(self, step: int) -> dict:
+    """{"params", "batch_stats"} saved at `step`, read from the checkpoint's own metadata
+    (no model, optimizer or config needed; the optimizer state is not read) and placed on
+    this process's first device, whatever devices the run trained on."""
+    path = os.path.join(self.directory, str(step), ITEM)
+    meta = ocp.StandardCheckpointer().metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    wanted = {k: tree[k] for k in VARIABLES if tree.get(k)}
+    is_leaf = lambda x: hasattr(x, "shape")  # noqa: E731
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        wanted, is_leaf=is_leaf)
+    restore_args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=device), wanted,
+                                is_leaf=is_leaf)
+    out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    return {k: out.get(k, {}) for k in VARIABLES}
 
   def restore_or_init(self, init_state):
     """(state, step): the latest checkpoint, or `init_state` and 0 if there is none."""

@@ -173,8 +173,10 @@ def check_workdir_config(workdir: str, config, allow_change: bool) -> None:
             "config (finished stages are kept as they are).")
     if diffs:
       logging.warning("config changed in %s: %s", workdir, "; ".join(diffs))
-      files.write_json(os.path.join(workdir, f"config.{int(time.time())}.json"), saved)
-  files.write_json(path, _jsonable(current))
+      if jax.process_index() == 0:
+        files.write_json(os.path.join(workdir, f"config.{int(time.time())}.json"), saved)
+  if jax.process_index() == 0:
+    files.write_json(path, _jsonable(current))
 
 
 def _jsonable(obj):
@@ -247,6 +249,7 @@ def run_protocol(config, workdir: str, mode: str = "train",
   os.makedirs(workdir, exist_ok=True)
   if mode == "train":
     check_workdir_config(workdir, config, allow_config_change)
+  if mode == "train" and jax.process_index() == 0:  # one writer on a shared file system
     files.write_json(os.path.join(workdir, "splits.json"), {
         "stages": {s.name: {"phases": [cohort.keys(p.train) for p in s.phases],
                             "val": cohort.keys(s.val)} for s in plan.stages},
@@ -326,6 +329,11 @@ def run_protocol(config, workdir: str, mode: str = "train",
                           **{f"p_{c}": float(probs[i, j]) for j, c in enumerate(classes)}})
 
   # --- aggregate and report ---
+  pooled = per_image(predictions, classes)
+  if len(pooled) < len(predictions):
+    plan.notes.append(f"test sets overlap across folds ({len(predictions)} predictions of "
+                      f"{len(pooled)} images): pooled metrics average each image's "
+                      "probabilities over the folds that tested it")
   results = {
       "method": plan.method, "protocol": config.protocol, "model": config.model_name,
       "data": f"{config.data.source}", "classes": list(classes),
@@ -337,8 +345,8 @@ def run_protocol(config, workdir: str, mode: str = "train",
       "data_summary": data_summary, "warnings": warnings(config, data_summary),
       "build_reports": cohort.build_reports(),
       "duplicates": {**cohort.duplicates["summary"], "applied": cohort.duplicates["applied"]},
-      "per_source": metrics_lib.per_group(predictions, "source", classes),
-      **pooled_metrics(config, predictions, classes, prevalences),
+      "per_source": metrics_lib.per_group(pooled, "source", classes),
+      **pooled_metrics(config, pooled, classes, prevalences),
       "gradcam": audit.summarise(explained) if explained else None,
       "gradcam_folds": [{k: v for k, v in r.items() if not isinstance(v, np.ndarray)}
                         for r in explained],
@@ -350,11 +358,31 @@ def run_protocol(config, workdir: str, mode: str = "train",
   text = report.summary_text(results)
   if jax.process_index() == 0:
     report.write(workdir, results, predictions, name)
-    html.write(workdir, results, predictions, _jsonable(config.to_dict()),
+    html.write(workdir, results, pooled, _jsonable(config.to_dict()),
                "report" if mode == "train" else "eval_report")
     files.write_text(os.path.join(workdir, f"{name}_summary.txt"), text + "\n")
   print(text, flush=True)
   return results
+
+
+def per_image(predictions: list[dict], classes) -> list[dict]:
+  """One row per image: where several folds tested an image (the paper protocol's
+  overlapping folds), its class probabilities averaged over them, so that pooled metrics
+  count every image once. Rows of images tested once are returned as they are."""
+  rows: dict[tuple, list[dict]] = {}
+  for r in predictions:
+    rows.setdefault((r["source"], r["image_id"]), []).append(r)
+  out = []
+  for group in rows.values():
+    if len(group) == 1:
+      out.append(group[0])
+      continue
+    probs = np.mean([[r[f"p_{c}"] for c in classes] for r in group], axis=0)
+    out.append({**{k: v for k, v in group[0].items() if k != "fold"},
+                "folds": " ".join(str(r["fold"]) for r in group),
+                "prediction": classes[int(probs.argmax())],
+                **{f"p_{c}": float(p) for c, p in zip(classes, probs)}})
+  return out
 
 
 def pooled_metrics(config, predictions: list[dict], classes, prevalences) -> dict:

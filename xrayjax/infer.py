@@ -73,7 +73,6 @@ def restore(stage_dir: str) -> tuple[dict, dict]:
     if summary is None:
       raise FileNotFoundError(f"{stage_dir} holds no finished training stage: train it first "
                               "(python -m xrayjax.main --mode=train with this --workdir)")
-    state = ckpts.restore_raw(summary["selected_step"])
-    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, summary
+    return ckpts.restore_variables(summary["selected_step"]), summary
   finally:
     ckpts.close()

@@ -209,7 +209,9 @@ _STEPS: dict = {}
 
 def _compiled_step(model, stage, total_steps: int, init, groups, mesh):
   """(optimizer, jitted train step) of a stage; stages that differ only in data and seed
-  (the folds of a run) share them, so the step compiles once per run, not once per fold."""
+  (the folds of a run) share them, so the step compiles once per run, not once per fold.
+  A schedule that depends on the stage's length (cosine) is shared only by stages of one
+  length."""
   rules = tuple(tuple(r) for r in stage.param_rules)
   schedule_steps = total_steps if stage.optimizer.get("schedule") != "constant" else None
   key = (model, repr(sorted(dict(stage.optimizer).items())), schedule_steps, rules,

@@ -261,12 +261,11 @@ def eval_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int,
       lambda ex: {**ex, "image": normalise(ex["image"])},
       num_parallel_calls=tf.data.AUTOTUNE).batch(local_batch).prefetch(2)
   it = ds.as_numpy_iterator()
-  template = None
   for _ in range(num_batches):
     batch = next(it, None)
-    if batch is None:  # this process ran out: an all-padding batch
-      batch = {k: v[:0] for k, v in template.items()}
-    template = template or batch
+    if batch is None:  # this process ran out (or had nothing): an all-padding batch
+      batch = {k: np.zeros((0,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype)
+               for k, s in ds.element_spec.items()}
     n = len(batch["label"])
     pad = local_batch - n
     batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in

@@ -110,7 +110,8 @@ def _ci(results, key) -> str:
 
 def write(workdir: str, results: dict, predictions: list[dict], config: dict,
           name: str = "report") -> str:
-  """Writes `{name}.html` and its figures into `workdir`; returns the path."""
+  """Writes `{name}.html` and its figures into `workdir`; returns the path. `predictions`:
+  the pooled test predictions, one row per image (experiment.per_image)."""
   figs = _figures(workdir, results, predictions)
   classes = results["classes"]
   agg = results["across_folds"]["metrics"]

@@ -155,10 +155,8 @@ def across_folds(fold_metrics: list[dict]) -> dict:
 
 
 def per_group(predictions: list[dict], key: str, classes) -> dict:
-  """Accuracy and confusion per value of `key` (e.g. source), over pooled test predictions.
-
-  Each image is in exactly one fold's test set, so pooling the folds counts it once.
-  """
+  """Accuracy and confusion per value of `key` (e.g. source), over pooled test predictions
+  (one row per image: experiment.per_image)."""
   index = {c: i for i, c in enumerate(classes)}
   out = {}
   for value in sorted({str(p[key]) for p in predictions}):

@@ -157,8 +157,8 @@ def compare_protocols(paper: dict, corrected: dict) -> list[dict]:
   ci = corrected.get("bootstrap_ci", {})
   return [{"metric": k, "paper_mean": a[k]["mean"], "paper_sd": a[k]["sd"],
            "corrected_mean": b[k]["mean"], "corrected_sd": b[k]["sd"],
-           "corrected_ci_low": ci.get(k, {}).get("low"),
-           "corrected_ci_high": ci.get(k, {}).get("high"),
+           "corrected_pooled_ci_low": ci.get(k, {}).get("low"),
+           "corrected_pooled_ci_high": ci.get(k, {}).get("high"),
            "inflation": a[k]["mean"] - b[k]["mean"]} for k in keys if k in a and k in b]
 
 

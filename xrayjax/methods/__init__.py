@@ -81,6 +81,11 @@ class Stage:
       raise ValueError(f"stage {self.name}: init='stage' needs init_from")
     if self.select == "best" and not len(self.val):
       raise ValueError(f"stage {self.name}: select='best' needs a validation split")
+    bad = [j + 1 for j, p in enumerate(self.phases) if p.epochs < 1 or not len(p.train)]
+    if not self.phases or bad:
+      raise ValueError(f"stage {self.name}: every phase needs at least one epoch and one "
+                       f"training image (phases {bad or 'none given'}); check the config's "
+                       "epochs and data sizes")
 
   @property
   def epochs(self) -> int:

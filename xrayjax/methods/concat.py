@@ -10,8 +10,9 @@ paper's 250 normal and 200 pneumonia), whole patients at a time.
 Samplers (config.phases.sampler):
   phased: the paper's phases.
   all: one phase on every training image of the fold (paper protocol: on the union of the
-    fold's phases, the images the published scheme trains on), for as many steps as the
-    phases take together, so the comparison isolates the sampling from the budget.
+    fold's phases, the images the published scheme trains on), for as many images shown as
+    the phases show together (rounded to whole epochs, at least one), so the comparison
+    isolates the sampling from the budget.
 
 Protocols (config.protocol):
   paper: the published scheme. Folds and phases come from the authors' lists
@@ -52,6 +53,17 @@ def check(config) -> None:
   if config.phases.count < 1 or config.phases.epochs < 1:
     raise ValueError(f"phases.count ({config.phases.count}) and phases.epochs "
                      f"({config.phases.epochs}) must be >= 1")
+  classes = tasks.get(config.task).classes
+  for field in ("fresh", "shared"):
+    unknown = sorted(set(config.phases[field]) - set(classes))
+    if unknown:
+      raise ValueError(f"phases.{field} names {', '.join(map(repr, unknown))}, not a class of "
+                       f"task {config.task!r}: {list(classes)}")
+  if (config.protocol == "paper" and not config.data.get("mr7495_dir")
+      and not any(n < 0 for n in config.phases.shared.values())):
+    raise ValueError("protocol=paper without the authors' lists splits the minority class "
+                     "(phases.shared = -1, e.g. covid) into folds; no class has shared = -1: "
+                     "set one, or give --config.data.mr7495_dir")
 
 
 def _phases(train, labels, patients, classes, config, seed_) -> list[np.ndarray]:
