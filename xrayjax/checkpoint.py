@@ -11,6 +11,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from xrayjax import files
@@ -60,19 +61,21 @@ class StageCheckpoints:
     """{"params", "batch_stats"} saved at `step`, read from the checkpoint's own metadata
     (no model, optimizer or config needed; the optimizer state is not read) and placed on
     this process's first device, whatever devices the run trained on."""
-    path = os.path.join(self.directory, str(step), ITEM)
-    meta = ocp.StandardCheckpointer().metadata(path)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    wanted = {k: tree[k] for k in VARIABLES if tree.get(k)}
-    is_leaf = lambda x: hasattr(x, "shape")  # noqa: E731
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        wanted, is_leaf=is_leaf)
-    restore_args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=device), wanted,
-                                is_leaf=is_leaf)
-    out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+    path = epath.Path(self.directory) / str(step) / ITEM
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      tree = handler.metadata(path).tree
+      wanted = {k: tree[k] for k in VARIABLES if tree.get(k)}
+      is_leaf = lambda x: hasattr(x, "shape")  # noqa: E731
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          wanted, is_leaf=is_leaf)
+      restore_args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=device), wanted,
+                                  is_leaf=is_leaf)
+      out = handler.restore(path, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
+    finally:
+      handler.close()
     return {k: out.get(k, {}) for k in VARIABLES}
 
   def restore_or_init(self, init_state):

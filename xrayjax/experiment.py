@@ -28,7 +28,7 @@ from xrayjax.models import keras_weights
 
 MODES = ("train", "eval")
 BOTH = "both"
-COMPARED = ("paper", "corrected")
+COMPARED = ("paper", "corrected")  # the protocols protocol="both" runs
 
 
 # --- data summary -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def write(workdir: str, results: dict, predictions: list[dict], name: str = "res
 
 TABLE4 = (("sensitivity", "recall"), ("specificity", "specificity"),
           ("ppv", "precision"), ("accuracy", "accuracy"))
-COMPARED = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
+COMPARED_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
 COMPARED_PER_CLASS = ("sensitivity", "specificity", "ppv", "auroc")
 
 
@@ -153,7 +153,8 @@ def duplicate_handling(d: dict) -> str:
 def compare_protocols(paper: dict, corrected: dict) -> list[dict]:
   """Per metric: fold mean ± sd under each protocol and the inflation (paper - corrected)."""
   a, b = paper["across_folds"]["metrics"], corrected["across_folds"]["metrics"]
-  keys = list(COMPARED) + [f"{c}/{m}" for c in paper["classes"] for m in COMPARED_PER_CLASS]
+  keys = list(COMPARED_METRICS) + [f"{c}/{m}" for c in paper["classes"]
+                                   for m in COMPARED_PER_CLASS]
   ci = corrected.get("bootstrap_ci", {})
   return [{"metric": k, "paper_mean": a[k]["mean"], "paper_sd": a[k]["sd"],
            "corrected_mean": b[k]["mean"], "corrected_sd": b[k]["sd"],
