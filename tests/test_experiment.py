@@ -52,6 +52,7 @@ class _Killed(Exception):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path, monkeypatch):
+  tiny_config.eval.gradcam.enabled = False  # resuming is under test (test_report: Grad-CAM)
   tiny_config.stage_a.epochs = 2
   tiny_config.stage_b.epochs = 2
   straight = str(tmp_path / "straight")
@@ -125,6 +126,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path
 
 
 def test_paper_protocol_runs_image_level_with_alexnet(tiny_config, tmp_path):
+  tiny_config.eval.gradcam.enabled = False
   tiny_config.protocol = "paper"
   tiny_config.model_name = "alexnet"  # with dropout, on the data-parallel mesh
   results = experiment.run(tiny_config, str(tmp_path / "run"))
@@ -135,6 +137,7 @@ def test_paper_protocol_runs_image_level_with_alexnet(tiny_config, tmp_path):
 def test_resnet50_run_restores_batch_norm_statistics(tfds_dir, tmp_path):
   from configs import detl
   c = detl.get_config("model=resnet50,runlocal")
+  c.eval.gradcam.enabled = False
   c.data.tfds_dir = tfds_dir
   workdir = str(tmp_path / "run")
   results = experiment.run(c, workdir)
@@ -151,6 +154,7 @@ def test_resnet50_run_restores_batch_norm_statistics(tfds_dir, tmp_path):
 def test_scratch_run_and_bad_scratch_config(tfds_dir, tmp_path):
   from configs import detl
   c = detl.get_config("runlocal,init=scratch")
+  c.eval.gradcam.enabled = False
   c.data.tfds_dir = tfds_dir
   results = experiment.run(c, str(tmp_path / "scratch"))
   assert [s["name"] for s in results["stages"]] == ["fold0/stage_b", "fold1/stage_b"]
@@ -198,7 +202,7 @@ def _tiny_concat(tfds_dir, arg="runlocal"):
   c = concat.get_config(arg)
   c.data.tfds_dir = tfds_dir
   c.model_name = "alexnet"
-  c.model.dropout = 0.0
+  c.model = {"width": 1 / 16, "dropout": 0.0, "init_from": None}
   c.phases.epochs = 2
   c.eval.gradcam.enabled = False
   return c
