@@ -50,9 +50,6 @@ class Cohort:
       meta = {k: v[dup["keep"]] for k, v in meta.items()}
     return cls(builders, meta, names, dup["report"])
 
-  def __len__(self) -> int:
-    return len(self.meta["image_id"])
-
   def keys(self, rows: np.ndarray) -> list[str]:
     """Stable names of rows: the image id, prefixed by the builder when there are several."""
     ids = self.meta["image_id"][rows]
