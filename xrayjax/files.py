@@ -7,20 +7,6 @@ import json
 import os
 
 
-def write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=float)
-  os.replace(tmp, path)
-
-
-def write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_with(path: str, save) -> None:
   """`save(tmp_path)` writes the file (e.g. matplotlib's savefig); it lands atomically at
   `path`. The temporary name keeps the suffix, so writers that infer the format work."""
@@ -28,6 +14,17 @@ def write_with(path: str, save) -> None:
   tmp = f"{root}.tmp{ext}"
   save(tmp)
   os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+  def save(tmp):
+    with open(tmp, "w") as f:
+      f.write(text)
+  write_with(path, save)
+
+
+def write_json(path: str, obj) -> None:
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float))
 
 
 def read_json(path: str):
@@ -40,9 +37,10 @@ def write_csv(path: str, rows: list[dict]) -> None:
   fields: list[str] = []
   for row in rows:
     fields.extend(k for k in row if k not in fields)
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(tmp, path)
+
+  def save(tmp):
+    with open(tmp, "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=fields)
+      writer.writeheader()
+      writer.writerows(rows)
+  write_with(path, save)

@@ -120,8 +120,16 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
     log_every: steps between progress lines.
     tb_dir: TensorBoard directory (None: no events).
   """
-  name, cfg = stage.name, stage
+  name = stage.name
   ckpts = checkpoint.StageCheckpoints(ckpt_dir)
+  summary = ckpts.summary()
+  if summary is not None:
+    logging.info("[%s] finished earlier (selected step %d): skipping", name,
+                 summary["selected_step"])
+    variables = ckpts.restore_variables(summary["selected_step"])
+    ckpts.close()
+    return variables, summary
+
   replicated = sharding.replicated(mesh)
   schedule = epoch_schedule([n for _, n in data.phases], [p.epochs for p in stage.phases],
                             stage.batch_size)
@@ -129,17 +137,8 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
   init = jax.device_put(variables_of(init_variables), replicated)
   tx, step_fn = _compiled_step(model, stage, total_steps, init, groups, mesh)
   state = jax.jit(lambda v: TrainState.create(v, tx), out_shardings=replicated)(init)
-
-  summary = ckpts.summary()
-  if summary is not None:
-    logging.info("[%s] finished earlier (selected step %d): skipping", name,
-                 summary["selected_step"])
-    variables = ckpts.best(state).variables
-    ckpts.close()
-    return variables, summary
-
-  sharding.check_batch_size(cfg.batch_size, mesh, f"[{name}] batch_size")
-  sharding.check_batch_size(cfg.eval_batch_size, mesh, f"[{name}] eval_batch_size")
+  sharding.check_batch_size(stage.batch_size, mesh, f"[{name}] batch_size")
+  sharding.check_batch_size(stage.eval_batch_size, mesh, f"[{name}] eval_batch_size")
   state, step = ckpts.restore_or_init(state)
   ends = [e["end"] for e in schedule]
   if step and step not in ends:
@@ -163,7 +162,7 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
         f"epoch {e['epoch'] + 1}/{stage.phases[e['phase']].epochs}"
     ds, num = data.phases[e["phase"]]
     # The epoch's randomness is keyed by its index in the whole stage (one phase: the epoch).
-    batches = pipeline.train_batches(ds, num, cfg.batch_size, stage.seed, index,
+    batches = pipeline.train_batches(ds, num, stage.batch_size, stage.seed, index,
                                      tuple(stage.augment), jax.process_index(),
                                      jax.process_count())
     sums = None
@@ -183,7 +182,7 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
     _check_finite(name, step, epoch_metrics["train_loss"], ckpts)
     if data.val is not None:
       probs, labels, _ = infer.predict(predict_fn, state.variables, data.val, data.num_val,
-                                       cfg.eval_batch_size, mesh)
+                                       stage.eval_batch_size, mesh)
       epoch_metrics["val_accuracy"] = float(np.mean(probs.argmax(-1) == labels))
     epoch_metrics["select_metric"] = (epoch_metrics["val_accuracy"] if stage.select == "best"
                                       else float(step))
@@ -233,8 +232,8 @@ def _check_finite(name: str, step: int, loss: float, ckpts) -> None:
     raise FloatingPointError(
         f"[{name}] training loss is {loss} at step {step}. Nothing was saved after the last "
         f"good checkpoint (step {ckpts.latest_step()}) in {ckpts.directory}. Lower the "
-        "learning rate (--config.stage_*.optimizer.lr) and run again with the same workdir to "
-        "resume from it.")
+        "learning rate of this stage's optimizer in the config and run again with the same "
+        "workdir (and --allow_config_change) to resume from it.")
 
 
 def _write_scalars(writer, step: int, scalars: dict) -> None:
