@@ -168,7 +168,7 @@ def test_detl_three_classes_with_data_a_from_another_collection(tmp_path):
   assert set(results["build_reports"]) == {"manifest", "data_a:manifest"}
   assert all(r["skipped"] == 0 for r in results["build_reports"].values())
   splits_file = files.read_json(str(tmp_path / "run" / "splits.json"))
-  assert splits_file["stages"]["stage_a"]["phases"][0][0].startswith("1/")  # builder 1: Data-A
+  assert splits_file["stages"]["stage_a"]["phases"][0]["keys"][0].startswith("1/")  # builder 1: Data-A
 
 @shared_data.needs(BENCH_64)
 def test_shared_benchmark_builds_with_every_image(tmp_path):
@@ -255,5 +255,6 @@ def test_a_data_a_without_disease_images_is_refused_with_what_to_do(tmp_path):
                          image_size=32)
   c.data_b.task = "three_class"
   c.data_b.images_per_class = {"normal": 6, "pneumonia": 0, "covid": 0}
-  with pytest.raises(ValueError, match=r"Data-A has no disease image.*data_a.data"):
+  with pytest.raises(ValueError, match=r"(?s)class 'disease' of task 'data_a' has no images "
+                                       r"in Data-A.*data_a.data.*init=scratch"):
     experiment.prepare(c)

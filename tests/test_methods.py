@@ -152,7 +152,7 @@ def test_bad_concat_configs_are_refused_before_anything_runs():
     concat.check(c)
   meta = _meta()
   meta["label"][meta["label"] == "covid"] = "other_disease"
-  with pytest.raises(ValueError, match="no covid image"):
+  with pytest.raises(ValueError, match="class 'covid' of task 'three_class' has no images"):
     concat.plan(meta, _config())
   with pytest.raises(ValueError, match="unknown method"):
     methods.get("chexnet")
@@ -164,7 +164,7 @@ def test_a_plan_refuses_a_stage_started_from_one_not_trained_before_it():
                     param_rules=(), batch_size=1, eval_batch_size=1, select="last", init_seed=0,
                     seed=0, augment=(), init="stage", init_from="a")
   with pytest.raises(ValueError, match="not planned before it"):
-    methods.Plan(method="m", protocol="p", classes=("x",), labels=np.zeros(1), stages=[s],
+    methods.Plan(method="m", protocol="p", task="t", classes=("x",), labels=np.zeros(1), stages=[s],
                  evaluations=[]).check()
   with pytest.raises(ValueError, match="needs a validation split"):
     methods.Stage(name="c", classes=("x",), labels=np.zeros(1), phases=one, optimizer={},

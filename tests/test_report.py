@@ -119,6 +119,16 @@ def test_predict_png_jpeg_and_dicom_and_skip_what_cannot_be_read(run, tmp_path):
   # One fold's model alone differs from the ensemble; the formats carry the same rows.
   one, _, _ = predict.predict(workdir, [str(folder / "a.png")], fold="0", overlays="none")
   assert "overlay" not in one[0]
+  # Bad input to the trained run: a fold it lacks is refused; a file given by name that is
+  # not an image is skipped with why, and the images beside it are still predicted.
+  with pytest.raises(predict.InputError, match=r"--fold=7 is not a fold of this run: valid "
+                                               r"values are 0, 1 or `all`"):
+    predict.predict(workdir, [str(folder / "a.png")], fold="7")
+  (tmp_path / "notes.txt").write_text("not an image")
+  two, notes, _ = predict.predict(workdir, [str(tmp_path / "notes.txt"), str(folder / "a.png")],
+                                  fold="0", overlays="none")
+  assert [r["file"] for r in two] == [str(folder / "a.png")] and two[0] == one[0]
+  assert notes[0]["reason"].startswith("not a PNG, JPEG or DICOM image")
   as_json = json.loads(predict.table(rows, classes, skipped, "json"))
   assert as_json["predictions"][0]["prediction"] == rows[0]["prediction"]
   assert predict.table(rows, classes, skipped, "csv").splitlines()[0].startswith(

@@ -266,6 +266,7 @@ def test_the_papers_data_nih_for_data_a_and_nih_plus_ieee8023_for_data_b(tmp_pat
   c.data.ieee8023_covid.update(root=str(ieee), image_size=32)
   c.data_b.update(images_per_class={"normal": 4, "pneumonia": 0, "other_disease": 6, "covid": 0},
                   val_fraction=0.5)
+  c.stage_a.batch_size = c.stage_b.batch_size = 2  # a plan of a few images (none trained)
   cohort, p = experiment.prepare(c)
   meta = cohort.meta
   assert set(cohort.build_reports()) == {"nih_cxr14", "ieee8023_covid"}

@@ -3,10 +3,15 @@
 One CheckpointManager per (fold, stage) directory keeps the latest checkpoint
 (to resume) and the best by validation accuracy (to evaluate). A stage that
 finished writes `summary.json` beside them; its presence means "skip me".
+
+Every saved step's files are hashed (SHA-256) into `checksums.json`; a restore checks them
+first, so a damaged or half-deleted checkpoint is reported (which stage, which files, how to
+recover) instead of being loaded or crashing inside orbax.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -17,6 +22,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from xrayjax import files
 
 SUMMARY = "summary.json"
+CHECKSUMS = "checksums.json"
 ITEM = "default"  # the CheckpointManager's name for a single saved item
 VARIABLES = ("params", "batch_stats")
 
@@ -25,11 +31,22 @@ def _metric(metrics) -> float:
   return float(metrics["select_metric"])
 
 
-class StageCheckpoints:
-  """Latest + best checkpoints of one training stage."""
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be trusted: `kind` is "missing" (files or the step are gone:
+  a half-deleted directory) or "damaged" (a file's bytes changed)."""
 
-  def __init__(self, directory: str):
+  def __init__(self, message: str, kind: str):
+    super().__init__(message)
+    self.kind = kind
+
+
+class StageCheckpoints:
+  """Latest + best checkpoints of one training stage; `name` (e.g. "fold3/stage_b") is how
+  messages and `--retrain` name it."""
+
+  def __init__(self, directory: str, name: str | None = None):
     self.directory = os.path.abspath(directory)
+    self.name = name or os.path.basename(self.directory)
     options = ocp.CheckpointManagerOptions(
         best_fn=_metric, best_mode="max",
         preservation_policy=pp.AnyPreservationPolicy(
@@ -45,6 +62,53 @@ class StageCheckpoints:
     self._manager.save(step, args=ocp.args.StandardSave(state),
                        metrics={k: float(v) for k, v in metrics.items()})
     self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      kept = {str(s) for s in self._manager.all_steps()}
+      sums = {k: v for k, v in self._checksums().items() if k in kept}
+      sums[str(step)] = self._digest(step)
+      files.write_json(os.path.join(self.directory, CHECKSUMS), sums)
+
+  def _checksums(self) -> dict:
+    path = os.path.join(self.directory, CHECKSUMS)
+    return files.read_json(path) if os.path.exists(path) else {}
+
+  def _digest(self, step: int) -> dict[str, str]:
+    root = os.path.join(self.directory, str(step))
+    out = {}
+    for dirpath, _, names in os.walk(root):
+      for n in names:
+        path = os.path.join(dirpath, n)
+        with open(path, "rb") as f:
+          out[os.path.relpath(path, root)] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
+
+  def verify(self, step: int) -> None:
+    """Raises CheckpointError unless every file recorded for `step` is there, unchanged.
+    (A checkpoint written before checksums existed is not checked.)"""
+    recorded = self._checksums().get(str(step))
+    if recorded is None:
+      if not os.path.isdir(os.path.join(self.directory, str(step))):
+        raise self._error(step, "missing", "its directory is gone")
+      return
+    found = self._digest(step)
+    missing = sorted(set(recorded) - set(found))
+    if missing:
+      raise self._error(step, "missing", f"{len(missing)} of its {len(recorded)} files are "
+                        f"gone ({', '.join(missing[:3])})")
+    changed = sorted(k for k in recorded if found[k] != recorded[k])
+    if changed:
+      raise self._error(step, "damaged", f"{len(changed)} file(s) differ from their checksum "
+                        f"({', '.join(changed[:3])})")
+
+  def _error(self, step: int, kind: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint step {step} of stage {self.name} ({self.directory}) is {kind}: {what}. "
+        f"Retrain the stage with the same command plus --retrain={self.name} (its old "
+        "directory is kept beside it, and stages started from it are retrained too).", kind)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True once the cluster's preemption notice has reached every process (multi-host)."""
+    return self._manager.reached_preemption(step)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -54,6 +118,7 @@ class StageCheckpoints:
 
   def restore(self, step: int, like):
     """Restores `step` into the structure and shardings of `like`."""
+    self.verify(step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
@@ -61,6 +126,7 @@ class StageCheckpoints:
     """{"params", "batch_stats"} saved at `step`, read from the checkpoint's own metadata
     (no model, optimizer or config needed; the optimizer state is not read) and placed on
     this process's first device, whatever devices the run trained on."""
+    self.verify(step)
     path = epath.Path(self.directory) / str(step) / ITEM
     handler = ocp.PyTreeCheckpointHandler()
     try:

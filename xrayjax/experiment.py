@@ -16,10 +16,13 @@ import time
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from xrayjax import files, infer, methods, models, sharding, train
+from xrayjax import files, infer, methods, models, rundir, sharding, train
+from xrayjax.data import sources, tasks
 from xrayjax.data.cohort import Cohort
 from xrayjax.evaluate import audit, html
 from xrayjax.evaluate import metrics as metrics_lib
@@ -63,7 +66,7 @@ def describe(cohort: Cohort, plan: methods.Plan) -> dict:
   seen_total = 0
   for e in plan.evaluations:
     trained, name = set(), e.stage
-    while name:
+    while name in {s.name for s in plan.stages}:  # (an external test set plans no stage)
       stage = plan.stage(name)
       trained |= set(meta["patient_id"][stage.rows()])
       name = stage.init_from if stage.init == "stage" else None
@@ -163,8 +166,8 @@ def check_workdir_config(workdir: str, config, allow_change: bool) -> None:
   current = config.to_dict()
   if os.path.exists(path):
     saved = files.read_json(path)
-    diffs = _diff(flax.traverse_util.flatten_dict(saved, sep="."),
-                  flax.traverse_util.flatten_dict(_jsonable(current), sep="."))
+    diffs = rundir.diff(flax.traverse_util.flatten_dict(saved, sep="."),
+                  flax.traverse_util.flatten_dict(rundir.plain(current), sep="."))
     if diffs and not allow_change:
       raise ValueError(
           f"{workdir} holds a run with a different config; differing fields:\n  "
@@ -176,105 +179,170 @@ def check_workdir_config(workdir: str, config, allow_change: bool) -> None:
       if jax.process_index() == 0:
         files.write_json(os.path.join(workdir, f"config.{int(time.time())}.json"), saved)
   if jax.process_index() == 0:
-    files.write_json(path, _jsonable(current))
+    files.write_json(path, rundir.plain(current))
 
 
-def _jsonable(obj):
-  if isinstance(obj, dict):
-    return {k: _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  return obj
-
-
-def _diff(old: dict, new: dict) -> list[str]:
-  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
-def run(config, workdir: str, mode: str = "train", allow_config_change: bool = False) -> dict:
+def run(config, workdir: str, mode: str = "train", allow_config_change: bool = False,
+        retrain: tuple[str, ...] = (), eval_dir: str | None = None) -> dict:
   """Runs (or, with mode="eval", re-evaluates) the configured method in `workdir`.
 
   With config.protocol="both", runs it under each protocol in `workdir/paper` and
   `workdir/corrected` and writes the comparison (compare.json, compare.csv) to `workdir`.
+  `retrain` names stages to train again (with the stages started from them); `eval_dir`
+  is where mode="eval" writes (default: the run directory, or a temporary directory when
+  it is read-only).
   """
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; valid modes: {MODES}")
+  out_dir = workdir
+  if mode == "eval":
+    out_dir, note = rundir.eval_dir(workdir, eval_dir)
+    if note:
+      logging.warning(note)
+      print(note, flush=True)
   if config.protocol != BOTH:
-    return run_protocol(config, workdir, mode, allow_config_change)
+    return run_protocol(config, workdir, mode, allow_config_change, retrain, out_dir)
   subs = {}
   for protocol in COMPARED:
     subs[protocol] = config.copy_and_resolve_references()
     with subs[protocol].unlocked():
       subs[protocol].protocol = protocol
     methods.get(config.method).check(subs[protocol])
-  os.makedirs(workdir, exist_ok=True)
+  # A data error of either protocol (e.g. an empty class) stops the run before it writes.
+  prepared = {protocol: prepare(sub) for protocol, sub in subs.items()}
   if mode == "train":  # so that --mode=eval finds the run's config here too
+    os.makedirs(workdir, exist_ok=True)
     check_workdir_config(workdir, config, allow_config_change)
   results = {protocol: run_protocol(sub, os.path.join(workdir, protocol), mode,
-                                    allow_config_change) for protocol, sub in subs.items()}
+                                    allow_config_change, retrain,
+                                    os.path.join(out_dir, protocol), prepared[protocol])
+             for protocol, sub in subs.items()}
   table = report.compare_protocols(results["paper"], results["corrected"])
   name = "compare" if mode == "train" else "eval_compare"
   text = report.compare_text(table, results["paper"], results["corrected"])
   if jax.process_index() == 0:
-    files.write_json(os.path.join(workdir, f"{name}.json"), {"rows": table})
-    files.write_csv(os.path.join(workdir, f"{name}.csv"), table)
-    files.write_text(os.path.join(workdir, f"{name}_summary.txt"), text + "\n")
+    files.write_json(os.path.join(out_dir, f"{name}.json"), {"rows": table})
+    files.write_csv(os.path.join(out_dir, f"{name}.csv"), table)
+    files.write_text(os.path.join(out_dir, f"{name}_summary.txt"), text + "\n")
   print(text, flush=True)
   return {"protocols": results, "compare": table}
 
 
-def prepare(config) -> tuple[Cohort, methods.Plan]:
+def prepare(config, mesh=None) -> tuple[Cohort, methods.Plan]:
   """The cohort (sources loaded, duplicates handled as the protocol says) and the method's
-  checked plan: everything a run decides before it trains."""
+  checked plan: everything a run decides before it trains. Every config error that can be
+  found before training is raised here, before anything is written."""
   method = methods.get(config.method)
   method.check(config)
+  check_config(config)
   cohort = Cohort.load(config.data, method.extra_data(config), config.dedup.max_distance,
                        drop_duplicates=config.protocol == "corrected")
   plan = method.plan(cohort.meta, config)
   plan.check()
+  check_plan(config, plan, mesh or sharding.make_mesh())
   return cohort, plan
 
 
-def run_protocol(config, workdir: str, mode: str = "train",
-                 allow_config_change: bool = False) -> dict:
-  """Runs one protocol of the configured method in `workdir` (see `run`)."""
+def check_config(config) -> None:
+  """Config values no plan can repair: named with the field and what is valid."""
+  for field in ("log_every", "folds"):
+    if int(config.get(field, 1)) < 1:
+      raise ValueError(f"config.{field}={config[field]} must be >= 1")
+  if int(config.get("checkpoint_every_steps", 0)) < 0:
+    raise ValueError(f"config.checkpoint_every_steps={config.checkpoint_every_steps} must be "
+                     ">= 0 (0: about every 10 minutes)")
+  models.spec(config.model_name)  # an unknown model is named with the valid ones
+  for path in str(config.model.get(models.INIT_FROM) or "").split(","):
+    if path.strip() and not os.path.exists(os.path.expanduser(path.strip())):
+      raise FileNotFoundError(f"config.model.{models.INIT_FROM}: {path.strip()} does not exist "
+                              "(Keras weight files, comma separated; see README)")
+
+
+def check_plan(config, plan: methods.Plan, mesh) -> None:
+  """What only the plan knows: classes, batch sizes against the devices and the images,
+  and the input size against the model."""
+  if not plan.classes:
+    raise ValueError(f"the plan of {config.method} has no classes; check the task")
+  for s in plan.stages:
+    if not s.classes:
+      raise ValueError(f"stage {s.name} has no classes; check the task")
+    sharding.check_batch_size(s.batch_size, mesh, f"[{s.name}] batch_size")
+    sharding.check_batch_size(s.eval_batch_size, mesh, f"[{s.name}] eval_batch_size")
+    for j, p in enumerate(s.phases):
+      if len(p.train) < s.batch_size:
+        raise ValueError(f"[{s.name}] training set{f' of phase {j + 1}' if len(s.phases) > 1 else ''}"
+                         f" has {len(p.train)} images, fewer than one batch of {s.batch_size}; "
+                         "lower the stage's batch_size in the config or add data")
+  check_image_size(config.model_name, config.model, config.data.image_size)
+
+
+def check_image_size(model_name: str, model_config, image_size: int) -> None:
+  """Raises unless `model_name` keeps a feature map of at least 1x1 at `image_size`."""
+  def fits(size):
+    model = models.build(model_name, 2, model_config)
+    try:
+      shapes = jax.eval_shape(lambda: model.init_with_output(
+          {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, size, size, 1)), train=False)[0])
+    except (ValueError, TypeError, ZeroDivisionError):
+      return False
+    return all(d >= 1 for leaf in jax.tree.leaves(shapes) for d in leaf.shape)
+
+  if fits(image_size):
+    return
+  low, high = image_size, 1024
+  if not fits(high):
+    raise ValueError(f"model {model_name} does not run at data.image_size={image_size}")
+  while high - low > 1:
+    mid = (low + high) // 2
+    low, high = (low, mid) if fits(mid) else (mid, high)
+  raise ValueError(f"data.image_size={image_size} is below the minimum input of model "
+                   f"{model_name} ({high} px): its feature maps would be empty. Set "
+                   f"--config.data.image_size to at least {high}")
+
+
+def run_protocol(config, workdir: str, mode: str = "train", allow_config_change: bool = False,
+                 retrain: tuple[str, ...] = (), out_dir: str | None = None,
+                 prepared: tuple | None = None) -> dict:
+  """Runs one protocol of the configured method in `workdir` (see `run`); mode="eval"
+  writes its results to `out_dir`."""
   start = time.time()
   mesh = sharding.make_mesh()
   spec = models.spec(config.model_name)
   image_size = config.data.image_size
+  out_dir = out_dir or workdir
 
   # --- cohort and plan (a config or data error stops the run before it writes anything) ---
-  cohort, plan = prepare(config)
-  os.makedirs(workdir, exist_ok=True)
+  cohort, plan = prepared or prepare(config, mesh)
+  method = methods.get(config.method)
+  current = {"split_config": rundir.split_config(config, method.SPLIT_FIELDS),
+             "data": rundir.data_fingerprint(cohort)}
+  record = rundir.splits_record(cohort, plan)
+  recorded = rundir.check(workdir, current, record, _eval_data_hint(config))
+  if mode == "eval" and not recorded:
+    raise FileNotFoundError(f"{workdir} has no {rundir.SPLITS}: it is not a trained run "
+                            "directory (train it first, or check --workdir)")
   if mode == "train":
+    os.makedirs(workdir, exist_ok=True)
     check_workdir_config(workdir, config, allow_config_change)
-  if mode == "train" and jax.process_index() == 0:  # one writer on a shared file system
-    files.write_json(os.path.join(workdir, "splits.json"), {
-        "stages": {s.name: {"phases": [cohort.keys(p.train) for p in s.phases],
-                            "val": cohort.keys(s.val)} for s in plan.stages},
-        "evaluations": [{"fold": e.fold, "stage": e.stage, "test": cohort.keys(e.test)}
-                        for e in plan.evaluations]})
-    files.write_json(os.path.join(workdir, "plan.json"), plan.describe())
-    files.write_json(os.path.join(workdir, "duplicates.json"), cohort.duplicates)
+    if jax.process_index() == 0:  # one writer on a shared file system; records never change
+      if not recorded:
+        files.write_json(os.path.join(workdir, rundir.SPLITS), record)
+      if not os.path.exists(os.path.join(workdir, rundir.FINGERPRINT)):
+        files.write_json(os.path.join(workdir, rundir.FINGERPRINT), current)
+      files.write_json(os.path.join(workdir, "plan.json"), plan.describe())
+      files.write_json(os.path.join(workdir, "duplicates.json"), cohort.duplicates)
+    set_aside(workdir, plan, retrain)
   data_summary = describe(cohort, plan)
   logging.info("plan: %s", {k: v for k, v in data_summary["partitions"].items()})
   logging.info("duplicates: %s", cohort.duplicates["summary"])
 
   # --- train every stage, in order ---
-  built = {}  # one model (and compiled predict function) per head size
-
-  def model_for(num_classes):
-    if num_classes not in built:
-      m = models.build(config.model_name, num_classes, config.model)
-      built[num_classes] = (m, infer.make_predict_fn(m, mesh))
-    return built[num_classes]
-
+  model_for = _model_cache(config, mesh)
   variables, summaries = {}, {}
   for stage in plan.stages:
     if mode == "eval":  # the selected weights only: no optimizer, no training data
       variables[stage.name], summaries[stage.name] = infer.restore(
-          os.path.join(workdir, stage.name))
+          os.path.join(workdir, stage.name), stage.name)
       continue
     model, _ = model_for(len(stage.classes))
     if stage.init == "stage":
@@ -289,12 +357,33 @@ def run_protocol(config, workdir: str, mode: str = "train",
                 for p in stage.phases],
         val=cohort.dataset(stage.val, stage.labels, image_size) if len(stage.val) else None,
         num_val=len(stage.val))
-    variables[stage.name], summaries[stage.name] = train.train_stage(
-        stage=stage, model=model, init_variables=init, groups=spec.PARAM_GROUPS, data=data,
-        ckpt_dir=os.path.join(workdir, stage.name), mesh=mesh, log_every=config.log_every,
-        tb_dir=os.path.join(workdir, "tensorboard", stage.name))
+    try:
+      variables[stage.name], summaries[stage.name] = train.train_stage(
+          stage=stage, model=model, init_variables=init, groups=spec.PARAM_GROUPS, data=data,
+          ckpt_dir=os.path.join(workdir, stage.name), mesh=mesh, log_every=config.log_every,
+          tb_dir=os.path.join(workdir, "tensorboard", stage.name),
+          checkpoint_every_steps=config.get("checkpoint_every_steps", 0))
+    except FloatingPointError as e:
+      fields = [k for k in flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
+                if k.endswith(".lr") and k.split(".")[0] in ("train", stage.name.split("/")[-1])]
+      raise FloatingPointError(f"{e} Learning-rate fields of this config: "
+                               f"{', '.join('--config.' + f for f in fields) or 'none found'}."
+                               ) from None
 
-  # --- evaluate ---
+  stages = [{"name": s.name, "description": s.description, **summaries[s.name]}
+            for s in plan.stages]
+  return evaluate(config, cohort, plan, variables, stages, data_summary, out_dir,
+                  "results" if mode == "train" else "eval", mesh, start,
+                  warnings(config, data_summary), model_for, initialisation(config, plan))
+
+
+def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages: list[dict],
+             data_summary: dict, out_dir: str, name: str, mesh, start: float,
+             warns: list[str], model_for, init: str) -> dict:
+  """Scores every evaluation of `plan` with its stage's variables, pools, and writes the
+  results named `name` (results, eval, external) with their report to `out_dir`."""
+  spec = models.spec(config.model_name)
+  image_size = config.data.image_size
   classes = plan.classes
   prevalences = tuple(config.eval.prevalences)
   explain = config.eval.gradcam.enabled and jax.process_count() == 1
@@ -304,11 +393,11 @@ def run_protocol(config, workdir: str, mode: str = "train",
   fold_metrics, predictions, explained = [], [], []
   meta = cohort.meta
   for e in plan.evaluations:
-    stage = plan.stage(e.stage)
-    model, predict_fn = model_for(len(stage.classes))
+    model, predict_fn = model_for(len(classes))  # evaluated models output the plan's classes
     test_ds = cohort.dataset(e.test, plan.labels, image_size)
+    batch_size = e.batch_size or plan.stage(e.stage).eval_batch_size
     probs, labels, index = infer.predict(predict_fn, variables[e.stage], test_ds, len(e.test),
-                                         stage.eval_batch_size, mesh)
+                                         batch_size, mesh)
     m = metrics_lib.classification(labels, probs, classes, prevalences)
     fold_metrics.append(m)
     logging.info("[fold%d] test accuracy %.4f, macro F1 %.4f", e.fold, m["accuracy"],
@@ -318,8 +407,8 @@ def run_protocol(config, workdir: str, mode: str = "train",
           model=model, variables=jax.device_get(variables[e.stage]), ds=test_ds,
           num_examples=len(e.test), labels=labels, masks=cohort.masks(e.test, image_size),
           classes=classes, cfg=config.eval.gradcam, groups=spec.PARAM_GROUPS,
-          out_dir=os.path.join(workdir, "gradcam"), names=meta["image_id"][e.test],
-          fold=e.fold, seed=methods.seed(config.seed, 30, e.fold),
+          out_dir=os.path.join(out_dir, "gradcam" if name != "external" else "external_gradcam"),
+          names=meta["image_id"][e.test], fold=e.fold, seed=methods.seed(config.seed, 30, e.fold),
           sanity=e.fold < config.eval.gradcam.sanity_folds, mesh=mesh))
     for i, r in enumerate(e.test[index]):
       predictions.append({"fold": e.fold, "image_id": meta["image_id"][r],
@@ -335,14 +424,13 @@ def run_protocol(config, workdir: str, mode: str = "train",
                       f"{len(pooled)} images): pooled metrics average each image's "
                       "probabilities over the folds that tested it")
   results = {
-      "method": plan.method, "protocol": config.protocol, "model": config.model_name,
+      "method": plan.method, "protocol": plan.protocol, "model": config.model_name,
       "data": f"{config.data.source}", "classes": list(classes),
-      "initialisation": initialisation(config, plan), "notes": plan.notes,
-      "stages": [{"name": s.name, "description": s.description, **summaries[s.name]}
-                 for s in plan.stages],
+      "initialisation": init,
+      "notes": plan.notes, "stages": stages,
       "num_images": data_summary["evaluated_images"],
       "num_patients": data_summary["evaluated_patients"],
-      "data_summary": data_summary, "warnings": warnings(config, data_summary),
+      "data_summary": data_summary, "warnings": warns,
       "build_reports": cohort.build_reports(),
       "duplicates": {**cohort.duplicates["summary"], "applied": cohort.duplicates["applied"]},
       "per_source": metrics_lib.per_group(pooled, "source", classes),
@@ -354,15 +442,139 @@ def run_protocol(config, workdir: str, mode: str = "train",
       "seconds": time.time() - start, "devices": jax.device_count(),
   }
   results["table3"], results["table4"] = report.table3(results), report.table4(results)
-  name = "results" if mode == "train" else "eval"
   text = report.summary_text(results)
   if jax.process_index() == 0:
-    report.write(workdir, results, predictions, name)
-    html.write(workdir, results, pooled, _jsonable(config.to_dict()),
-               "report" if mode == "train" else "eval_report")
-    files.write_text(os.path.join(workdir, f"{name}_summary.txt"), text + "\n")
+    os.makedirs(out_dir, exist_ok=True)
+    report.write(out_dir, results, predictions, name)
+    html.write(out_dir, results, pooled, rundir.plain(config.to_dict()),
+               {"results": "report", "eval": "eval_report"}.get(name, f"{name}_report"))
+    files.write_text(os.path.join(out_dir, f"{name}_summary.txt"), text + "\n")
   print(text, flush=True)
   return results
+
+
+def _eval_data_hint(config) -> str:
+  return "" if "," in str(config.data.source) else f" (e.g. {config.data.source}:<its new path>)"
+
+
+def set_aside(workdir: str, plan: methods.Plan, names: tuple[str, ...]) -> list[str]:
+  """Moves the directories of the stages `names` and of every stage started from them to
+  `<dir>.replaced-<time>` (kept, not deleted), so they train again. Returns what moved."""
+  if not names:
+    return []
+  known = [s.name for s in plan.stages]
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"--retrain: no stage {unknown} in this run; its stages are {known}")
+  chosen = set(names)
+  for s in plan.stages:  # in training order, so dependents of dependents are found
+    if s.init == "stage" and s.init_from in chosen:
+      chosen.add(s.name)
+  moved = []
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  for s in plan.stages:
+    path = os.path.join(workdir, s.name)
+    if s.name in chosen and os.path.exists(path):
+      if jax.process_index() == 0:
+        os.replace(path, f"{path}.replaced-{stamp}")
+      moved.append(s.name)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("retrain")
+  logging.warning("--retrain: training %s again (old directories kept as *.replaced-%s)",
+                  ", ".join(sorted(chosen)), stamp)
+  return moved
+
+
+# --- external test sets -----------------------------------------------------------------------
+
+
+def evaluate_external(config, workdir: str, eval_data: str, eval_dir: str | None = None
+                      ) -> dict:
+  """Scores a trained run's fold models on another collection, as an external test set.
+
+  `eval_data` is SOURCE:PATH (a manifest CSV, or a native source's directory). Every fold's
+  model scores every image of the new data (pooled metrics average the folds'
+  probabilities per image); images a model's training data held (same file content, image
+  id or patient id) are left out and counted.
+  """
+  start = time.time()
+  source, _, path = eval_data.partition(":")
+  if source not in sources.SOURCES or source == "synthetic" or not path:
+    raise ValueError(f"--eval_data={eval_data!r}: expected SOURCE:PATH with SOURCE one of "
+                     f"{[s for s in sources.SOURCES if s != 'synthetic']} (a manifest CSV or "
+                     "the source's directory)")
+  if config.protocol == BOTH:
+    raise ValueError("--eval_data scores one protocol's models: point --workdir at "
+                     f"{workdir}/paper or {workdir}/corrected")
+  for required in (rundir.SPLITS, "plan.json"):
+    if not os.path.exists(os.path.join(workdir, required)):
+      raise FileNotFoundError(f"{workdir} has no {required}: it is not a trained run directory")
+  out_dir, note = rundir.eval_dir(workdir, eval_dir)
+  if note:
+    print(note, flush=True)
+  mesh = sharding.make_mesh()
+  saved = files.read_json(os.path.join(workdir, rundir.SPLITS))
+  described = files.read_json(os.path.join(workdir, "plan.json"))
+  data = config.data.copy_and_resolve_references()
+  with data.unlocked():
+    data.source = source
+    if source == "manifest":
+      data.manifest.path = path
+    else:
+      data[source].root = path
+  cohort = Cohort.load(data, None, config.dedup.max_distance, drop_duplicates=False)
+  meta = cohort.meta
+  task = tasks.get(described["task"])
+  labels, _ = task.assign(meta)
+  trained_keys, trained_patients = set(), set()
+  for s in saved["stages"].values():
+    for part in s["phases"] + [s["val"]]:
+      trained_keys |= set(part["keys"])
+      trained_patients |= set(part["patients"])
+  seen = {"same file content": np.isin(meta["file_sha1"], saved.get("trained_sha1", [])),
+          "same image id": np.isin(meta["image_id"].astype(str), list(trained_keys)),
+          "same patient id": np.isin(meta["patient_id"].astype(str), list(trained_patients))}
+  overlap = np.any(list(seen.values()), axis=0)
+  rows = np.flatnonzero((labels >= 0) & ~overlap)
+  if not len(rows):
+    raise ValueError(f"--eval_data={eval_data}: no image is both in task {task.name!r} "
+                     f"(classes {task.classes}) and unseen by the run's models")
+  notes = [f"external test set {eval_data}: {len(rows)} images scored by each fold's model "
+           f"of {workdir} (trained on {config.data.source}); pooled metrics average the "
+           "folds' probabilities per image"]
+  left_out = {k: int(np.sum(v & (labels >= 0))) for k, v in seen.items() if np.any(v)}
+  if left_out:
+    notes.append("left out as possibly seen in training: " +
+                 ", ".join(f"{n} with {k}" for k, n in left_out.items()))
+  if np.any(labels < 0):
+    notes.append(f"{int(np.sum(labels < 0))} images are not in task {task.name!r}")
+  batch = {st["name"]: st.get("eval_batch_size", 32) for st in described["stages"]}
+  plan = methods.Plan(
+      method=described["method"], protocol="external", task=task.name, classes=task.classes,
+      labels=labels, stages=[], notes=notes,
+      evaluations=[methods.Evaluation(fold=e["fold"], stage=e["stage"], test=rows,
+                                      protocol="external", batch_size=batch[e["stage"]])
+                   for e in saved["evaluations"]])
+  variables, stages = {}, []
+  for e in plan.evaluations:
+    variables[e.stage], summary = infer.restore(os.path.join(workdir, e.stage), e.stage)
+    stages.append({"name": e.stage, "description": f"trained in {workdir}", **summary})
+  data_summary = describe(cohort, plan)
+  return evaluate(config, cohort, plan, variables, stages, data_summary, out_dir, "external",
+                  mesh, start, warnings(config, data_summary), _model_cache(config, mesh),
+                  f"the fold models of {workdir}")
+
+
+def _model_cache(config, mesh):
+  """model_for(num_classes) -> (model, compiled predict fn): one per head size."""
+  built = {}
+
+  def model_for(num_classes):
+    if num_classes not in built:
+      m = models.build(config.model_name, num_classes, config.model)
+      built[num_classes] = (m, infer.make_predict_fn(m, mesh))
+    return built[num_classes]
+  return model_for
 
 
 def per_image(predictions: list[dict], classes) -> list[dict]:

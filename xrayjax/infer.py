@@ -61,13 +61,15 @@ def predict(predict_fn, variables, ds, num_examples: int, batch_size: int, mesh
   return out["probs"], out["label"], out["index"]
 
 
-def restore(stage_dir: str) -> tuple[dict, dict]:
+def restore(stage_dir: str, name: str | None = None) -> tuple[dict, dict]:
   """({"params", "batch_stats"} a finished stage selected, its summary), read from the
-  checkpoint's own structure: no model, optimizer or config needed.
+  checkpoint's own structure: no model, optimizer or config needed. `name` is the stage's
+  name in messages.
 
-  Raises FileNotFoundError when the stage has not finished.
+  Raises FileNotFoundError when the stage has not finished, checkpoint.CheckpointError when
+  its checkpoint is damaged or incomplete.
   """
-  ckpts = checkpoint.StageCheckpoints(stage_dir)
+  ckpts = checkpoint.StageCheckpoints(stage_dir, name)
   try:
     summary = ckpts.summary()
     if summary is None:

@@ -1,11 +1,18 @@
 """Entry point: `python -m xrayjax.main --config=configs/<method>.py[:args] [--workdir=DIR]
-[--mode=eval]` (configs/detl.py, configs/concat.py)."""
+[--mode=eval [--eval_dir=DIR] [--eval_data=SOURCE:PATH]] [--retrain=STAGE,...]`
+(configs/detl.py, configs/concat.py).
+
+Exit status: 0 done; 2 refused (the run directory's data or splits changed, a damaged
+checkpoint); 128 + signal number when SIGTERM / SIGINT stopped training after a checkpoint
+(the same command resumes).
+"""
 
 from __future__ import annotations
 
 import datetime
 import logging as pylogging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 
@@ -21,6 +28,15 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "best checkpoints of --workdir, no training).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir even though its saved config differs.")
+_EVAL_DIR = flags.DEFINE_string(
+    "eval_dir", None, "--mode=eval: where results go (default: --workdir, or a temporary "
+    "directory when --workdir is read-only).")
+_EVAL_DATA = flags.DEFINE_string(
+    "eval_data", None, "--mode=eval: score the run's trained models on other data, as an "
+    "external test set: SOURCE:PATH (manifest:/data/new.csv, nih_cxr14:/data/nih, ...).")
+_RETRAIN = flags.DEFINE_list(
+    "retrain", [], "Stages to train again (e.g. fold3/stage_b), with the stages started from "
+    "them; their old directories are kept as <stage>.replaced-<time>.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host jobs).")
 
@@ -39,7 +55,9 @@ def main(argv):
   # tf.data must not take the accelerator from JAX.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
-  from xrayjax import experiment, files, sharding
+  from xrayjax import checkpoint, experiment, files, rundir, sharding, train
+  from xrayjax.data import tasks
+  from xrayjax.data.sources import native
 
   sharding.initialize_distributed(_DISTRIBUTED.value)
   workdir = _WORKDIR.value
@@ -58,8 +76,24 @@ def main(argv):
     if not workdir:
       stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
       workdir = os.path.join("checkpoints", f"{config.method}-{config.model_name}-{stamp}")
+  if _MODE.value == "train" and (_EVAL_DIR.value or _EVAL_DATA.value):
+    raise app.UsageError("--eval_dir and --eval_data go with --mode=eval")
+  if _MODE.value == "eval" and _RETRAIN.value:
+    raise app.UsageError("--retrain goes with --mode=train")
   logging.info("workdir: %s", workdir)
-  experiment.run(config, workdir, _MODE.value, _ALLOW_CONFIG_CHANGE.value)
+  try:
+    if _EVAL_DATA.value:
+      experiment.evaluate_external(config, workdir, _EVAL_DATA.value, _EVAL_DIR.value)
+    else:
+      experiment.run(config, workdir, _MODE.value, _ALLOW_CONFIG_CHANGE.value,
+                     tuple(_RETRAIN.value), _EVAL_DIR.value)
+  except train.Interrupted as e:
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(e.code)
+  except (rundir.ChangedError, checkpoint.CheckpointError, tasks.EmptyClassError,
+          native.LayoutError) as e:  # bad data: the message says what, where, what to do
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

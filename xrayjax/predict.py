@@ -37,15 +37,37 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per batch (a multiple of
 SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
+class InputError(ValueError):
+  """A bad argument: the message names it and what is valid (the command prints it alone)."""
+
+
+class NotARunDirectory(FileNotFoundError):
+  """--workdir is not a trained run directory."""
+
+
 def find_images(paths: list[str]) -> list[str]:
-  """Files as given, and every image file under the folders given (sorted)."""
+  """Files as given, and every image file under the folders given (sorted).
+
+  Raises InputError for a path that does not exist and for a folder with no image file.
+  """
   out = []
   for p in paths:
     if os.path.isdir(p):
-      for d, _, names in os.walk(p):
-        out += sorted(os.path.join(d, n) for n in names if n.lower().endswith(SUFFIXES))
-    else:
+      found, others = [], 0
+      for d, _, names in sorted(os.walk(p)):
+        found += sorted(os.path.join(d, n) for n in names if n.lower().endswith(SUFFIXES))
+        others += sum(not n.lower().endswith(SUFFIXES) for n in names)
+      if not found:
+        what = f"only {others} other files" if others else "nothing"
+        raise InputError(f"folder {p} holds no image file ({', '.join(SUFFIXES)}, searched "
+                         f"recursively; it holds {what}): give PNG, JPEG or DICOM files or "
+                         "folders holding them")
+      out += found
+    elif os.path.exists(p):
       out.append(p)
+    else:
+      raise InputError(f"{p}: no such file or folder; give PNG, JPEG or DICOM files or folders "
+                       "holding them")
   return out
 
 
@@ -65,7 +87,12 @@ def load(paths: list[str], stored_size: int, image_size: int
     try:
       image, _, _ = native.read_image(p)
     except native.SkippedImage as e:
-      skipped.append({"file": p, "reason": str(e)})
+      reason = str(e)
+      if reason.startswith("unreadable image") and not p.lower().endswith(SUFFIXES):
+        kind = reason.split(": ")[1] if ": " in reason else reason
+        reason = (f"not a PNG, JPEG or DICOM image ({kind}); predict reads .png, .jpg, .jpeg "
+                  "and .dcm files")
+      skipped.append({"file": p, "reason": reason})
       continue
     stored = native.resize(image, stored_size)[..., None]
     images.append(np.asarray(pipeline.to_model_size(stored, image_size)))
@@ -75,43 +102,58 @@ def load(paths: list[str], stored_size: int, image_size: int
 
 
 class Predictor:
-  """The evaluated models of a trained run (one per fold), read from its plan.json."""
+  """The evaluated models of a trained run (one per fold), read from its plan.json.
+
+  The run directory and the fold are checked when it is made; the models are restored when
+  it first predicts (so bad input is reported before any checkpoint is read).
+  """
 
   def __init__(self, workdir: str, fold: str = "all"):
     from ml_collections import config_dict
 
-    from xrayjax import files, infer, models, sharding
+    from xrayjax import files
     from xrayjax.data import sources
     for name in ("config.json", "plan.json"):
       if not os.path.exists(os.path.join(workdir, name)):
-        raise FileNotFoundError(f"{os.path.join(workdir, name)} not found: --workdir is not an "
-                                "xrayjax run directory (a protocol=both run holds two: give "
-                                "WORKDIR/corrected or WORKDIR/paper), or one made by an xrayjax "
-                                "older than plan.json")
+        raise NotARunDirectory(
+            f"{os.path.join(workdir, name)} not found: --workdir is not an xrayjax run "
+            "directory (a protocol=both run holds two: give WORKDIR/corrected or "
+            "WORKDIR/paper), or one made by an xrayjax older than plan.json")
+    self.workdir = workdir
     self.config = config = config_dict.ConfigDict(files.read_json(os.path.join(workdir,
                                                                                "config.json")))
     plan = files.read_json(os.path.join(workdir, "plan.json"))
-    evaluations = plan["evaluations"]
+    self.evaluations = plan["evaluations"]
     if fold != "all":
-      evaluations = [e for e in evaluations if str(e["fold"]) == str(fold)]
-      if not evaluations:
-        raise ValueError(f"--fold={fold}: the run has folds "
-                         f"{[e['fold'] for e in plan['evaluations']]} (or `all`)")
+      self.evaluations = [e for e in self.evaluations if str(e["fold"]) == str(fold).strip()]
+      if not self.evaluations:
+        raise InputError(f"--fold={fold} is not a fold of this run: valid values are "
+                         f"{', '.join(str(e['fold']) for e in plan['evaluations'])} or `all` "
+                         "(the ensemble of every fold's model)")
     self.classes = tuple(plan["classes"])
-    self.model = models.build(config.model_name, len(self.classes), config.model)
     self.size = config.data.image_size
     self.stored_size = sources.stored_size(config.data)
-    self.mesh = sharding.make_mesh()
-    self.variables = [infer.restore(os.path.join(workdir, e["stage"]))[0] for e in evaluations]
-    self.folds = [e["fold"] for e in evaluations]
+    self.folds = [e["fold"] for e in self.evaluations]
+    self._variables = None
+
+  @property
+  def variables(self) -> list:
+    """Each evaluated fold's model variables, restored on first use."""
+    if self._variables is None:
+      from xrayjax import infer
+      self._variables = [infer.restore(os.path.join(self.workdir, e["stage"]))[0]
+                         for e in self.evaluations]
+    return self._variables
 
   def __call__(self, images: np.ndarray, batch: int, target: str | None = None):
     """(probabilities [n, C] averaged over the models, Grad-CAM [n, s, s] of the predicted
     class, averaged over the models; None when `target` is None). `images` as `load`
     returns them."""
-    from xrayjax import infer
+    from xrayjax import infer, models, sharding
     from xrayjax.data import pipeline
     from xrayjax.evaluate import audit, gradcam
+    self.model = models.build(self.config.model_name, len(self.classes), self.config.model)
+    self.mesh = sharding.make_mesh()
     ds, n = pipeline.from_arrays(images), len(images)
     predict_fn = infer.make_predict_fn(self.model, self.mesh)
     probs = np.mean([infer.predict(predict_fn, v, ds, n, batch, self.mesh)[0]
@@ -149,13 +191,18 @@ def table(rows: list[dict], classes, skipped: list[dict], fmt: str) -> str:
 
 def predict(workdir: str, paths: list[str], fold: str = "all", overlays: str | None = None,
             target: str | None = None, batch: int = 16) -> tuple[list[dict], list[dict], tuple]:
-  """-> (one row per predicted file, skipped files with reasons, class names)."""
+  """-> (one row per predicted file, skipped files with reasons, class names).
+
+  Raises NotARunDirectory for a `workdir` that is not a run, InputError for a fold the run
+  does not have, a path that does not exist or a folder without images; a file that is not
+  a readable image is skipped with its reason.
+  """
   from xrayjax.evaluate import audit
+  if batch < 1:
+    raise InputError(f"--batch_size={batch}: give a positive number of images per batch")
   predictor = Predictor(workdir, fold)
   files_ = find_images(paths)
   images, ok, skipped = load(files_, predictor.stored_size, predictor.size)
-  for s in skipped:
-    logging.warning("skipped %s: %s", s["file"], s["reason"])
   if not ok:
     return [], skipped, predictor.classes
   overlays = overlays or os.path.join(workdir, "predictions")
@@ -186,16 +233,22 @@ def main(argv):
     raise app.UsageError("give one or more PNG, JPEG or DICOM files or folders")
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
-  rows, skipped, classes = predict(_WORKDIR.value, paths, _FOLD.value, _OVERLAYS.value,
-                                   _TARGET.value, _BATCH.value)
+  try:
+    rows, skipped, classes = predict(_WORKDIR.value, paths, _FOLD.value, _OVERLAYS.value,
+                                     _TARGET.value, _BATCH.value)
+  except (InputError, NotARunDirectory) as e:
+    sys.exit(f"xrayjax.predict: {e}")  # one line on stderr, exit status 1, no traceback
+  if not rows:
+    sys.exit("xrayjax.predict: no image could be read: " + "; ".join(
+        f"{s['file']}: {s['reason']}" for s in skipped))
+  for s in skipped:
+    logging.warning("skipped %s: %s", s["file"], s["reason"])
   text = table(rows, classes, skipped, _FORMAT.value)
   if _OUTPUT.value:
     from xrayjax import files
     files.write_text(_OUTPUT.value, text + "\n")
   else:
     print(text)
-  if not rows:
-    sys.exit(f"no image could be read ({len(skipped)} skipped)")
 
 
 if __name__ == "__main__":

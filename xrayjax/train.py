@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -14,6 +17,7 @@ import numpy as np
 import optax
 import tensorflow as tf
 from absl import logging
+from jax.experimental import multihost_utils
 
 from xrayjax import checkpoint, infer, optim, sharding
 from xrayjax.data import pipeline
@@ -100,13 +104,70 @@ def epoch_schedule(phase_sizes: list[int], phase_epochs: list[int], batch_size: 
   return out
 
 
+class Interrupted(Exception):
+  """Training stopped on SIGTERM or SIGINT after writing a checkpoint; `code` is the exit
+  status (128 + the signal's number). The same command resumes from that checkpoint."""
+
+  def __init__(self, message: str, code: int):
+    super().__init__(message)
+    self.code = code
+
+
+class _StopSignals:
+  """While active, SIGTERM and SIGINT only raise a flag: the loop finishes the current step,
+  checkpoints, and stops. (The preemption notice of every cluster scheduler is a SIGTERM.)
+  Multi-process jobs ask orbax instead, whose preemption sync point makes every process stop
+  at the same step."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, ckpts):
+    self.ckpts, self.received, self._old = ckpts, None, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signum
+    logging.warning("received %s: stopping after this step", signal.Signals(signum).name)
+
+  def stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return self.ckpts.reached_preemption(step)
+    return self.received is not None
+
+
+def epoch_at(schedule: list[dict], step: int) -> tuple[int, int]:
+  """(index in `schedule` of the epoch that step `step` + 1 belongs to, batches of it done)."""
+  for i, e in enumerate(schedule):
+    if step < e["end"]:
+      return i, step - (e["end"] - e["steps"])
+  return len(schedule), 0
+
+
+MIDDLE = -1.0  # select_metric of a checkpoint inside an epoch: never selected as the best
+CHECKPOINT_SECONDS = 600  # checkpoint_every_steps=0: about this much training between saves
+
+
 def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_dir: str, mesh,
-                log_every: int, tb_dir: str | None) -> tuple[Any, dict]:
+                log_every: int, tb_dir: str | None, checkpoint_every_steps: int = 0
+                ) -> tuple[Any, dict]:
   """Trains one planned stage (or skips it when finished): (selected variables, summary).
 
   All phases run on one optimizer state (and one learning-rate schedule over the whole
   stage), as the authors' successive Keras `fit` calls do. Checkpoints are written at the end
-  of every epoch; a killed run resumes at the next epoch of the right phase.
+  of every epoch and every `checkpoint_every_steps` steps inside one (0: about every 10
+  minutes at the measured speed); a killed run resumes at the step it last saved, inside
+  the right epoch of the right phase, bit-identical to a run that was never stopped.
+  SIGTERM or SIGINT checkpoints after the current step and raises Interrupted.
 
   Args:
     stage: a methods.Stage (phases, optimizer, freezing rules, batch sizes, selection,
@@ -119,16 +180,32 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
     mesh: device mesh.
     log_every: steps between progress lines.
     tb_dir: TensorBoard directory (None: no events).
+    checkpoint_every_steps: steps between checkpoints inside an epoch (0: automatic).
   """
   name = stage.name
-  ckpts = checkpoint.StageCheckpoints(ckpt_dir)
-  summary = ckpts.summary()
-  if summary is not None:
-    logging.info("[%s] finished earlier (selected step %d): skipping", name,
-                 summary["selected_step"])
-    variables = ckpts.restore_variables(summary["selected_step"])
+  ckpts = checkpoint.StageCheckpoints(ckpt_dir, name)
+  try:
+    summary = ckpts.summary()
+    if summary is not None:
+      variables = ckpts.restore_variables(summary["selected_step"])
+      logging.info("[%s] finished earlier (selected step %d): skipping", name,
+                   summary["selected_step"])
+      ckpts.close()
+      return variables, summary
+    if ckpts.latest_step() is not None:
+      ckpts.verify(ckpts.latest_step())
+  except checkpoint.CheckpointError as e:
     ckpts.close()
-    return variables, summary
+    if e.kind != "missing":
+      raise
+    # A half-deleted stage is neither finished nor resumable: it starts again.
+    logging.warning("%s\n[%s] removing the incomplete stage directory; training it again",
+                    e, name)
+    if jax.process_index() == 0:
+      shutil.rmtree(ckpt_dir)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"cleanup {name}")
+    ckpts = checkpoint.StageCheckpoints(ckpt_dir, name)
 
   replicated = sharding.replicated(mesh)
   schedule = epoch_schedule([n for _, n in data.phases], [p.epochs for p in stage.phases],
@@ -137,60 +214,81 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
   init = jax.device_put(variables_of(init_variables), replicated)
   tx, step_fn = _compiled_step(model, stage, total_steps, init, groups, mesh)
   state = jax.jit(lambda v: TrainState.create(v, tx), out_shardings=replicated)(init)
-  sharding.check_batch_size(stage.batch_size, mesh, f"[{name}] batch_size")
-  sharding.check_batch_size(stage.eval_batch_size, mesh, f"[{name}] eval_batch_size")
   state, step = ckpts.restore_or_init(state)
-  ends = [e["end"] for e in schedule]
-  if step and step not in ends:
-    raise ValueError(f"[{name}] checkpoint step {step} is not at an epoch end of this stage's "
-                     f"schedule: {ckpt_dir} was written by a different config")
-  first = ends.index(step) + 1 if step else 0
+  if step > total_steps:
+    raise ValueError(f"[{name}] checkpoint step {step} is past this stage's {total_steps} "
+                     f"steps: {ckpt_dir} was written by a different config")
+  first, done = epoch_at(schedule, step)
+  sums = None
   if step:
-    e = schedule[first - 1]
-    logging.info("[%s] resuming from step %d (phase %d of %d, epoch %d of %d)", name, step,
-                 e["phase"] + 1, len(stage.phases), e["epoch"] + 1,
-                 stage.phases[e["phase"]].epochs)
+    e = schedule[min(first, len(schedule) - 1)]
+    logging.info("[%s] resuming from step %d (phase %d of %d, epoch %d of %d, batch %d of %d)",
+                 name, step, e["phase"] + 1, len(stage.phases), e["epoch"] + 1,
+                 stage.phases[e["phase"]].epochs, done, e["steps"])
+    if done:  # the epoch's running sums, saved with the checkpoint inside it
+      saved = ckpts.metrics(step)
+      sums = {k[len("partial_"):]: jnp.float32(v) for k, v in saved.items()
+              if k.startswith("partial_")}
 
   key = jax.device_put(jax.random.PRNGKey(stage.seed), replicated)
   predict_fn = infer.make_predict_fn(model, mesh)
   writer = tf.summary.create_file_writer(tb_dir) if tb_dir and jax.process_index() == 0 else None
-  start_time, start_step = time.time(), step
+  start_time, start_step = None, step
+  every = checkpoint_every_steps
   phased = len(stage.phases) > 1
-  for index in range(first, len(schedule)):
-    e = schedule[index]
-    where = (f"phase {e['phase'] + 1}/{len(stage.phases)} " if phased else "") + \
-        f"epoch {e['epoch'] + 1}/{stage.phases[e['phase']].epochs}"
-    ds, num = data.phases[e["phase"]]
-    # The epoch's randomness is keyed by its index in the whole stage (one phase: the epoch).
-    batches = pipeline.train_batches(ds, num, stage.batch_size, stage.seed, index,
-                                     tuple(stage.augment), jax.process_index(),
-                                     jax.process_count())
-    sums = None
-    for batch in batches:
-      state, metrics = step_fn(state, sharding.to_global(batch, mesh), key)
-      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-      step += 1
-      if step % log_every == 0:
-        loss = float(metrics["loss"])
-        _check_finite(name, step, loss, ckpts)
-        rate = (step - start_step) / (time.time() - start_time)
-        eta = (total_steps - step) / max(rate, 1e-9)
-        logging.info("[%s] %s step %d/%d loss %.4f | %.2f steps/s, ETA %s", name, where, step,
-                     total_steps, loss, rate, _hms(eta))
-        _write_scalars(writer, step, {"train/loss_step": loss})
-    epoch_metrics = {f"train_{k}": float(v) / e["steps"] for k, v in sums.items()}
-    _check_finite(name, step, epoch_metrics["train_loss"], ckpts)
-    if data.val is not None:
-      probs, labels, _ = infer.predict(predict_fn, state.variables, data.val, data.num_val,
-                                       stage.eval_batch_size, mesh)
-      epoch_metrics["val_accuracy"] = float(np.mean(probs.argmax(-1) == labels))
-    epoch_metrics["select_metric"] = (epoch_metrics["val_accuracy"] if stage.select == "best"
-                                      else float(step))
-    ckpts.save(state, step, epoch_metrics)
-    _write_scalars(writer, step, epoch_metrics)
-    logging.info("[%s] %s done: %s", name, where,
-                 ", ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items()
-                           if k != "select_metric"))
+  with _StopSignals(ckpts) as signals:
+    for index in range(first, len(schedule)):
+      e = schedule[index]
+      where = (f"phase {e['phase'] + 1}/{len(stage.phases)} " if phased else "") + \
+          f"epoch {e['epoch'] + 1}/{stage.phases[e['phase']].epochs}"
+      ds, num = data.phases[e["phase"]]
+      # The epoch's randomness is keyed by its index in the whole stage (one phase: the epoch).
+      batches = pipeline.train_batches(ds, num, stage.batch_size, stage.seed, index,
+                                       tuple(stage.augment), jax.process_index(),
+                                       jax.process_count(), start=done if index == first else 0)
+      if index != first:
+        sums = None
+      for batch in batches:
+        state, metrics = step_fn(state, sharding.to_global(batch, mesh), key)
+        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+        step += 1
+        if start_time is None:  # timed from the first step on: compilation excluded
+          start_time, start_step = time.time(), step
+        elif not every and step - start_step >= 5:
+          rate = (step - start_step) / (time.time() - start_time)
+          every = max(1, int(CHECKPOINT_SECONDS * rate))
+          logging.info("[%s] checkpointing every %d steps (about %d s)", name, every,
+                       CHECKPOINT_SECONDS)
+        if step % log_every == 0:
+          loss = float(metrics["loss"])
+          _check_finite(name, step, loss, ckpts)
+          rate = (step - start_step) / max(time.time() - start_time, 1e-9)
+          eta = (total_steps - step) / max(rate, 1e-9)
+          logging.info("[%s] %s step %d/%d loss %.4f | %.2f steps/s, ETA %s", name, where, step,
+                       total_steps, loss, rate, _hms(eta))
+          _write_scalars(writer, step, {"train/loss_step": loss})
+        stopping = signals.stop(step)
+        if step < e["end"] and (stopping or (every and step % every == 0)):
+          _check_finite(name, step, float(sums["loss"]), ckpts)
+          ckpts.save(state, step, {"select_metric": MIDDLE,
+                                   **{f"partial_{k}": float(v) for k, v in sums.items()}})
+          if stopping:
+            raise _interrupted(name, step, signals, ckpts)
+      epoch_metrics = {f"train_{k}": float(v) / e["steps"] for k, v in sums.items()}
+      _check_finite(name, step, epoch_metrics["train_loss"], ckpts)
+      if data.val is not None:
+        probs, labels, _ = infer.predict(predict_fn, state.variables, data.val, data.num_val,
+                                         stage.eval_batch_size, mesh)
+        epoch_metrics["val_accuracy"] = float(np.mean(probs.argmax(-1) == labels))
+      epoch_metrics["select_metric"] = (epoch_metrics["val_accuracy"] if stage.select == "best"
+                                        else float(step))
+      ckpts.save(state, step, epoch_metrics)
+      _write_scalars(writer, step, epoch_metrics)
+      logging.info("[%s] %s done: %s", name, where,
+                   ", ".join(f"{k} {v:.4f}" for k, v in epoch_metrics.items()
+                             if k != "select_metric"))
+      if signals.stop(step) and step < total_steps:
+        raise _interrupted(name, step, signals, ckpts)
 
   best_step = ckpts.best_step()
   variables = ckpts.best(state).variables
@@ -201,6 +299,14 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
   if writer:
     writer.flush()
   return variables, summary
+
+
+def _interrupted(name: str, step: int, signals, ckpts) -> Interrupted:
+  ckpts.close()
+  signum = signals.received or signal.SIGTERM
+  return Interrupted(f"[{name}] stopped by {signal.Signals(signum).name} after step {step}; "
+                     f"checkpoint written to {ckpts.directory}. Run the same command again "
+                     "to resume from it.", 128 + int(signum))
 
 
 _STEPS: dict = {}

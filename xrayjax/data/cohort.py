@@ -14,6 +14,19 @@ import numpy as np
 from xrayjax.data import pipeline, sources, splits
 
 
+class Metadata(dict):
+  """The per-row metadata table (a dict of arrays, one entry per row), plus what a method
+  needs to say where rows went when a class ends up empty (tasks.check_classes):
+
+  - `builds`: per builder index, {"name", "report" (its build_report.json, or None),
+    "file" (that report's path)};
+  - `dropped`: the metadata of the rows duplicate detection dropped (same keys).
+  """
+
+  builds: list
+  dropped: dict
+
+
 class Cohort:
   """Builders + metadata (`meta[key][row]`: image_id, label, findings, patient_id, source,
   site, view, file_sha1, phash, builder, role, group)."""
@@ -46,8 +59,14 @@ class Cohort:
     dup = splits.deduplicate(meta, max_distance)
     dup["report"]["applied"] = drop_duplicates
     meta["group"] = dup["group"] if drop_duplicates else meta["patient_id"]
+    dropped = {k: v[~dup["keep"]] for k, v in meta.items()} if drop_duplicates else {}
     if drop_duplicates:
       meta = {k: v[dup["keep"]] for k, v in meta.items()}
+    meta = Metadata(meta)
+    meta.builds = [{"name": n, "report": sources.build_report(b),
+                    "file": os.path.join(b.data_dir, sources.BUILD_REPORT)}
+                   for n, b in zip(names, builders)]
+    meta.dropped = dropped
     return cls(builders, meta, names, dup["report"])
 
   def keys(self, rows: np.ndarray) -> list[str]:
@@ -69,11 +88,21 @@ class Cohort:
                           image_size)
 
   def build_reports(self) -> dict:
-    """Per source: built and skipped counts, reasons, and where the full report is."""
+    """Per source: built and skipped counts, reasons, rows per task whose label the task
+    leaves out (per label), and where the full report is."""
     out = {}
     for name, b in zip(self.names, self.builders):
       r = sources.build_report(b) or {}
       out[name] = {"built": r.get("built"), "skipped": r.get("skipped", 0),
                    "skipped_by_reason": r.get("skipped_by_reason", {}),
+                   "not_in_task": {t: _left_out(v["not_in_task"])
+                                   for t, v in r.get("tasks", {}).items() if v["not_in_task"]},
                    "report": os.path.join(b.data_dir, sources.BUILD_REPORT)}
     return out
+
+
+def _left_out(not_in_task: dict, labels: int = 10) -> dict:
+  """A task's left-out rows of a build report: their count and the most frequent labels."""
+  order = sorted(not_in_task, key=lambda l: -not_in_task[l]["rows"])
+  return {"rows": sum(e["rows"] for e in not_in_task.values()),
+          "by_label": {l: not_in_task[l]["rows"] for l in order[:labels]}}

@@ -216,9 +216,10 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def train_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int, seed: int,
                   epoch: int, augment_ops=(), process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                  process_count: int = 1, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """One epoch of shuffled, augmented (`augment_ops`, see parse_ops) full batches (the
-  remainder is dropped)."""
+  remainder is dropped), from its batch `start` on (a run resumed inside an epoch gets the
+  batches it had not trained on; augmentation is keyed by the image, not its position)."""
   steps = steps_per_epoch(num_examples, global_batch)
   local_batch = global_batch // process_count
   epoch_seed = _epoch_seed(seed, epoch)
@@ -233,9 +234,10 @@ def train_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int, see
 
   out = (ds.shuffle(num_examples, seed=epoch_seed, reshuffle_each_iteration=False)
          .shard(process_count, process_index)
+         .skip(start * local_batch)
          .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
          .batch(local_batch, drop_remainder=True)
-         .take(steps)
+         .take(steps - start)
          .prefetch(2))
   return out.as_numpy_iterator()
 

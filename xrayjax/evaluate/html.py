@@ -23,7 +23,8 @@ PER_CLASS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc", "auprc")
 PLOTS = "plots"
 
 
-def _figures(workdir: str, results: dict, predictions: list[dict]) -> dict[str, str]:
+def _figures(workdir: str, results: dict, predictions: list[dict], plots: str
+             ) -> dict[str, str]:
   """Writes the PNGs; returns {name: relative path}."""
   import matplotlib
   matplotlib.use("Agg")
@@ -33,11 +34,11 @@ def _figures(workdir: str, results: dict, predictions: list[dict]) -> dict[str, 
   classes = results["classes"]
   labels = np.array([classes.index(r["label"]) for r in predictions])
   probs = np.array([[r[f"p_{c}"] for c in classes] for r in predictions])
-  os.makedirs(os.path.join(workdir, PLOTS), exist_ok=True)
+  os.makedirs(os.path.join(workdir, plots), exist_ok=True)
   out = {}
 
   def save(fig, name):
-    path = os.path.join(PLOTS, f"{name}.png")
+    path = os.path.join(plots, f"{name}.png")
     fig.tight_layout()
     files.write_with(os.path.join(workdir, path), lambda p: fig.savefig(p, dpi=90))
     plt.close(fig)
@@ -110,9 +111,11 @@ def _ci(results, key) -> str:
 
 def write(workdir: str, results: dict, predictions: list[dict], config: dict,
           name: str = "report") -> str:
-  """Writes `{name}.html` and its figures into `workdir`; returns the path. `predictions`:
-  the pooled test predictions, one row per image (experiment.per_image)."""
-  figs = _figures(workdir, results, predictions)
+  """Writes `{name}.html` and its figures (in plots/, or {name}_plots/ for other reports
+  than the run's, so an evaluation never replaces the run's figures) into `workdir`;
+  returns the path. `predictions`: the pooled test predictions, one row per image
+  (experiment.per_image)."""
+  figs = _figures(workdir, results, predictions, PLOTS if name == "report" else f"{name}_{PLOTS}")
   classes = results["classes"]
   agg = results["across_folds"]["metrics"]
   pooled = results["pooled"]

@@ -98,11 +98,13 @@ class Stage:
 
 @dataclasses.dataclass
 class Evaluation:
-  """Stage `stage`'s model scored on `test` rows (fold `fold` of protocol `protocol`)."""
+  """Stage `stage`'s model scored on `test` rows (fold `fold` of protocol `protocol`), in
+  batches of `batch_size` (0: the stage's eval_batch_size)."""
   fold: int
   stage: str
   test: np.ndarray
   protocol: str
+  batch_size: int = 0
 
 
 @dataclasses.dataclass
@@ -112,10 +114,12 @@ class Plan:
   `stages` are in training order (a stage's `init_from` comes before it); `evaluations`
   are the folds whose predictions are pooled; `notes` are lines every report repeats
   (e.g. how the checkpoint was selected); `partitions` names extra row sets worth counting
-  in the data summary (e.g. DETL's Data-A).
+  in the data summary (e.g. DETL's Data-A); `task` names the data/tasks.py task that
+  `labels` (and an external test set's labels) come from.
   """
   method: str
   protocol: str
+  task: str
   classes: tuple[str, ...]
   labels: np.ndarray
   stages: list[Stage]
@@ -147,11 +151,13 @@ class Plan:
       return {c: int(np.sum(labels[rows] == i)) for i, c in enumerate(classes)}
 
     return {
-        "method": self.method, "protocol": self.protocol, "classes": list(self.classes),
+        "method": self.method, "protocol": self.protocol, "task": self.task,
+        "classes": list(self.classes),
         "notes": list(self.notes),
         "stages": [{"name": s.name, "classes": list(s.classes), "init": s.init,
                     "init_from": s.init_from, "keras_init": s.keras_init, "select": s.select,
                     "description": s.description, "epochs": s.epochs,
+                    "eval_batch_size": s.eval_batch_size,
                     "phases": [{"epochs": p.epochs, **counts(p.train, s.labels, s.classes)}
                                for p in s.phases],
                     "val": counts(s.val, s.labels, s.classes)} for s in self.stages],

@@ -38,6 +38,11 @@ NAME = "Concat (Rahimzadeh & Attar)"
 PROTOCOLS = ("corrected", "paper")
 SAMPLERS = ("phased", "all")
 
+# Config fields (beyond the runner's: method, protocol, seed, folds, data, dedup) that decide
+# which images land in which partition (phase epochs do not).
+SPLIT_FIELDS = ("task", "val_fraction", "phases.sampler", "phases.count", "phases.fresh",
+                "phases.shared")
+
 
 def extra_data(config) -> dict:
   del config
@@ -86,14 +91,9 @@ def plan(meta: dict[str, np.ndarray], config) -> Plan:
   task = tasks.get(config.task)
   labels, _ = task.assign(meta)
   labels[meta["role"] != ""] = -1
+  # Every class needs images: an empty one stops here, saying where its rows went.
+  tasks.check_classes(task, meta, meta["role"] == "", f"data.source={config.data.source!r}")
   rows = np.flatnonzero(labels >= 0)
-  if not len(rows):
-    raise ValueError(f"no image of data.source={config.data.source!r} falls in task "
-                     f"{task.name!r} (classes {task.classes}); check the source's labels")
-  empty = [c for i, c in enumerate(task.classes) if not np.any(labels[rows] == i)]
-  if empty:
-    raise ValueError(f"task {task.name!r} has no {', '.join(empty)} image in "
-                     f"data.source={config.data.source!r}; every class needs images")
   grouped = config.protocol == "corrected"
   groups = meta["group"] if grouped else meta["image_id"]
   folds, notes = [], []
@@ -162,5 +162,6 @@ def plan(meta: dict[str, np.ndarray], config) -> Plan:
         seed=seed(config.seed, 21, k), augment=config.augment,
         description=f"{config.model_name}, sampler {config.phases.sampler}"))
     evaluations.append(Evaluation(fold=k, stage=name, test=f["test"], protocol=config.protocol))
-  return Plan(method=NAME, protocol=config.protocol, classes=task.classes, labels=labels,
+  return Plan(method=NAME, protocol=config.protocol, task=task.name, classes=task.classes,
+              labels=labels,
               stages=stages, evaluations=evaluations, notes=notes)

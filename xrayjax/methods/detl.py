@@ -26,6 +26,9 @@ from xrayjax.methods import Evaluation, Phase, Plan, Stage, seed
 NAME = "DETL"
 PROTOCOLS = ("corrected", "paper")
 DATA_A_ROLE = "data_a"
+# Config fields (beyond the runner's: method, protocol, seed, folds, data, dedup) that decide
+# which images land in which partition.
+SPLIT_FIELDS = ("data_a", "data_b", "stage_a.enabled")
 
 
 def extra_data(config) -> dict:
@@ -75,13 +78,22 @@ def plan(meta: dict[str, np.ndarray], config) -> Plan:
   if config.data_a.sources:
     labels_a[~np.isin(meta["source"], config.data_a.sources.split(","))] = -1
   labels_b[role != ""] = -1
+  # Every class needs images: an empty one stops here, saying where its rows went.
+  tasks.check_classes(task_b, meta, role == "",
+                      f"Data-B (data.source={config.data.source!r})")
+  if config.stage_a.enabled:
+    a_scope = role == (DATA_A_ROLE if config.data_a.get("data") else "")
+    if config.data_a.sources:
+      a_scope &= np.isin(meta["source"], config.data_a.sources.split(","))
+    a_from = config.data_a.data.source if config.data_a.get("data") else config.data.source
+    a_sources = f", data_a.sources={config.data_a.sources!r}" if config.data_a.sources else ""
+    tasks.check_classes(task_a, meta, a_scope, f"Data-A (source={a_from!r}{a_sources})",
+                        "Or give Data-A its own sources (--config.data_a.data, as "
+                        "data=manifest,classes=3 does), or train without stage A "
+                        "(init=scratch).")
 
   data_b = sample_classes(labels_b, strata_b, task_b.classes, config.data_b.images_per_class,
                           groups, rng)
-  if len(data_b) == 0:
-    raise ValueError(f"Data-B is empty: no image of data.source={config.data.source!r} falls in "
-                     f"task {task_b.name!r} (classes {task_b.classes}); check data_b.task and the "
-                     "source's labels")
   # Corrected: Data-A never contains a Data-B patient (the paper drew both from NIH).
   exclude = set(groups[data_b]) if grouped else ()
   stages = []
@@ -140,6 +152,7 @@ def plan(meta: dict[str, np.ndarray], config) -> Plan:
   notes = ["stage B keeps the weights of best validation accuracy (a split of the fold's "
            "training patients)" if grouped else
            "stage B keeps its last weights (the paper names no selection rule)"]
-  return Plan(method=NAME, protocol=config.protocol, classes=task_b.classes, labels=labels_b,
+  return Plan(method=NAME, protocol=config.protocol, task=task_b.name, classes=task_b.classes,
+              labels=labels_b,
               stages=stages, evaluations=evaluations, notes=notes,
               partitions={"data_b": data_b})

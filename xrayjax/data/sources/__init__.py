@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from xrayjax import files
+from xrayjax.data import tasks
 from xrayjax.data.sources import (covidx, ieee8023_covid, manifest, native, nih_cxr14,
                                   rsna_pneumonia, synthetic_cxr)
 
@@ -63,9 +64,11 @@ def _config(name: str, data_config):
 def builder(data_config, name: str | None = None) -> tfds.core.DatasetBuilder:
   """Returns the prepared builder of source `name` (default: the only one), building it first.
 
-  A build writes what it built, every skipped input with its reason, and how many images of
-  each odd mode (16-bit, RGBA, palette, CMYK, 1-bit, DICOM) were converted to 8-bit grey to
-  `build_report.json` in its data dir.
+  A build writes what it built, every skipped input with its metadata line and reason, how
+  many images of each odd mode (16-bit, RGBA, palette, CMYK, 1-bit, DICOM) were converted to
+  8-bit grey, and per task the rows whose label it leaves out and the skipped rows of each
+  class (native.NativeBuilder, tasks.where_rows_went) to `build_report.json` in its data
+  dir, and logs a summary (the first skipped rows; per task the labels left out).
   """
   name = name or _only(data_config)
   cls, cfg = _config(name, data_config)
@@ -79,13 +82,35 @@ def builder(data_config, name: str | None = None) -> tfds.core.DatasetBuilder:
     skipped = getattr(b, "skipped", [])
     report = {"source": name, "built": b.info.splits["train"].num_examples,
               "skipped": len(skipped), "skipped_by_reason": count_reasons(skipped),
-              "converted_by_mode": getattr(b, "converted", {}), "skipped_rows": skipped}
+              "converted_by_mode": getattr(b, "converted", {}), "skipped_rows": skipped,
+              "listed_in": b.metadata_file() if isinstance(b, native.NativeBuilder) else "",
+              "tasks": getattr(b, "tasks", {})}
     files.write_json(os.path.join(b.data_dir, BUILD_REPORT), report)
     native.remove_cache(b)
     logging.info("Built %s in %.1f s: %d examples, %d skipped %s", b.info.full_name,
                  time.time() - start, report["built"], report["skipped"],
                  report["skipped_by_reason"])
+    for line in summary_lines(report):
+      logging.info("%s: %s", name, line)
   return b
+
+
+def summary_lines(report: dict, limit: int = 5) -> list[str]:
+  """Log lines of a build report: the first skipped rows with their lines and reasons, and
+  per task the rows whose label it leaves out (per label, with their first lines)."""
+  out = []
+  rows = report.get("skipped_rows", [])
+  listed = os.path.basename(report.get("listed_in", "")) or "metadata"
+  for r in rows[:limit]:
+    place = f"{listed} line {r['line']}" if isinstance(r.get("line"), int) else r.get("line")
+    out.append(f"skipped {place or r.get('path')} ({r.get('path')}): {r['reason']}")
+  if len(rows) > limit:
+    out.append(f"... {len(rows) - limit} more skipped rows in {BUILD_REPORT}")
+  for task in sorted(report.get("tasks", {})):
+    text = tasks.not_in_task_text(report, task)
+    if text:
+      out.append(f"not in task {task}: {text}")
+  return out
 
 
 def stored_size(data_config) -> int:
@@ -123,6 +148,6 @@ def build_report(b: tfds.core.DatasetBuilder) -> dict | None:
 def count_reasons(skipped: list[dict]) -> dict[str, int]:
   counts: dict[str, int] = {}
   for row in skipped:
-    kind = row["reason"].split(":")[0].split(" (")[0]
+    kind = tasks.reason_kind(row["reason"])
     counts[kind] = counts.get(kind, 0) + 1
   return counts

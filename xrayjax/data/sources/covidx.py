@@ -52,7 +52,7 @@ def read_rows(root: str, files: list[str], index: bool = True):
     folder = next((d for d in ("train", "test") if stem.startswith(d) and
                    os.path.isdir(os.path.join(root, d))), "")
     images = native.index_files(os.path.join(root, folder), IMAGE_SUFFIXES) if index else None
-    with open(path) as f:
+    with native.open_text(path) as f:
       for n, text in enumerate(f, start=1):
         parts = text.split()
         if not parts:

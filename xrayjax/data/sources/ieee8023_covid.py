@@ -60,13 +60,14 @@ def metadata_path(root: str) -> str:
 def read_rows(root: str, images: dict[str, str] | None = None, frontal_only: bool = True):
   path = metadata_path(root)
   rows, rejected = [], []
-  with open(path, newline="", encoding="utf-8", errors="replace") as f:
+  with native.open_text(path) as f:
     reader = csv.DictReader(f)
     missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
       raise native.LayoutError(f"{path}: columns {missing} are missing; found "
                                f"{reader.fieldnames}")
-    for line, r in enumerate(reader, start=2):
+    for r in reader:
+      line = reader.line_num
       name = r["filename"]
       folder = r.get("folder") or "images"
       row = native.Row(key=name, path=(images or {}).get(name, os.path.join(root, folder, name)),
@@ -93,6 +94,9 @@ class Ieee8023Covid(native.NativeBuilder):
 
   VERSION = native.tfds.core.Version("1.0.0")
   SOURCE = SOURCE
+
+  def metadata_file(self) -> str:
+    return metadata_path(self.builder_config.root)
 
   def rows(self):
     cfg = self.builder_config

@@ -39,7 +39,7 @@ def make_config(manifest: str, label_column: str = "label", image_size: int = 25
     raise FileNotFoundError(f"manifest CSV {path} does not exist; set --config.data.manifest.path "
                             "or $XRAYJAX_MANIFEST to a CSV with columns "
                             f"{list(REQUIRED) + [label_column]}")
-  with open(path, newline="") as f:
+  with native.open_text(path) as f:
     header = next(csv.reader(f), [])
   missing = [c for c in REQUIRED + (label_column,) if c not in header]
   if missing:
@@ -94,18 +94,31 @@ class Manifest(native.NativeBuilder):
       ex["lung_mask"] = item["lung_mask"][..., None]
     return ex
 
+  def metadata_file(self) -> str:
+    return self.builder_config.manifest
+
   def rows(self):
     cfg = self.builder_config
-    with open(cfg.manifest, newline="") as f:
-      table = list(csv.DictReader(f))
+    with native.open_text(cfg.manifest) as f:
+      reader = csv.DictReader(f)
+      table = [(reader.line_num, r) for r in reader]  # line_num: blank lines counted too
     rows, rejected = [], []
-    self._masks = {r["path"]: (r.get("lung_mask") or "").strip() for r in table}
-    for line, r in enumerate(table, start=2):
-      row = native.Row(key=r["path"], path=os.path.join(cfg.root, r["path"]),
-                       label=r[cfg.label_column].strip(), patient_id=r["patient_id"],
-                       source=r["source"], view=r.get("view", "") or "", line=line)
-      if not row.label:
+    self._masks = {}
+    for line, r in table:
+      short = [c for c in REQUIRED + (cfg.label_column,) if r.get(c) is None]
+      row = native.Row(key=r["path"] or "", path=os.path.join(cfg.root, r["path"] or ""),
+                       label=(r.get(cfg.label_column) or "").strip(),
+                       patient_id=r.get("patient_id") or "", source=r.get("source") or "",
+                       view=r.get("view", "") or "", line=line)
+      if short:
+        given = sum(v is not None for k, v in r.items() if k is not None)
+        rejected.append((row, f"short row: no value for columns {short} ({given} of the "
+                              f"header's {len(reader.fieldnames)} fields)"))
+      elif not row.key.strip():
+        rejected.append((row, "empty path"))
+      elif not row.label:
         rejected.append((row, f"empty label in column {cfg.label_column!r}"))
       else:
+        self._masks.setdefault(row.key, (r.get("lung_mask") or "").strip())
         rows.append(row)
     return rows, rejected

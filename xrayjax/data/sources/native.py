@@ -8,6 +8,11 @@
   1-bit images become grey.
 - Skipping: a file that is missing, unreadable, truncated or blank raises `SkippedImage`
   with the reason; the build goes on and lists it (`skipped`, then `build_report.json`).
+  Rows are skipped the same way, with their metadata line, when they repeat an image
+  another row lists (`duplicate row`) or hold bytes that are not UTF-8 (`undecodable`).
+- Where rows go per task: the build report counts, for every task of data/tasks.py, the
+  built rows whose label the task leaves out (per label, with their first lines) and the
+  skipped rows each class lost, so a run can say why a class is empty.
 - Hashes for duplicate detection before splitting (data/splits.py): the SHA-1 of the file's
   bytes (exact copies) and a 256-bit perceptual hash (imagehash.phash, hash_size 16) of the
   decoded image (the same picture re-encoded, resized or re-windowed). The 64-bit pHash is
@@ -44,6 +49,24 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 MISSING = "missing file (listed in the metadata but not on disk)"
+EXAMPLES = 5  # rows shown per label / class in build reports
+
+
+def open_text(path: str):
+  """A metadata file as text: UTF-8, with any other byte kept as a surrogate escape so that the
+  rows holding it can be skipped with their line (`undecodable`) instead of the whole file
+  failing to read."""
+  return open(path, newline="", encoding="utf-8", errors="surrogateescape")
+
+
+def printable(text: str) -> str:
+  """`text` with non-UTF-8 bytes (surrogate escapes) shown as \\xNN, safe for logs and JSON."""
+  return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def where(line) -> str:
+  """A row's place in its metadata file, for messages: "line 3" or "train.txt:3"."""
+  return f"line {line}" if isinstance(line, int) else str(line)
 
 
 class SkippedImage(Exception):
@@ -164,6 +187,51 @@ class Row:
   boxes: tuple[tuple[float, float, float, float, str], ...] = ()
   line: int | str = ""  # where the row came from, for the build report
 
+  def undecodable(self) -> str | None:
+    """Why the row cannot be stored (a field with bytes that are not UTF-8), or None."""
+    for name, value in (("path", self.key), ("label", self.label),
+                        ("patient_id", self.patient_id), ("source", self.source),
+                        ("view", self.view)):
+      try:
+        value.encode("utf-8")
+      except UnicodeEncodeError:
+        raw = value.encode("utf-8", "surrogateescape")
+        return (f"undecodable {name}: {raw!r} is not UTF-8 (re-save the metadata file as "
+                "UTF-8, or rename the file)")
+    return None
+
+
+def split_repeats(rows: list[Row]) -> tuple[list[Row], list[tuple[Row, str]]]:
+  """(rows with one row per key, the repeats with their reasons).
+
+  A key listed twice with the same label and patient keeps its first row; when the rows
+  disagree on either, which one is right is unknown, so every row of that key is left out
+  (as duplicate detection leaves out exact copies with conflicting labels).
+  """
+  by_key: dict[str, list[Row]] = {}
+  for r in rows:
+    by_key.setdefault(r.key, []).append(r)
+  kept, rejected = [], []
+  for key, group in by_key.items():
+    first = group[0]
+    if len(group) == 1:
+      kept.append(first)
+      continue
+    if all(isinstance(r.line, int) for r in group):
+      places = "lines " + ", ".join(str(r.line) for r in group)
+    else:
+      places = ", ".join(where(r.line) for r in group)
+    if len({(r.label, r.patient_id) for r in group}) > 1:
+      told = "; ".join(f"{where(r.line)}: label {r.label!r}, patient {r.patient_id!r}"
+                       for r in group)
+      rejected += [(r, f"duplicate row with conflicting labels or patients: {printable(key)!r} "
+                       f"is listed at {places} ({told}); fix the metadata") for r in group]
+    else:
+      kept.append(first)
+      rejected += [(r, f"duplicate row: {printable(key)!r} is already listed at "
+                       f"{where(first.line)}") for r in group[1:]]
+  return kept, rejected
+
 
 def keep_if_present(row: Row, images: dict | None, key: str, rows: list, rejected: list) -> None:
   """Adds `row` to `rows`, or to `rejected` as missing when `images` (an index of the files on
@@ -253,10 +321,15 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
     self.skipped: list[dict] = []
     self.converted: dict[str, int] = {}  # how many images of each odd mode were converted
+    self.tasks: dict = {}  # tasks.where_rows_went of the last build
 
   @abc.abstractmethod
   def rows(self) -> tuple[list[Row], list[tuple[Row, str]]]:
     """(rows to build, rows rejected from the metadata with their reasons)."""
+
+  def metadata_file(self) -> str:
+    """The file whose lines `Row.line` counts ("" when lines name their own file)."""
+    return ""
 
   def _info(self) -> tfds.core.DatasetInfo:
     from xrayjax.data.sources import schema
@@ -278,13 +351,27 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self):
     rows, rejected = self.rows()
+    keep = []
+    for r in rows:
+      why = r.undecodable()
+      if why:
+        rejected.append((r, why))
+      else:
+        keep.append(r)
+    rows, repeats = split_repeats(keep)
+    rejected += repeats
     self.skipped = [self._skip_entry(r, why) for r, why in rejected]
     self.converted = {}
+    built: list[Row] = []
     rows = sorted(rows, key=lambda r: r.key)
     if not rows:
-      raise LayoutError(f"{self.SOURCE}: none of the images listed in the metadata is under "
-                        f"{self.builder_config.root} ({len(rejected)} rows rejected, e.g. "
-                        f"{self.skipped[:3]}); check the directory")
+      kinds: dict[str, int] = {}
+      for _, why in rejected:
+        kinds[tasks.reason_kind(why)] = kinds.get(tasks.reason_kind(why), 0) + 1
+      raise LayoutError(f"{self.SOURCE}: none of the images listed in "
+                        f"{self.metadata_file() or 'the metadata'} can be built "
+                        f"({len(rejected)} rows rejected: {kinds}; e.g. {self.skipped[:3]}); "
+                        f"check the directory {self.builder_config.root} and the metadata")
     cache = self.cache_dir()
     os.makedirs(cache, exist_ok=True)
     start, done, resumed = time.time(), 0, 0
@@ -292,16 +379,19 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
       for c in range(0, len(rows), CHUNK):
         chunk = rows[c:c + CHUNK]
         path = os.path.join(cache, f"chunk_{c // CHUNK:06d}.npz")
-        if os.path.exists(path):
-          decoded = _load_chunk(path)
+        keys = [r.key for r in chunk]
+        decoded = _load_chunk(path, keys) if os.path.exists(path) else None
+        if decoded is not None:
           resumed += len(chunk)
         else:
           decoded = list(pool.map(self._decode, chunk))
-          _save_chunk(path, decoded)
+          _save_chunk(path, decoded, keys)
         for row, item in zip(chunk, decoded):
           if isinstance(item, str):
             self.skipped.append(self._skip_entry(row, item))
+            rejected.append((row, item))
             continue
+          built.append(row)
           if item["converted"]:
             self.converted[item["converted"]] = self.converted.get(item["converted"], 0) + 1
           yield row.key, self._example(row, item)
@@ -311,10 +401,17 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
         logging.info("%s: %d/%d images decoded (%.1f%%, %d from the resume cache), %.1f img/s, "
                      "%.0f s left, %d skipped", self.SOURCE, done, len(rows),
                      100 * done / len(rows), resumed, rate, left, len(self.skipped))
+    self.tasks = tasks.where_rows_went(
+        [(r.label, r.findings, r.source, self._place(r)) for r in built],
+        [(r.label, r.findings, r.source, self._place(r), why) for r, why in rejected],
+        EXAMPLES)
+
+  def _place(self, row: Row) -> dict:
+    return {"line": row.line, "path": printable(os.path.relpath(row.path, self.builder_config.root)
+                                                if row.path else row.key)}
 
   def _skip_entry(self, row: Row, reason: str) -> dict:
-    return {"line": row.line, "path": os.path.relpath(row.path, self.builder_config.root)
-            if row.path else row.key, "reason": reason}
+    return {**self._place(row), "label": printable(row.label), "reason": reason}
 
   def _decode(self, row: Row):
     """-> dict of image and hashes, or the reason (str) the row is skipped."""
@@ -346,9 +443,10 @@ def _clip(v: float) -> float:
 STANDARD = ("image", "sha1", "phash", "view", "converted", "height", "width")
 
 
-def _save_chunk(path: str, decoded: list) -> None:
+def _save_chunk(path: str, decoded: list, keys: list[str] | None = None) -> None:
   ok = [d for d in decoded if not isinstance(d, str)]
-  arrays = {"reasons": np.array([d if isinstance(d, str) else "" for d in decoded], dtype=str)}
+  arrays = {"reasons": np.array([d if isinstance(d, str) else "" for d in decoded], dtype=str),
+            "keys": np.array(keys if keys is not None else [], dtype=str)}
   if ok:
     arrays["images"] = np.stack([d["image"] for d in ok])
     for k in ("sha1", "phash", "view", "converted"):
@@ -359,8 +457,13 @@ def _save_chunk(path: str, decoded: list) -> None:
   files.write_with(path, lambda tmp: np.savez(tmp, **arrays))
 
 
-def _load_chunk(path: str) -> list:
+def _load_chunk(path: str, keys: list[str] | None = None) -> list | None:
+  """The decoded rows of a cached chunk, or None when it holds other rows than `keys` (a
+  cache left by a build of other rows, or by a version that kept no keys): decode again.
+  `keys=None` loads without checking."""
   with np.load(path) as z:
+    if keys is not None and ("keys" not in z.files or z["keys"].tolist() != keys):
+      return None
     out, j = [], 0
     for reason in z["reasons"]:
       if reason:

@@ -28,7 +28,9 @@ SOURCE = "nih_cxr14"
 
 
 def _open(path: str):
-  return gzip.open(path, "rt", newline="") if path.endswith(".gz") else open(path, newline="")
+  if path.endswith(".gz"):
+    return gzip.open(path, "rt", newline="", encoding="utf-8", errors="surrogateescape")
+  return native.open_text(path)
 
 
 def _first(root: str, names) -> str | None:
@@ -74,7 +76,9 @@ def read_rows(root: str, images: dict[str, str] | None = None
   boxes = read_boxes(root)
   rows, rejected = [], []
   with _open(meta_path) as f:
-    for line, r in enumerate(csv.DictReader(f), start=2):
+    reader = csv.DictReader(f)
+    for r in reader:
+      line = reader.line_num
       name = r["Image Index"]
       labels = r["Finding Labels"].strip()
       row = native.Row(key=name, path=(images or {}).get(name, os.path.join(root, "images", name)),
@@ -92,6 +96,9 @@ class NihCxr14(native.NativeBuilder):
   VERSION = native.tfds.core.Version("1.0.0")
   SOURCE = SOURCE
   HAS_BOXES = True
+
+  def metadata_file(self) -> str:
+    return metadata_path(self.builder_config.root)
 
   def rows(self):
     root = self.builder_config.root

@@ -40,14 +40,14 @@ def metadata_path(root: str) -> str:
 def read_rows(root: str, images: dict[str, str] | None = None):
   """One Row per patientId; rows whose DICOM is not in `images` are rejected."""
   path = metadata_path(root)
-  with open(path, newline="") as f:
+  with native.open_text(path) as f:
     table = list(csv.DictReader(f))
   if table and set(LABEL_COLUMNS) - set(table[0]):
     raise native.LayoutError(f"{path}: expected columns {list(LABEL_COLUMNS)}, found "
                              f"{list(table[0])}")
   detailed = {}
   if os.path.isfile(os.path.join(root, CLASSES)):
-    with open(os.path.join(root, CLASSES), newline="") as f:
+    with native.open_text(os.path.join(root, CLASSES)) as f:
       detailed = {r["patientId"]: r["class"] for r in csv.DictReader(f)}
   by_patient: dict[str, dict] = {}
   for line, r in enumerate(table, start=2):
@@ -72,6 +72,9 @@ class RsnaPneumonia(native.NativeBuilder):
   VERSION = native.tfds.core.Version("1.0.0")
   SOURCE = SOURCE
   HAS_BOXES = True
+
+  def metadata_file(self) -> str:
+    return metadata_path(self.builder_config.root)
 
   def rows(self):
     root = self.builder_config.root

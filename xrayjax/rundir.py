@@ -1,0 +1,242 @@
+"""The run directory is a contract: its models are only ever scored on the splits they were
+trained for.
+
+A run records, before it trains, what its splits were made from (`fingerprint.json`: the
+split-determining config fields and, per data source, the builder and the files on disk
+with their sizes and modification times, and the manifest's hash) beside `splits.json`
+(the image keys and patient ids of every partition). Resuming, re-running or `--mode=eval`
+recomputes both and refuses when anything differs, naming what changed: with other data
+or splits, a "held-out" image may be one the model trained on. Neither file is ever
+overwritten. Trained models can still be scored on new data as an *external* test set
+(`--eval_data`), with images that were in their training data left out.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import tempfile
+
+import flax
+import numpy as np
+
+from xrayjax import files
+
+FINGERPRINT = "fingerprint.json"
+SPLITS = "splits.json"
+# Config fields that decide which image lands in which partition, for every method (each
+# method adds its own, methods.<m>.SPLIT_FIELDS).
+SPLIT_FIELDS = ("method", "protocol", "seed", "folds", "data", "dedup")
+
+
+class ChangedError(ValueError):
+  """The data or the splits differ from those the run directory's models were trained on."""
+
+
+# --- what a run records -----------------------------------------------------------------------
+
+
+def split_config(config, method_fields: tuple[str, ...]) -> dict:
+  """The split-determining fields of `config`, flattened ("data.synthetic.seed": 0)."""
+  flat = flax.traverse_util.flatten_dict(plain(config.to_dict()), sep=".")
+  prefixes = SPLIT_FIELDS + tuple(method_fields)
+  return {k: v for k, v in sorted(flat.items())
+          if any(k == p or k.startswith(p + ".") for p in prefixes)}
+
+
+def data_fingerprint(cohort) -> dict:
+  """Per source of the cohort: its TFDS builder (name, config, version) and its inputs on
+  disk (the manifest's SHA-256 and listed files, or every file under a native root, each
+  with size and mtime). Synthetic sources have no inputs: the builder's config is their
+  content."""
+  out = {}
+  for name, b in zip(cohort.names, cohort.builders):
+    cfg = b.builder_config
+    entry = {"builder": b.info.full_name, "version": str(b.version)}
+    if getattr(cfg, "manifest", ""):
+      with open(cfg.manifest, "rb") as f:
+        entry["manifest"] = cfg.manifest
+        entry["manifest_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+      entry["files"] = _stat(cfg.root, _manifest_paths(cfg.manifest))
+    elif getattr(cfg, "root", ""):
+      entry["root"] = cfg.root
+      entry["files"] = _stat(cfg.root, _walk(cfg.root))
+    out[name] = entry
+  return out
+
+
+def _manifest_paths(path: str) -> list[str]:
+  with open(path, newline="", errors="replace") as f:
+    return sorted({p for r in csv.DictReader(f) for p in (r.get("path"), r.get("lung_mask"))
+                   if p})
+
+
+def _walk(root: str) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(d, n), root)
+                for d, _, names in os.walk(root) for n in names)
+
+
+def _stat(root: str, paths: list[str]) -> dict[str, list[int] | None]:
+  out = {}
+  for p in paths:
+    try:
+      st = os.stat(os.path.join(root, p))
+      out[p] = [st.st_size, int(st.st_mtime)]
+    except OSError:
+      out[p] = None  # listed but absent
+  return out
+
+
+def splits_record(cohort, plan) -> dict:
+  """Image keys and patient ids of every partition of the plan (what splits.json holds),
+  and the content hashes of every image a stage trained on (to keep them out of an external
+  test set)."""
+  meta = cohort.meta
+
+  def part(rows):
+    return {"keys": cohort.keys(rows), "patients": sorted(set(map(str, meta["patient_id"][rows])))}
+
+  trained = np.unique(np.concatenate([s.rows() for s in plan.stages]))
+  return {
+      "stages": {s.name: {"phases": [part(p.train) for p in s.phases], "val": part(s.val)}
+                 for s in plan.stages},
+      "evaluations": [{"fold": e.fold, "stage": e.stage, **part(e.test)}
+                      for e in plan.evaluations],
+      "trained_sha1": sorted(set(map(str, meta["file_sha1"][trained]))),
+  }
+
+
+# --- the check --------------------------------------------------------------------------------
+
+
+def check(workdir: str, current: dict, splits: dict, eval_data_hint: str = "") -> bool:
+  """Compares a run directory's records with `current` ({"split_config", "data"}) and
+  `splits` (splits_record), recomputed now. Returns False for a new run directory (nothing
+  recorded yet), True when everything matches; raises ChangedError naming every difference
+  otherwise."""
+  path = os.path.join(workdir, SPLITS)
+  if not os.path.exists(path):
+    return False
+  saved_splits = files.read_json(path)
+  fp_path = os.path.join(workdir, FINGERPRINT)
+  problems = []
+  if os.path.exists(fp_path):
+    saved = files.read_json(fp_path)
+    problems += [f"split-determining config field {d}"
+                 for d in diff(saved["split_config"], current["split_config"])]
+    problems += _data_changes(saved["data"], current["data"])
+  problems += _split_changes(saved_splits, splits)
+  if not problems:
+    return True
+  shown = problems[:20] + ([f"... {len(problems) - 20} more"] if len(problems) > 20 else [])
+  raise ChangedError(
+      f"{workdir} was trained on other data or splits than this command would use, so its "
+      "models could be scored on images they trained on. Nothing was run or written. What "
+      "changed:\n  - " + "\n  - ".join(shown) +
+      "\nTo train on the new data or config, use a new --workdir. To score this run's trained "
+      f"models on new data as an external test set: python -m xrayjax.main --mode=eval "
+      f"--workdir={workdir} --eval_data=SOURCE:PATH{eval_data_hint} (--allow_config_change "
+      "cannot override a split-determining field).")
+
+
+def plain(obj):
+  """`obj` with tuples as lists (what a JSON round trip gives back)."""
+  if isinstance(obj, dict):
+    return {k: plain(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [plain(v) for v in obj]
+  return obj
+
+
+def diff(old: dict, new: dict) -> list[str]:
+  """"field: old -> new" for every flat key whose value differs."""
+  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _some(names, n: int = 3) -> str:
+  names = sorted(names)
+  return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _data_changes(old: dict, new: dict) -> list[str]:
+  out = []
+  for name in sorted(set(old) | set(new)):
+    if name not in new:
+      out.append(f"data source {name} is no longer used")
+      continue
+    if name not in old:
+      out.append(f"data source {name} is new")
+      continue
+    a, b = old[name], new[name]
+    if a["builder"] != b["builder"]:
+      out.append(f"data source {name}: builder {a['builder']} -> {b['builder']}")
+    if a.get("manifest_sha256") != b.get("manifest_sha256"):
+      out.append(f"data source {name}: the manifest {b.get('manifest')} changed (rows or labels)")
+    fa, fb = a.get("files", {}), b.get("files", {})
+    added = [f for f in fb if f not in fa or (fa[f] is None and fb[f] is not None)]
+    removed = [f for f in fa if fa[f] is not None and fb.get(f) is None]
+    changed = [f for f in fa if f in fb and fa[f] and fb[f] and fa[f] != fb[f]]
+    where = b.get("root") or os.path.dirname(b.get("manifest", ""))
+    for what, found in (("added", added), ("removed", removed),
+                        ("changed (size or modification time)", changed)):
+      if found:
+        out.append(f"data source {name}: {len(found)} file(s) {what} under {where}: "
+                   f"{_some(found)}")
+  return out
+
+
+def _split_changes(old: dict, new: dict) -> list[str]:
+  def parts(record):
+    out = {}
+    for name, s in record["stages"].items():
+      for j, p in enumerate(s["phases"]):
+        out[f"{name}/train" + (f"_phase{j + 1}" if len(s["phases"]) > 1 else "")] = p
+      out[f"{name}/val"] = s["val"]
+    for e in record["evaluations"]:
+      out[f"fold{e['fold']}/test ({e['stage']})"] = e
+    return out
+
+  a, b = parts(old), parts(new)
+  out = []
+  for name in sorted(set(a) | set(b)):
+    if name not in b:
+      out.append(f"partition {name} is no longer planned")
+      continue
+    if name not in a:
+      out.append(f"partition {name} is new")
+      continue
+    # Older run directories listed keys only (no patients).
+    ka = set(a[name]["keys"] if isinstance(a[name], dict) and "keys" in a[name] else
+             a[name].get("test", []) if isinstance(a[name], dict) else a[name])
+    kb = set(b[name]["keys"])
+    if ka != kb:
+      out.append(f"partition {name}: {len(kb - ka)} image(s) added ({_some(kb - ka)}), "
+                 f"{len(ka - kb)} removed ({_some(ka - kb)})")
+  return out
+
+
+# --- where an evaluation writes ---------------------------------------------------------------
+
+
+def writable(path: str) -> bool:
+  """Whether files can be created in `path` (tried, not guessed from permission bits)."""
+  try:
+    with tempfile.TemporaryFile(dir=path):
+      return True
+  except OSError:
+    return False
+
+
+def eval_dir(workdir: str, requested: str | None) -> tuple[str, str | None]:
+  """(where `--mode=eval` writes, a note to print or None): `requested`, else the run
+  directory when it is writable, else a new temporary directory."""
+  if requested:
+    os.makedirs(requested, exist_ok=True)
+    return requested, None
+  if writable(workdir):
+    return workdir, None
+  out = tempfile.mkdtemp(prefix="xrayjax-eval-")
+  return out, (f"{workdir} is read-only: evaluation results are written to {out} "
+               "(choose the place with --eval_dir)")
