@@ -263,7 +263,8 @@ def test_sigkill_of_the_real_command_inside_an_epoch_resumes_bit_identically(tfd
     return [sys.executable, "-m", "xrayjax.main", "--config=configs/detl.py:runlocal",
             f"--workdir={workdir}", f"--config.data.tfds_dir={tfds_dir}",
             "--config.eval.gradcam.enabled=False", "--config.eval.bootstrap=0",
-            "--config.stage_b.epochs=2", "--config.checkpoint_every_steps=2"]
+            "--config.stage_b.epochs=2", "--config.stage_b.batch_size=4",
+            "--config.checkpoint_every_steps=2"]
 
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
@@ -287,10 +288,10 @@ def test_sigkill_of_the_real_command_inside_an_epoch_resumes_bit_identically(tfd
 
 
 def _steps(stage_dir):
-  """Steps per epoch of the runlocal config's fold-0 stage B (batch 8), from plan.json."""
+  """Steps per epoch of the killed run's fold-0 stage B (batch 4), from plan.json."""
   plan = files.read_json(os.path.join(os.path.dirname(os.path.dirname(stage_dir)), "plan.json"))
   s = next(s for s in plan["stages"] if s["name"] == "fold0/stage_b")
-  return sum(s["phases"][0][c] for c in s["classes"]) // 8
+  return sum(s["phases"][0][c] for c in s["classes"]) // 4
 
 
 # --- config errors stop before anything is written --------------------------------------------
