@@ -155,6 +155,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # comma separated).
   c.model = dict(width=p["width"], bn_momentum=p["bn_momentum"],
                  init_from=ml_collections.config_dict.placeholder(str))
+  # compute_dtype: float32 | bfloat16 (for GPUs and TPUs): what convolutions, dense layers and
+  # BatchNorm compute in; parameters, BatchNorm statistics and the loss stay float32.
+  c.model.compute_dtype = "float32"
 
   # --- training (Table 2 of the paper) ---
   c.train = dict(batch_size=BATCH[args["model"]] if scale != "runlocal" else 8,

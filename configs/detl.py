@@ -190,6 +190,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # init_from: Keras weight file(s) (.keras, .weights.h5, .h5; comma separated) loaded over the
   # random initialisation of the first stage that trains (models/keras_weights.py).
   c.model = dict(width=p["width"], init_from=ml_collections.config_dict.placeholder(str))
+  # compute_dtype: float32 | bfloat16 (for GPUs and TPUs): what convolutions, dense layers and
+  # BatchNorm compute in; parameters, BatchNorm statistics and the loss stay float32.
+  c.model.compute_dtype = "float32"
   if args["model"] == "resnet50":
     c.model.stem_kernel = 3  # the DETL variant: 3x3 kernels in place of ResNet50's 7x7 stem
   if args["model"] == "alexnet":

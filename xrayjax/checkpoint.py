@@ -161,7 +161,8 @@ class StageCheckpoints:
     return dict(self._manager.metrics(step) or {})
 
   def finish(self, summary: dict) -> None:
-    files.write_json(os.path.join(self.directory, SUMMARY), summary)
+    if jax.process_index() == 0:  # one writer: concurrent writers collide in write_with
+      files.write_json(os.path.join(self.directory, SUMMARY), summary)
 
   def summary(self) -> dict | None:
     path = os.path.join(self.directory, SUMMARY)

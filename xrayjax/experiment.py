@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from xrayjax import files, infer, methods, models, rundir, sharding, train
 from xrayjax.data import sources, tasks
@@ -478,8 +477,7 @@ def set_aside(workdir: str, plan: methods.Plan, names: tuple[str, ...]) -> list[
       if jax.process_index() == 0:
         os.replace(path, f"{path}.replaced-{stamp}")
       moved.append(s.name)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("retrain")
+  sharding.barrier("retrain")
   logging.warning("--retrain: training %s again (old directories kept as *.replaced-%s)",
                   ", ".join(sorted(chosen)), stamp)
   return moved

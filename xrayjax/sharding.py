@@ -6,6 +6,8 @@ slice: parameters are replicated, batches are split along `data`.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from absl import logging
@@ -14,12 +16,54 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+# Process count and index of a job started by hand (JAX 0.10 reads only the coordinator's
+# address, JAX_COORDINATOR_ADDRESS, from the environment; it detects all three on SLURM, Open
+# MPI, Kubernetes and Cloud TPU).
+NUM_PROCESSES_ENV = "XRAYJAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "XRAYJAX_PROCESS_ID"
+
+
 def initialize_distributed(enabled: bool) -> None:
-  """Starts jax.distributed on multi-host jobs (cluster env is auto-detected)."""
-  if enabled:
-    jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d, %d global devices", jax.process_index(),
-                 jax.process_count(), jax.device_count())
+  """Starts jax.distributed when `enabled` (main.py's --distributed).
+
+  On a cluster JAX finds the coordinator, the process count and this process's index itself.
+  Elsewhere (several processes on one machine, hosts started by hand) give them in the
+  environment of every process: JAX_COORDINATOR_ADDRESS=host:port (process 0's host),
+  XRAYJAX_NUM_PROCESSES=n and XRAYJAX_PROCESS_ID=0..n-1. CPU processes exchange data through
+  gloo, JAX's default CPU collectives.
+  """
+  if not enabled:
+    return
+  kwargs = {}
+  for env, arg in ((NUM_PROCESSES_ENV, "num_processes"), (PROCESS_ID_ENV, "process_id")):
+    value = os.environ.get(env)
+    if value is not None:
+      try:
+        kwargs[arg] = int(value)
+      except ValueError:
+        raise ValueError(f"${env}={value!r} is not an integer") from None
+  if len(kwargs) == 1:
+    raise ValueError(f"set both ${NUM_PROCESSES_ENV} and ${PROCESS_ID_ENV} (or neither, on a "
+                     "cluster JAX detects)")
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d, %d global devices (%d local)",
+               jax.process_index(), jax.process_count(), jax.device_count(),
+               jax.local_device_count())
+
+
+def barrier(name: str, timeout_seconds: float = 24 * 3600) -> None:
+  """Waits until every process has reached the barrier `name` (a no-op in one process).
+
+  For waits of unknown length, e.g. process 0 building a data set while the others wait.
+  It goes through jax.distributed's coordination service (as orbax's barriers do; JAX has
+  no public API for it): a device collective such as multihost_utils.sync_global_devices
+  is, on CPU, a gloo collective, and gloo gives up after 30 s when it is the first one.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed
+  distributed.global_state.client.wait_at_barrier(f"xrayjax:{name}",
+                                                  int(timeout_seconds * 1000))
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:

@@ -64,6 +64,7 @@ def make_train_step(model, tx: optax.GradientTransformation, stats_rules=None) -
       (logits, _), updated = model.apply(
           {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
           rngs={"dropout": rng}, mutable=["batch_stats"])
+      logits = logits.astype(jnp.float32)  # a bfloat16 model's too: the loss is float32
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
       return loss, (logits, updated.get("batch_stats", {}))
 
@@ -203,8 +204,7 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
                     e, name)
     if jax.process_index() == 0:
       shutil.rmtree(ckpt_dir)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"cleanup {name}")
+    sharding.barrier(f"cleanup {name}")
     ckpts = checkpoint.StageCheckpoints(ckpt_dir, name)
 
   replicated = sharding.replicated(mesh)
@@ -257,15 +257,19 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
         elif not every and step - start_step >= 5:
           rate = (step - start_step) / (time.time() - start_time)
           every = max(1, int(CHECKPOINT_SECONDS * rate))
+          if jax.process_count() > 1:  # orbax's save is collective: one interval for all
+            every = int(multihost_utils.broadcast_one_to_all(np.int32(every)))
           logging.info("[%s] checkpointing every %d steps (about %d s)", name, every,
                        CHECKPOINT_SECONDS)
         if step % log_every == 0:
           loss = float(metrics["loss"])
           _check_finite(name, step, loss, ckpts)
-          rate = (step - start_step) / max(time.time() - start_time, 1e-9)
-          eta = (total_steps - step) / max(rate, 1e-9)
-          logging.info("[%s] %s step %d/%d loss %.4f | %.2f steps/s, ETA %s", name, where, step,
-                       total_steps, loss, rate, _hms(eta))
+          speed = ""
+          if step > start_step:  # (the first timed step has no rate yet)
+            rate = (step - start_step) / (time.time() - start_time)
+            speed = f" | {rate:.2f} steps/s, ETA {_hms((total_steps - step) / rate)}"
+          logging.info("[%s] %s step %d/%d loss %.4f%s", name, where, step, total_steps, loss,
+                       speed)
           _write_scalars(writer, step, {"train/loss_step": loss})
         stopping = signals.stop(step)
         if step < e["end"] and (stopping or (every and step % every == 0)):

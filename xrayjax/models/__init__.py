@@ -5,11 +5,17 @@ Every model is a Flax Linen module whose `__call__(images, *, train)` returns
 module declares `PARAM_GROUPS` (named regexes over parameter paths, e.g.
 "last_conv_block"), `HEAD_LAYER` (the classifier replaced between stages) and,
 where Keras leaves layers unnamed, `KERAS_UNNAMED` (see keras_weights.py).
+
+`config.model.compute_dtype` ("float32" or "bfloat16") is the dtype convolutions, dense
+layers and BatchNorm compute in (the module's `dtype`); parameters and BatchNorm statistics
+are float32 either way, and callers take the logits to float32 before the loss or softmax.
 """
 
 from __future__ import annotations
 
 import types
+
+import jax.numpy as jnp
 
 from xrayjax.models import alexnet, concat, resnet50, resnet50v2, vgg, xception
 
@@ -23,6 +29,8 @@ _MODELS = {
 }
 # config.model keys that are not module attributes.
 INIT_FROM = "init_from"
+COMPUTE_DTYPE = "compute_dtype"  # -> the module's `dtype`
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _entry(name: str):
@@ -38,7 +46,13 @@ def get(name: str):
 
 def build(name: str, num_classes: int, model_config):
   """The model `name` with the attributes in `model_config` (config.model)."""
-  kwargs = {k: v for k, v in dict(model_config).items() if k != INIT_FROM}
+  kwargs = {k: v for k, v in dict(model_config).items() if k not in (INIT_FROM, COMPUTE_DTYPE)}
+  dtype = dict(model_config).get(COMPUTE_DTYPE)
+  if dtype is not None:
+    if dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"config.model.compute_dtype={dtype!r}; valid values: "
+                       f"{sorted(COMPUTE_DTYPES)}")
+    kwargs["dtype"] = COMPUTE_DTYPES[dtype]
   try:
     return get(name)(num_classes=num_classes, **kwargs)
   except TypeError as e:

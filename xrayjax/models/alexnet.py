@@ -11,6 +11,8 @@ Weights use He initialisation (see models/common.py for why).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 
 from xrayjax.models.common import HE_INIT, record, scaled
@@ -31,12 +33,14 @@ class AlexNet(nn.Module):
   num_classes: int
   width: float = 1.0
   dropout: float = 0.5
+  dtype: Any = None  # computation dtype (None: the input's); parameters stay float32
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     out = {}
     conv = lambda c, name, stride=1: nn.Conv(scaled(c, self.width), (3, 3), strides=stride,
-                                             padding="SAME", kernel_init=HE_INIT, name=name)
+                                             padding="SAME", kernel_init=HE_INIT,
+                                             dtype=self.dtype, name=name)
     x = _pool(nn.relu(conv(96, "conv1", 2)(images)))
     x = record(self, out, "block1", x)
     x = _pool(nn.relu(conv(256, "conv2")(x)))
@@ -48,8 +52,9 @@ class AlexNet(nn.Module):
     x = _pool(x).reshape((x.shape[0], -1))
     for name in ("fc1", "fc2"):
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-      x = nn.relu(nn.Dense(scaled(4096, self.width), kernel_init=HE_INIT, name=name)(x))
+      x = nn.relu(nn.Dense(scaled(4096, self.width), kernel_init=HE_INIT, dtype=self.dtype,
+                           name=name)(x))
     out["pre_logits"] = x
-    logits = nn.Dense(self.num_classes, name=HEAD_LAYER)(x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name=HEAD_LAYER)(x)
     out["logits"] = logits
     return logits, out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -22,16 +23,19 @@ def scaled(channels: int, width: float) -> int:
 BN_MOMENTUM = 0.99  # Keras's BatchNormalization default
 
 
-def batch_norm(train: bool, epsilon: float, name: str, momentum: float = BN_MOMENTUM
-               ) -> nn.BatchNorm:
+def batch_norm(train: bool, epsilon: float, name: str, momentum: float = BN_MOMENTUM,
+               dtype: Any = None) -> nn.BatchNorm:
   """Keras's BatchNormalization (momentum 0.99 unless given) with the model's epsilon.
+
+  `dtype` is the output's (None: the input's); Flax computes the batch statistics and keeps
+  the running ones in float32 whatever it is, and the scale and bias are float32 parameters.
 
   The running statistics keep `momentum` of their value per step, so after n steps
   momentum^n of the initial (0, 1) remains: 28% after 128 steps at 0.99. Short runs (the
   demos) lower it, or evaluation normalises with statistics the network never had.
   """
   return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
-                      name=name)
+                      dtype=dtype, name=name)
 
 
 def zero_pad(x, pad: int):
@@ -78,12 +82,13 @@ class SeparableConv(nn.Module):
   """Keras's SeparableConv2D: a depthwise conv then a 1x1 pointwise conv (no bias)."""
   features: int
   kernel_size: tuple[int, int] = (3, 3)
+  dtype: Any = None  # computation dtype (None: the input's); parameters stay float32
 
   @nn.compact
   def __call__(self, x):
     x = conv(x.shape[-1], self.kernel_size, padding="SAME", feature_group_count=x.shape[-1],
-             use_bias=False, name="depthwise")(x)
-    return conv(self.features, (1, 1), use_bias=False, name="pointwise")(x)
+             use_bias=False, dtype=self.dtype, name="depthwise")(x)
+    return conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="pointwise")(x)
 
 
 def global_avg_pool(x):
@@ -105,8 +110,10 @@ def record(module: nn.Module, out: dict, name: str, x):
   return x
 
 
-def pooled_top(x, num_classes: int | None, out: dict, name: str = "predictions"):
-  """Keras's `include_top`: global average pooling and the dense classifier `name`.
+def pooled_top(x, num_classes: int | None, out: dict, name: str = "predictions",
+               dtype: Any = None):
+  """Keras's `include_top`: global average pooling and the dense classifier `name`
+  (computing in `dtype`).
 
   Call from a compact `__call__` (the Dense layer belongs to the caller). With
   `num_classes=None` (no top) it returns `(None, out)`.
@@ -114,5 +121,5 @@ def pooled_top(x, num_classes: int | None, out: dict, name: str = "predictions")
   if num_classes is None:
     return None, out
   x = out["pre_logits"] = global_avg_pool(x)
-  logits = out["logits"] = nn.Dense(num_classes, name=name)(x)
+  logits = out["logits"] = nn.Dense(num_classes, dtype=dtype, name=name)(x)
   return logits, out

@@ -14,6 +14,8 @@ and Grad-CAM's default target).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -51,24 +53,25 @@ class Concat(nn.Module):
   bn_momentum: float = BN_MOMENTUM  # Keras's; see common.batch_norm
   dropout: float = 0.5
   head: str = "flatten"
+  dtype: Any = None  # computation dtype (None: the input's); parameters stay float32
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     if self.head not in HEADS:
       raise ValueError(f"unknown concat head {self.head!r}; valid heads: {HEADS}")
-    _, out_x = xception.Xception(None, self.width, self.bn_momentum, name="xception")(
-        images, train=train)
-    _, out_r = resnet50v2.ResNet50V2(None, self.width, self.bn_momentum,
+    _, out_x = xception.Xception(None, self.width, self.bn_momentum, self.dtype,
+                                 name="xception")(images, train=train)
+    _, out_r = resnet50v2.ResNet50V2(None, self.width, self.bn_momentum, self.dtype,
                                       name="resnet50v2")(images, train=train)
     out = {}
     branch_x = record(self, out, "xception", out_x["features"])
     branch_r = record(self, out, "resnet50v2", out_r["features"])
     x = record(self, out, "concat", jnp.concatenate([branch_x, branch_r], axis=-1))
-    x = record(self, out, "features", conv(scaled(1024, self.width), (1, 1),
+    x = record(self, out, "features", conv(scaled(1024, self.width), (1, 1), dtype=self.dtype,
                                            name="concat_conv")(x))
     x = x.reshape((x.shape[0], -1)) if self.head == "flatten" else global_avg_pool(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     out["pre_logits"] = x
-    logits = nn.Dense(self.num_classes, name=HEAD_LAYER)(x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name=HEAD_LAYER)(x)
     out["logits"] = logits
     return logits, out

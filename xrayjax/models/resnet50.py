@@ -10,6 +10,9 @@ channel count (1.0 = the published network). Conv weights use He initialisation
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 
 from xrayjax.models.common import (BN_MOMENTUM, batch_norm, conv, pooled_top, record, scaled,
@@ -31,14 +34,16 @@ class ResNet50(nn.Module):
   width: float = 1.0
   bn_momentum: float = BN_MOMENTUM  # Keras's; see common.batch_norm
   stem_kernel: int = 7
+  dtype: Any = None  # computation dtype (None: the input's); parameters stay float32
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     c = lambda n: scaled(n, self.width)
-    bn = lambda name: batch_norm(train, EPSILON, name, self.bn_momentum)
+    bn = lambda name: batch_norm(train, EPSILON, name, self.bn_momentum, self.dtype)
+    cv = functools.partial(conv, dtype=self.dtype)
     out = {}
     k = self.stem_kernel
-    x = conv(c(64), (k, k), strides=2, padding=k // 2, name="conv1_conv")(images)
+    x = cv(c(64), (k, k), strides=2, padding=k // 2, name="conv1_conv")(images)
     x = nn.relu(bn("conv1_bn")(x))
     x = nn.max_pool(zero_pad(x, 1), (3, 3), strides=(2, 2))
     for stage, filters, blocks, stride in STAGES:
@@ -46,16 +51,16 @@ class ResNet50(nn.Module):
         name = f"{stage}_block{b}"
         s = stride if b == 1 else 1
         if b == 1:
-          shortcut = bn(f"{name}_0_bn")(conv(c(4 * filters), (1, 1), strides=s,
-                                             name=f"{name}_0_conv")(x))
+          shortcut = bn(f"{name}_0_bn")(cv(c(4 * filters), (1, 1), strides=s,
+                                           name=f"{name}_0_conv")(x))
         else:
           shortcut = x
-        y = nn.relu(bn(f"{name}_1_bn")(conv(c(filters), (1, 1), strides=s,
-                                            name=f"{name}_1_conv")(x)))
-        y = nn.relu(bn(f"{name}_2_bn")(conv(c(filters), (3, 3), padding="SAME",
-                                            name=f"{name}_2_conv")(y)))
-        y = bn(f"{name}_3_bn")(conv(c(4 * filters), (1, 1), name=f"{name}_3_conv")(y))
+        y = nn.relu(bn(f"{name}_1_bn")(cv(c(filters), (1, 1), strides=s,
+                                          name=f"{name}_1_conv")(x)))
+        y = nn.relu(bn(f"{name}_2_bn")(cv(c(filters), (3, 3), padding="SAME",
+                                          name=f"{name}_2_conv")(y)))
+        y = bn(f"{name}_3_bn")(cv(c(4 * filters), (1, 1), name=f"{name}_3_conv")(y))
         x = nn.relu(shortcut + y)
       x = record(self, out, stage, x)
     x = record(self, out, "features", x)
-    return pooled_top(x, self.num_classes, out, HEAD_LAYER)
+    return pooled_top(x, self.num_classes, out, HEAD_LAYER, self.dtype)

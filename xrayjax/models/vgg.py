@@ -8,6 +8,8 @@ Weights use He initialisation (see models/common.py for why).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 
 from xrayjax.models.common import HE_INIT, record, scaled
@@ -27,6 +29,7 @@ class VGG16(nn.Module):
   num_classes: int
   width: float = 1.0
   dropout: float = 0.0
+  dtype: Any = None  # computation dtype (None: the input's); parameters stay float32
 
   @nn.compact
   def __call__(self, images, *, train: bool):
@@ -35,16 +38,18 @@ class VGG16(nn.Module):
     for b, (convs, channels) in enumerate(BLOCKS, start=1):
       for c in range(1, convs + 1):
         x = nn.relu(nn.Conv(scaled(channels, self.width), (3, 3), padding="SAME",
-                            kernel_init=HE_INIT, name=f"block{b}_conv{c}")(x))
+                            kernel_init=HE_INIT, dtype=self.dtype,
+                            name=f"block{b}_conv{c}")(x))
       x = record(self, out, f"block{b}", x)
       if b == len(BLOCKS):  # last conv block output, before its pooling (Grad-CAM target)
         x = record(self, out, "features", x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     for name in ("fc1", "fc2"):
-      x = nn.relu(nn.Dense(scaled(4096, self.width), kernel_init=HE_INIT, name=name)(x))
+      x = nn.relu(nn.Dense(scaled(4096, self.width), kernel_init=HE_INIT, dtype=self.dtype,
+                           name=name)(x))
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     out["pre_logits"] = x
-    logits = nn.Dense(self.num_classes, name=HEAD_LAYER)(x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name=HEAD_LAYER)(x)
     out["logits"] = logits
     return logits, out

@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import time
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from xrayjax import files
+from xrayjax import files, sharding
 from xrayjax.data import tasks
 from xrayjax.data.sources import (covidx, ieee8023_covid, manifest, native, nih_cxr14,
                                   rsna_pneumonia, synthetic_cxr)
@@ -74,6 +75,12 @@ def builder(data_config, name: str | None = None) -> tfds.core.DatasetBuilder:
   cls, cfg = _config(name, data_config)
   if cfg.name in cls.builder_configs:  # TFDS wants a predefined config by name
     cfg = cfg.name
+  # Multi-process jobs: process 0 builds first, then the others look (concurrent builds into
+  # one tfds_dir collide when they rename their output into place). On a shared file system
+  # they find it built; on host-local disks (one process per host) each builds its own copy.
+  first = jax.process_index() == 0
+  if not first:
+    sharding.barrier(f"build {name}")
   b = cls(config=cfg, data_dir=data_config.tfds_dir)
   if not b.is_prepared():
     start = time.time()
@@ -92,6 +99,8 @@ def builder(data_config, name: str | None = None) -> tfds.core.DatasetBuilder:
                  report["skipped_by_reason"])
     for line in summary_lines(report):
       logging.info("%s: %s", name, line)
+  if first:
+    sharding.barrier(f"build {name}")
   return b
 
 
