@@ -168,7 +168,8 @@ def test_detl_three_classes_with_data_a_from_another_collection(tmp_path):
   assert set(results["build_reports"]) == {"manifest", "data_a:manifest"}
   assert all(r["skipped"] == 0 for r in results["build_reports"].values())
   splits_file = files.read_json(str(tmp_path / "run" / "splits.json"))
-  assert splits_file["stages"]["stage_a"]["phases"][0]["keys"][0].startswith("1/")  # builder 1: Data-A
+  data_a_keys = splits_file["stages"]["stage_a"]["phases"][0]["keys"]
+  assert data_a_keys[0].startswith("1/")  # builder 1: Data-A
 
 @shared_data.needs(BENCH_64)
 def test_shared_benchmark_builds_with_every_image(tmp_path):

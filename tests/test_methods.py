@@ -164,8 +164,8 @@ def test_a_plan_refuses_a_stage_started_from_one_not_trained_before_it():
                     param_rules=(), batch_size=1, eval_batch_size=1, select="last", init_seed=0,
                     seed=0, augment=(), init="stage", init_from="a")
   with pytest.raises(ValueError, match="not planned before it"):
-    methods.Plan(method="m", protocol="p", task="t", classes=("x",), labels=np.zeros(1), stages=[s],
-                 evaluations=[]).check()
+    methods.Plan(method="m", protocol="p", task="t", classes=("x",), labels=np.zeros(1),
+                 stages=[s], evaluations=[]).check()
   with pytest.raises(ValueError, match="needs a validation split"):
     methods.Stage(name="c", classes=("x",), labels=np.zeros(1), phases=one, optimizer={},
                   param_rules=(), batch_size=1, eval_batch_size=1, select="best", init_seed=0,

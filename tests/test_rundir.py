@@ -326,3 +326,25 @@ def test_batch_sizes_must_divide_over_the_devices(tiny_config):
   with pytest.raises(ValueError, match=r"\[fold0/stage_b\] batch_size=12 must be a multiple of "
                                        "the 8 devices"):
     experiment.check_plan(tiny_config, plan, mesh)
+
+
+def test_run_directories_of_older_versions_are_compared_by_their_image_keys(tmp_path):
+  """splits.json before fingerprints held bare key lists: a match passes, a moved image is
+  named; a directory without splits.json is a new run."""
+  legacy = {"stages": {"fold0/stage_b": {"phases": [["a", "b"]], "val": ["c"]}},
+            "evaluations": [{"fold": 0, "stage": "fold0/stage_b", "test": ["d"]}]}
+  part = lambda keys: {"keys": keys, "patients": keys}  # noqa: E731
+  now = {"stages": {"fold0/stage_b": {"phases": [part(["a", "b"])], "val": part(["c"])}},
+         "evaluations": [{"fold": 0, "stage": "fold0/stage_b", **part(["d"])}],
+         "trained_sha1": []}
+  current = {"split_config": {}, "data": {}}
+  assert rundir.check(str(tmp_path), current, now) is False
+  files.write_json(str(tmp_path / rundir.SPLITS), legacy)
+  assert rundir.check(str(tmp_path), current, now) is True
+  now["stages"]["fold0/stage_b"]["phases"] = [part(["a", "d"])]
+  now["evaluations"][0].update(part(["b"]))
+  with pytest.raises(rundir.ChangedError) as e:
+    rundir.check(str(tmp_path), current, now)
+  message = str(e.value)
+  assert "partition fold0/stage_b/train: 1 image(s) added (d), 1 image(s) removed (b)" in message
+  assert "fold0/test (fold0/stage_b): 1 image(s) added (b), 1 image(s) removed (d)" in message

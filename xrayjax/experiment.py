@@ -269,9 +269,10 @@ def check_plan(config, plan: methods.Plan, mesh) -> None:
     sharding.check_batch_size(s.eval_batch_size, mesh, f"[{s.name}] eval_batch_size")
     for j, p in enumerate(s.phases):
       if len(p.train) < s.batch_size:
-        raise ValueError(f"[{s.name}] training set{f' of phase {j + 1}' if len(s.phases) > 1 else ''}"
-                         f" has {len(p.train)} images, fewer than one batch of {s.batch_size}; "
-                         "lower the stage's batch_size in the config or add data")
+        which = f" of phase {j + 1}" if len(s.phases) > 1 else ""
+        raise ValueError(f"[{s.name}] training set{which} has {len(p.train)} images, fewer "
+                         f"than one batch of {s.batch_size}; lower the stage's batch_size in "
+                         "the config or add data")
   check_image_size(config.model_name, config.model, config.data.image_size)
 
 
@@ -453,7 +454,10 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
 
 
 def _eval_data_hint(config) -> str:
-  return "" if "," in str(config.data.source) else f" (e.g. {config.data.source}:<its new path>)"
+  source = str(config.data.source)
+  if "," in source or source not in sources.SOURCES or source == "synthetic":
+    return ""
+  return f" (e.g. {source}:<its new path>)"
 
 
 def set_aside(workdir: str, plan: methods.Plan, names: tuple[str, ...]) -> list[str]:

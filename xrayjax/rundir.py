@@ -187,6 +187,14 @@ def _data_changes(old: dict, new: dict) -> list[str]:
   return out
 
 
+def _keys(part) -> set[str]:
+  """A partition's image keys; splits.json of older runs held bare lists (test sets under
+  "test"), without patients."""
+  if isinstance(part, list):
+    return set(part)
+  return set(part["keys"] if "keys" in part else part["test"])
+
+
 def _split_changes(old: dict, new: dict) -> list[str]:
   def parts(record):
     out = {}
@@ -207,13 +215,12 @@ def _split_changes(old: dict, new: dict) -> list[str]:
     if name not in a:
       out.append(f"partition {name} is new")
       continue
-    # Older run directories listed keys only (no patients).
-    ka = set(a[name]["keys"] if isinstance(a[name], dict) and "keys" in a[name] else
-             a[name].get("test", []) if isinstance(a[name], dict) else a[name])
-    kb = set(b[name]["keys"])
+    ka = _keys(a[name])
+    kb = _keys(b[name])
     if ka != kb:
-      out.append(f"partition {name}: {len(kb - ka)} image(s) added ({_some(kb - ka)}), "
-                 f"{len(ka - kb)} removed ({_some(ka - kb)})")
+      moved = [f"{len(keys)} image(s) {what} ({_some(keys)})"
+               for what, keys in (("added", kb - ka), ("removed", ka - kb)) if keys]
+      out.append(f"partition {name}: {', '.join(moved)}")
   return out
 
 
