@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xrayjax import checkpoint, experiment, files
+from xrayjax import checkpoint, experiment, files, rundir
 
 
 def _predictions(workdir, name="results"):
@@ -270,3 +270,10 @@ def test_both_protocols_side_by_side_in_one_command(tfds_dir, tmp_path):
   for name in ("compare.json", "compare.csv", "compare_summary.txt", "paper/report.html",
                "corrected/report.html"):
     assert os.path.exists(os.path.join(workdir, name)), name
+  # A split-determining change is refused before the run directory is touched, even with
+  # --allow_config_change (which would otherwise rewrite the top-level config.json).
+  before = {n: os.stat(os.path.join(workdir, n)).st_mtime_ns for n in os.listdir(workdir)}
+  c.seed = 1
+  with pytest.raises(rundir.ChangedError, match="seed: 0 -> 1"):
+    experiment.run(c, workdir, allow_config_change=True)
+  assert {n: os.stat(os.path.join(workdir, n)).st_mtime_ns for n in os.listdir(workdir)} == before

@@ -207,8 +207,12 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
     with subs[protocol].unlocked():
       subs[protocol].protocol = protocol
     methods.get(config.method).check(subs[protocol])
-  # A data error of either protocol (e.g. an empty class) stops the run before it writes.
+  # A data error of either protocol (e.g. an empty class), or a change of its data or splits,
+  # stops the run before it writes.
   prepared = {protocol: prepare(sub) for protocol, sub in subs.items()}
+  for protocol, sub in subs.items():
+    rundir.check(os.path.join(workdir, protocol), *records(sub, *prepared[protocol]),
+                 _eval_data_hint(sub))
   if mode == "train":  # so that --mode=eval finds the run's config here too
     os.makedirs(workdir, exist_ok=True)
     check_workdir_config(workdir, config, allow_config_change)
@@ -313,10 +317,7 @@ def run_protocol(config, workdir: str, mode: str = "train", allow_config_change:
 
   # --- cohort and plan (a config or data error stops the run before it writes anything) ---
   cohort, plan = prepared or prepare(config, mesh)
-  method = methods.get(config.method)
-  current = {"split_config": rundir.split_config(config, method.SPLIT_FIELDS),
-             "data": rundir.data_fingerprint(cohort)}
-  record = rundir.splits_record(cohort, plan)
+  current, record = records(config, cohort, plan)
   recorded = rundir.check(workdir, current, record, _eval_data_hint(config))
   if mode == "eval" and not recorded:
     raise FileNotFoundError(f"{workdir} has no {rundir.SPLITS}: it is not a trained run "
@@ -451,6 +452,15 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
     files.write_text(os.path.join(out_dir, f"{name}_summary.txt"), text + "\n")
   print(text, flush=True)
   return results
+
+
+def records(config, cohort: Cohort, plan: methods.Plan) -> tuple[dict, dict]:
+  """What a run directory records about its data and splits (rundir.check's arguments):
+  ({"split_config", "data"}, the splits record)."""
+  method = methods.get(config.method)
+  current = {"split_config": rundir.split_config(config, method.SPLIT_FIELDS),
+             "data": rundir.data_fingerprint(cohort)}
+  return current, rundir.splits_record(cohort, plan)
 
 
 def _eval_data_hint(config) -> str:
