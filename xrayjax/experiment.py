@@ -536,6 +536,10 @@ def evaluate_external(config, workdir: str, eval_data: str, eval_dir: str | None
       data[source].root = path
   cohort = Cohort.load(data, None, config.dedup.max_distance, drop_duplicates=False)
   meta = cohort.meta
+  if "task" not in described or "trained_sha1" not in saved:
+    raise ValueError(f"{workdir} was trained by an older xrayjax, whose records lack what "
+                     "--eval_data needs to keep the training images out (their hashes and "
+                     "patients, the task); train the method again in a new --workdir")
   task = tasks.get(described["task"])
   labels, _ = task.assign(meta)
   trained_keys, trained_patients = set(), set()
