@@ -15,6 +15,7 @@ from absl import flags
 from absl.testing import flagsaver
 from PIL import Image
 
+import run_files
 from configs import concat, detl
 from xrayjax import experiment, files, predict
 from xrayjax.data import sources, tasks
@@ -55,17 +56,6 @@ def _data_config(path, tfds_dir, args="data=manifest", method=detl):
   return c
 
 
-def _snapshot(directory):
-  """Every file under `directory` with its bytes and mtime."""
-  out = {}
-  for d, _, names in os.walk(directory):
-    for n in names:
-      p = os.path.join(d, n)
-      with open(p, "rb") as f:
-        out[os.path.relpath(p, directory)] = (f.read(), os.stat(p).st_mtime_ns)
-  return out
-
-
 # --- labels a task leaves out, empty classes --------------------------------------------------
 
 FOUR = ["normal"] * 4 + ["pneumonia"] * 4 + ["other_disease"] * 4 + ["COVID-19"] * 3 + \
@@ -104,7 +94,7 @@ def test_an_empty_class_stops_the_run_before_it_writes_and_says_where_its_rows_w
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "notes.txt").write_text("an earlier run's notes\n")
-  before = _snapshot(workdir)
+  before = run_files.snapshot(workdir)
   with pytest.raises(tasks.EmptyClassError) as err:
     experiment.run(c, str(workdir))
   message = str(err.value)
@@ -119,7 +109,7 @@ def test_an_empty_class_stops_the_run_before_it_writes_and_says_where_its_rows_w
           "name): 1 row labelled 'Bronchitis' in manifest was dropped as not in the task "
           "(manifest.csv line 18)") in message
   assert "['normal', 'pneumonia', 'other_disease', 'covid']" in message  # what is valid
-  assert _snapshot(workdir) == before  # nothing written, nothing touched
+  assert run_files.snapshot(workdir) == before  # nothing written, nothing touched
 
 
 def test_concat_names_the_empty_class_from_the_cohort(tmp_path):
@@ -226,7 +216,7 @@ def _cli_error(workdir, *args):
 
 
 def test_predict_refuses_bad_arguments_with_one_line_each(run_dir, tmp_path):
-  before = _snapshot(run_dir)
+  before = run_files.snapshot(run_dir)
   good = str(tmp_path / "a.png")
   _png(good, 0)
   empty = tmp_path / "empty"
@@ -255,7 +245,7 @@ def test_predict_refuses_bad_arguments_with_one_line_each(run_dir, tmp_path):
     predict.predict(run_dir, [good], fold="x")
   rows, skipped, _ = predict.predict(run_dir, [str(notes)])
   assert rows == [] and skipped[0]["reason"].startswith("not a PNG, JPEG or DICOM image")
-  assert _snapshot(run_dir) == before  # no overlay folder, nothing written
+  assert run_files.snapshot(run_dir) == before  # no overlay folder, nothing written
 
 
 def test_predict_command_prints_one_line_and_no_traceback(run_dir, tmp_path):

@@ -14,22 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import run_files
 from configs import detl
 from xrayjax import checkpoint, experiment, files, rundir, train
 from xrayjax.data.sources import phantom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _snapshot(directory):
-  """Every file under `directory` with its bytes' hash and mtime."""
-  out = {}
-  for d, _, names in os.walk(directory):
-    for n in names:
-      p = os.path.join(d, n)
-      with open(p, "rb") as f:
-        out[os.path.relpath(p, directory)] = (hash(f.read()), os.stat(p).st_mtime_ns)
-  return out
 
 
 def _predictions(workdir, name="results"):
@@ -80,13 +70,13 @@ def test_changed_data_or_split_fields_are_refused_and_scored_only_as_external(tm
   c.eval.bootstrap = 0
   workdir = str(tmp_path / "run")
   experiment.run(c, workdir)
-  before = _snapshot(workdir)
+  before = run_files.snapshot(workdir)
 
   def refused(match, config=c, **kwargs):
     for mode in ("train", "eval"):
       with pytest.raises(rundir.ChangedError, match=match) as e:
         experiment.run(config, workdir, mode, **kwargs)
-      assert _snapshot(workdir) == before  # nothing written, splits.json untouched
+      assert run_files.snapshot(workdir) == before  # nothing written, splits.json untouched
     return str(e.value)
 
   # A file added (a new manifest row and its image).
@@ -107,7 +97,7 @@ def test_changed_data_or_split_fields_are_refused_and_scored_only_as_external(tm
     if name.startswith("external"):
       path = os.path.join(workdir, name)
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-  assert _snapshot(workdir) == before
+  assert run_files.snapshot(workdir) == before
   os.remove(data / "covid-new.png")
 
   # A label changed.
@@ -124,7 +114,7 @@ def test_changed_data_or_split_fields_are_refused_and_scored_only_as_external(tm
   message = refused("seed: 0 -> 1", config=other, allow_config_change=True)
   # The restored data is accepted again, and eval re-scores the same predictions.
   experiment.run(c, workdir, "eval", eval_dir=str(tmp_path / "eval"))
-  assert _snapshot(workdir) == before
+  assert run_files.snapshot(workdir) == before
   _same_predictions(_predictions(workdir), _predictions(str(tmp_path / "eval"), "eval"))
 
 
@@ -134,14 +124,15 @@ def test_eval_of_a_read_only_run_writes_to_a_temporary_directory(tiny_config, tm
   tiny_config.eval.bootstrap = 0
   workdir = str(tmp_path / "run")
   experiment.run(tiny_config, workdir)
-  before = _snapshot(workdir)
+  before = run_files.snapshot(workdir)
   # Permission bits do not stop root (CI), so the probe is what is faked.
   monkeypatch.setattr(rundir, "writable", lambda path: path != workdir)
   experiment.run(tiny_config, workdir, "eval")
   printed = capsys.readouterr().out
   assert "is read-only: evaluation results are written to" in printed
   out = printed.split("written to ")[1].split(" ")[0]
-  assert os.path.exists(os.path.join(out, "eval.json")) and _snapshot(workdir) == before
+  assert os.path.exists(os.path.join(out, "eval.json"))
+  assert run_files.snapshot(workdir) == before
   _same_predictions(_predictions(workdir), _predictions(out, "eval"))
 
   # --- a damaged checkpoint byte is detected; --retrain recovers the stage ---

@@ -41,8 +41,8 @@ class CheckpointError(RuntimeError):
 
 
 class StageCheckpoints:
-  """Latest + best checkpoints of one training stage; `name` (e.g. "fold3/stage_b") is how
-  messages and `--retrain` name it."""
+  """Latest + best checkpoints of one training stage; `name` (as plan.json names it, e.g.
+  "fold3/<stage>") is how messages and `--retrain` name it."""
 
   def __init__(self, directory: str, name: str | None = None):
     self.directory = os.path.abspath(directory)

@@ -35,8 +35,8 @@ _EVAL_DATA = flags.DEFINE_string(
     "eval_data", None, "--mode=eval: score the run's trained models on other data, as an "
     "external test set: SOURCE:PATH (manifest:/data/new.csv, nih_cxr14:/data/nih, ...).")
 _RETRAIN = flags.DEFINE_list(
-    "retrain", [], "Stages to train again (e.g. fold3/stage_b), with the stages started from "
-    "them; their old directories are kept as <stage>.replaced-<time>.")
+    "retrain", [], "Stages to train again (named as in plan.json, e.g. fold3/<stage>), with "
+    "the stages started from them; their old directories are kept as <stage>.replaced-<time>.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host jobs).")
 

@@ -160,16 +160,21 @@ def _some(names, n: int = 3) -> str:
   return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
-def _data_changes(old: dict, new: dict) -> list[str]:
-  out = []
+def _paired(old: dict, new: dict, what: str, gone: str, out: list[str]):
+  """(name, old entry, new entry) of names in both; names in one only are reported in `out`
+  ("<what> <name> is new", "<what> <name> is no longer <gone>")."""
   for name in sorted(set(old) | set(new)):
     if name not in new:
-      out.append(f"data source {name} is no longer used")
-      continue
-    if name not in old:
-      out.append(f"data source {name} is new")
-      continue
-    a, b = old[name], new[name]
+      out.append(f"{what} {name} is no longer {gone}")
+    elif name not in old:
+      out.append(f"{what} {name} is new")
+    else:
+      yield name, old[name], new[name]
+
+
+def _data_changes(old: dict, new: dict) -> list[str]:
+  out = []
+  for name, a, b in _paired(old, new, "data source", "used", out):
     if a["builder"] != b["builder"]:
       out.append(f"data source {name}: builder {a['builder']} -> {b['builder']}")
     if a.get("manifest_sha256") != b.get("manifest_sha256"):
@@ -206,17 +211,9 @@ def _split_changes(old: dict, new: dict) -> list[str]:
       out[f"fold{e['fold']}/test ({e['stage']})"] = e
     return out
 
-  a, b = parts(old), parts(new)
   out = []
-  for name in sorted(set(a) | set(b)):
-    if name not in b:
-      out.append(f"partition {name} is no longer planned")
-      continue
-    if name not in a:
-      out.append(f"partition {name} is new")
-      continue
-    ka = _keys(a[name])
-    kb = _keys(b[name])
+  for name, a, b in _paired(parts(old), parts(new), "partition", "planned", out):
+    ka, kb = _keys(a), _keys(b)
     if ka != kb:
       moved = [f"{len(keys)} image(s) {what} ({_some(keys)})"
                for what, keys in (("added", kb - ka), ("removed", ka - kb)) if keys]
