@@ -1,5 +1,5 @@
-"""Helpers shared by experiment configs: the `key=value,flag` argument string, the data and
-evaluation blocks every method uses."""
+"""Helpers shared by experiment configs: the `key=value,flag` argument string, the data,
+evaluation and shortcut-audit blocks every method uses."""
 
 from __future__ import annotations
 
@@ -64,3 +64,24 @@ def eval_config(bootstrap: int = 1000, per_class: int = 3) -> ml_collections.Con
       prevalences=(0.01, 0.05, 0.2), bootstrap=bootstrap,
       gradcam=dict(enabled=True, target="features", method="gradcam", per_class=per_class,
                    misclassified=True, sanity_folds=1, batch_size=16)))
+
+
+def audit_config() -> ml_collections.ConfigDict:
+  """The shortcut audit (evaluate/shortcuts.py; README, "Shortcut audit").
+
+  Every run (cheap): confounding tables, perturbations of the test images (`perturb`),
+  pixel probes and the source baseline (`probes`), within-source metrics and the verdict.
+  retrain (opt-in, each a whole training in <run>/audit/<name>/): comma separated, of
+  border, centre, lungs, no_lungs (the same method trained and tested on that input) and
+  loso (leave-one-source-out: one run per source, or per site when there is one source,
+  whose classes also occur elsewhere), e.g. "border,lungs".
+  input: what the model sees, in training and testing: full | border | centre | lungs |
+  no_lungs (data/regions.py). leave_out: FIELD:VALUE (e.g. source:ieee8023): train
+  without those images, test on them. (retrain sets both in its runs.)
+  Geometry, as fractions of the image side (data/regions.py): centre, the kept / erased
+  central box; corner, the erased corner squares; top_crop, the rows cut off the top;
+  lung_box (top, bottom, left, right), what stands in for the lungs without a lung mask.
+  """
+  return ml_collections.ConfigDict(dict(
+      perturb=True, probes=True, retrain="", input="full", leave_out="",
+      centre=0.6, corner=0.15, top_crop=0.08, lung_box=(0.15, 0.75, 0.12, 0.88)))

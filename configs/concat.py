@@ -166,4 +166,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- evaluation ---
   c.eval = common.eval_config(bootstrap=p["bootstrap"], per_class=p["gallery"])
+  c.audit = common.audit_config()
   return c

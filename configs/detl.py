@@ -184,6 +184,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- evaluation ---
   c.eval = common.eval_config(bootstrap=p["bootstrap"], per_class=p["gallery"])
+  c.audit = common.audit_config()
 
   # --- model ---
   c.model_name = args["model"]

@@ -21,9 +21,9 @@ import numpy as np
 from absl import logging
 
 from xrayjax import files, infer, methods, models, rundir, sharding, train
-from xrayjax.data import sources, tasks
+from xrayjax.data import regions, sources, tasks
 from xrayjax.data.cohort import Cohort
-from xrayjax.evaluate import audit, html
+from xrayjax.evaluate import audit, html, shortcuts
 from xrayjax.evaluate import metrics as metrics_lib
 from xrayjax.evaluate import report
 from xrayjax.models import keras_weights
@@ -44,17 +44,13 @@ def describe(cohort: Cohort, plan: methods.Plan) -> dict:
   def counts(rows, labels, classes):
     return {c: int(np.sum(labels[rows] == i)) for i, c in enumerate(classes)}
 
+  # A stage's partitions count its own classes; tests and the plan's extras the plan's.
+  stage_of = {name: s for s in plan.stages for name in (f"{s.name}/train", f"{s.name}/val")}
   partitions = {}
-  for s in plan.stages:
-    for j, p in enumerate(s.phases):
-      key = f"{s.name}/train" + (f"_phase{j + 1}" if len(s.phases) > 1 else "")
-      partitions[key] = counts(p.train, s.labels, s.classes)
-    if len(s.val):
-      partitions[f"{s.name}/val"] = counts(s.val, s.labels, s.classes)
-  for e in plan.evaluations:
-    partitions[f"fold{e.fold}/test"] = counts(e.test, plan.labels, plan.classes)
-  for name, rows in plan.partitions.items():
-    partitions[name] = counts(rows, plan.labels, plan.classes)
+  for name, rows in plan.partition_rows().items():
+    s = stage_of.get(name.rsplit("_phase", 1)[0])
+    partitions[name] = (counts(rows, s.labels, s.classes) if s else
+                        counts(rows, plan.labels, plan.classes))
   evaluated = np.unique(np.concatenate([e.test for e in plan.evaluations]))
   out = {"partitions": partitions, "evaluated": counts(evaluated, plan.labels, plan.classes)}
   for key in ("site", "source"):
@@ -156,6 +152,44 @@ def initialisation(config, plan: methods.Plan) -> str:
   return f"{first.name}: random (no config.model.init_from)"
 
 
+# --- shortcut audit: retrained variants -------------------------------------------------------
+
+RETRAIN = ("border", "centre", "lungs", "no_lungs", "loso")
+
+
+def retrain_names(config) -> list[str]:
+  return [n.strip() for n in str(config.audit.retrain).split(",") if n.strip()]
+
+
+def audit_variants(config, meta: dict, plan: methods.Plan) -> dict:
+  """{subdirectory: config} of the runs config.audit.retrain asks for: the method on masked
+  inputs (input_<input>), and leave-one-source-out (loso_<field>_<value>: one per source,
+  or per site where there is one source, holding a class that other sources hold too).
+  A variant's own report carries no Grad-CAM, perturbations or probes."""
+  if config.audit.input != "full" or config.audit.leave_out:
+    return {}
+  out = {}
+  for name in retrain_names(config):
+    if name != "loso":
+      out[f"input_{name}"] = {"input": name}
+      continue
+    rows = np.unique(np.concatenate(list(plan.partition_rows().values())))
+    rows = rows[plan.labels[rows] >= 0]
+    field = "source" if len(set(meta["source"][rows])) > 1 else "site"
+    column = np.asarray(meta[field][rows]).astype(str)
+    for value in sorted(set(column)):
+      if set(plan.labels[rows][column == value]) & set(plan.labels[rows][column != value]):
+        out[f"loso_{field}_{value}"] = {"leave_out": f"{field}:{value}"}
+  configs = {}
+  for name, audit_fields in out.items():
+    sub = config.copy_and_resolve_references()
+    with sub.unlocked():
+      sub.audit.update(retrain="", perturb=False, probes=False, **audit_fields)
+      sub.eval.gradcam.enabled = False
+    configs[name] = sub
+  return configs
+
+
 # --- run --------------------------------------------------------------------------------------
 
 
@@ -240,7 +274,13 @@ def prepare(config, mesh=None) -> tuple[Cohort, methods.Plan]:
   check_config(config)
   cohort = Cohort.load(config.data, method.extra_data(config), config.dedup.max_distance,
                        drop_duplicates=config.protocol == "corrected")
+  cohort.input_op, cohort.geometry = regions.INPUTS[config.audit.input], config.audit
   plan = method.plan(cohort.meta, config)
+  if config.audit.leave_out:
+    plan = methods.leave_out(plan, cohort.meta, *config.audit.leave_out.split(":", 1))
+  if cohort.input_op:
+    plan.notes.append(f"shortcut audit: the model trained and was tested on {config.audit.input}"
+                      f" inputs ({cohort.input_op}, data/regions.py), not whole images")
   plan.check()
   check_plan(config, plan, mesh or sharding.make_mesh())
   return cohort, plan
@@ -255,6 +295,21 @@ def check_config(config) -> None:
     raise ValueError(f"config.checkpoint_every_steps={config.checkpoint_every_steps} must be "
                      ">= 0 (0: about every 10 minutes)")
   models.spec(config.model_name)  # an unknown model is named with the valid ones
+  a = config.audit
+  if a.input not in regions.INPUTS:
+    raise ValueError(f"config.audit.input={a.input!r}; valid: {list(regions.INPUTS)}")
+  field, _, value = a.leave_out.partition(":")
+  if a.leave_out and (field not in ("source", "site") or not value):
+    raise ValueError(f"config.audit.leave_out={a.leave_out!r}: expected FIELD:VALUE with FIELD "
+                     "source or site, e.g. source:ieee8023")
+  unknown = [n for n in retrain_names(config) if n not in RETRAIN]
+  if unknown:
+    raise ValueError(f"config.audit.retrain: unknown {unknown}; valid: {list(RETRAIN)} "
+                     "(comma separated)")
+  for key in ("centre", "corner", "top_crop"):
+    if not 0 < a[key] < 1:
+      raise ValueError(f"config.audit.{key}={a[key]} must be a fraction of the image side, "
+                       "between 0 and 1")
   for path in str(config.model.get(models.INIT_FROM) or "").split(","):
     if path.strip() and not os.path.exists(os.path.expanduser(path.strip())):
       raise FileNotFoundError(f"config.model.{models.INIT_FROM}: {path.strip()} does not exist "
@@ -373,16 +428,28 @@ def run_protocol(config, workdir: str, mode: str = "train", allow_config_change:
 
   stages = [{"name": s.name, "description": s.description, **summaries[s.name]}
             for s in plan.stages]
+  variants = {}
+  for name, sub in audit_variants(config, cohort.meta, plan).items():
+    r = run_protocol(sub, os.path.join(workdir, "audit", name), mode, allow_config_change,
+                     out_dir=os.path.join(out_dir, "audit", name))
+    variants[name] = {"accuracy": r["pooled"]["accuracy"],
+                      "macro_auroc": r["pooled"]["macro_auroc"],
+                      "auroc": {c: r["pooled"]["per_class"][c]["auroc"] for c in r["classes"]},
+                      "images": r["num_images"], "notes": r["notes"][-1:],
+                      "workdir": os.path.join(workdir, "audit", name)}
   return evaluate(config, cohort, plan, variables, stages, data_summary, out_dir,
                   "results" if mode == "train" else "eval", mesh, start,
-                  warnings(config, data_summary), model_for, initialisation(config, plan))
+                  warnings(config, data_summary), model_for, initialisation(config, plan),
+                  variants)
 
 
 def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages: list[dict],
              data_summary: dict, out_dir: str, name: str, mesh, start: float,
-             warns: list[str], model_for, init: str) -> dict:
-  """Scores every evaluation of `plan` with its stage's variables, pools, and writes the
-  results named `name` (results, eval, external) with their report to `out_dir`."""
+             warns: list[str], model_for, init: str, variants: dict | None = None) -> dict:
+  """Scores every evaluation of `plan` with its stage's variables (and, for the shortcut
+  audit, every test image again under each perturbation), pools, audits, and writes the
+  results named `name` (results, eval, external) with their report to `out_dir`.
+  `variants`: the audit's retrained runs (audit_variants)."""
   spec = models.spec(config.model_name)
   image_size = config.data.image_size
   classes = plan.classes
@@ -392,6 +459,7 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
     logging.warning("Grad-CAM runs in single-process jobs only; this %d-process run skips it "
                     "(re-run --mode=eval on one host for the maps)", jax.process_count())
   fold_metrics, predictions, explained = [], [], []
+  scored: dict[str, list] = {}  # the audit's perturbations, over all evaluations
   meta = cohort.meta
   for e in plan.evaluations:
     model, predict_fn = model_for(len(classes))  # evaluated models output the plan's classes
@@ -399,6 +467,14 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
     batch_size = e.batch_size or plan.stage(e.stage).eval_batch_size
     probs, labels, index = infer.predict(predict_fn, variables[e.stage], test_ds, len(e.test),
                                          batch_size, mesh)
+    masks = (cohort.masks(e.test, image_size) if explain or config.audit.perturb else None)
+    if config.audit.perturb:
+      for op in regions.OPS:
+        scored.setdefault(op, []).append(infer.predict(
+            predict_fn, variables[e.stage], regions.apply(test_ds, op, config.audit, masks),
+            len(e.test), batch_size, mesh)[0])
+      for key, value in (("none", probs), ("labels", labels), ("has_lung", masks["has_lung"])):
+        scored.setdefault(key, []).append(value)
     m = metrics_lib.classification(labels, probs, classes, prevalences)
     fold_metrics.append(m)
     logging.info("[fold%d] test accuracy %.4f, macro F1 %.4f", e.fold, m["accuracy"],
@@ -406,7 +482,7 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
     if explain:
       explained.append(audit.explain_fold(
           model=model, variables=jax.device_get(variables[e.stage]), ds=test_ds,
-          num_examples=len(e.test), labels=labels, masks=cohort.masks(e.test, image_size),
+          num_examples=len(e.test), labels=labels, masks=masks,
           classes=classes, cfg=config.eval.gradcam, groups=spec.PARAM_GROUPS,
           out_dir=os.path.join(out_dir, "gradcam" if name != "external" else "external_gradcam"),
           names=meta["image_id"][e.test], fold=e.fold, seed=methods.seed(config.seed, 30, e.fold),
@@ -424,6 +500,10 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
     plan.notes.append(f"test sets overlap across folds ({len(predictions)} predictions of "
                       f"{len(pooled)} images): pooled metrics average each image's "
                       "probabilities over the folds that tested it")
+  pooled_results = pooled_metrics(config, pooled, classes, prevalences)
+  shortcut_audit = shortcuts.audit(
+      config, cohort, plan, pooled, pooled_results["pooled"],
+      {k: np.concatenate(v) for k, v in scored.items()}, variants or {})
   results = {
       "method": plan.method, "protocol": plan.protocol, "model": config.model_name,
       "data": f"{config.data.source}", "classes": list(classes),
@@ -435,7 +515,8 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
       "build_reports": cohort.build_reports(),
       "duplicates": {**cohort.duplicates["summary"], "applied": cohort.duplicates["applied"]},
       "per_source": metrics_lib.per_group(pooled, "source", classes),
-      **pooled_metrics(config, pooled, classes, prevalences),
+      **pooled_results,
+      "shortcuts": shortcut_audit,
       "gradcam": audit.summarise(explained) if explained else None,
       "gradcam_folds": [{k: v for k, v in r.items() if not isinstance(v, np.ndarray)}
                         for r in explained],
@@ -458,7 +539,12 @@ def records(config, cohort: Cohort, plan: methods.Plan) -> tuple[dict, dict]:
   """What a run directory records about its data and splits (rundir.check's arguments):
   ({"split_config", "data"}, the splits record)."""
   method = methods.get(config.method)
-  current = {"split_config": rundir.split_config(config, method.SPLIT_FIELDS),
+  # What the model sees and which images it leaves out decide its data too (recorded only
+  # when set, so run directories from before the audit existed still match).
+  fields = method.SPLIT_FIELDS
+  if config.audit.input != "full" or config.audit.leave_out:
+    fields += ("audit.input", "audit.leave_out", "audit.centre", "audit.lung_box")
+  current = {"split_config": rundir.split_config(config, fields),
              "data": rundir.data_fingerprint(cohort)}
   return current, rundir.splits_record(cohort, plan)
 
@@ -535,6 +621,7 @@ def evaluate_external(config, workdir: str, eval_data: str, eval_dir: str | None
     else:
       data[source].root = path
   cohort = Cohort.load(data, None, config.dedup.max_distance, drop_duplicates=False)
+  cohort.input_op, cohort.geometry = regions.INPUTS[config.audit.input], config.audit
   meta = cohort.meta
   if "task" not in described or "trained_sha1" not in saved:
     raise ValueError(f"{workdir} was trained by an older xrayjax, whose records lack what "

@@ -122,6 +122,10 @@ class Predictor:
     self.workdir = workdir
     self.config = config = config_dict.ConfigDict(files.read_json(os.path.join(workdir,
                                                                                "config.json")))
+    masked = config.get("audit", {}).get("input", "full")
+    if masked != "full":
+      raise InputError(f"{workdir} trained its models on {masked} inputs for a shortcut audit "
+                       "(config.audit.input); predict serves models trained on whole images")
     plan = files.read_json(os.path.join(workdir, "plan.json"))
     self.evaluations = plan["evaluations"]
     if fold != "all":

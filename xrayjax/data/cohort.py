@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from xrayjax.data import pipeline, sources, splits
+from xrayjax.data import pipeline, regions, sources, splits
 
 
 class Metadata(dict):
@@ -29,11 +29,16 @@ class Metadata(dict):
 
 class Cohort:
   """Builders + metadata (`meta[key][row]`: image_id, label, findings, patient_id, source,
-  site, view, file_sha1, phash, builder, role, group)."""
+  site, view, file_sha1, phash, builder, role, group).
+
+  `input_op` (a data/regions.py op, from config.audit.input) is applied to every image the
+  cohort hands out, with `geometry` (config.audit): the shortcut audit's masked inputs.
+  """
 
   def __init__(self, builders: list, meta: dict[str, np.ndarray], names: list[str],
                duplicates: dict):
     self.builders, self.meta, self.names, self.duplicates = builders, meta, names, duplicates
+    self.input_op, self.geometry = None, None
 
   @classmethod
   def load(cls, data_config, extra: dict | None = None, max_distance: int = 0,
@@ -77,10 +82,14 @@ class Cohort:
     return [f"{b}/{i}" for b, i in zip(self.meta["builder"][rows], ids)]
 
   def dataset(self, rows: np.ndarray, labels: np.ndarray, image_size: int):
-    """The rows' images as a cached tf.data.Dataset (pipeline.select); `labels` is per
-    cohort row, `index` in the dataset is the position in `rows`."""
-    return pipeline.select(self.builders, self.meta["builder"][rows],
-                           self.meta["image_id"][rows], labels[rows], image_size)
+    """The rows' images as a cached tf.data.Dataset (pipeline.select; with `input_op`
+    applied); `labels` is per cohort row, `index` in the dataset is the position in `rows`."""
+    ds = pipeline.select(self.builders, self.meta["builder"][rows],
+                         self.meta["image_id"][rows], labels[rows], image_size)
+    if not self.input_op:
+      return ds
+    masks = self.masks(rows, image_size) if self.input_op in regions.LUNG_OPS else None
+    return regions.apply(ds, self.input_op, self.geometry, masks).cache()
 
   def masks(self, rows: np.ndarray, image_size: int) -> dict[str, np.ndarray]:
     """Lesion and lung masks of the rows (pipeline.masks)."""

@@ -127,6 +127,7 @@ def write(workdir: str, results: dict, predictions: list[dict], config: dict,
            f"{html.escape(results['initialisation'])}; {results['num_images']} test images "
            f"of {results['num_patients']} patients; {results['across_folds']['folds']} folds; "
            f"{results['devices']} device(s); {results['seconds']:.0f} s.</p>")
+  s += _verdict(results.get("shortcuts"))
   if results.get("notes"):
     s.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in results["notes"]) + "</ul>")
   s.append(_table(["stage", "what", "phases", "selected step", "of", "selected by"],
@@ -207,6 +208,7 @@ def write(workdir: str, results: dict, predictions: list[dict], config: dict,
                  f"({100 * im['probability']:.0f}%)</figcaption></figure>")
     s.append("</div>")
 
+  s += _audit(results.get("shortcuts"), classes)
   s.append("<h2>Data</h2>")
   ds = results["data_summary"]
   parts = ds["partitions"]
@@ -235,6 +237,10 @@ body {{ font-family: sans-serif; max-width: 1100px; margin: 1em auto; font-size:
 table {{ border-collapse: collapse; margin: 0.5em 0; }}
 td, th {{ border: 1px solid #bbb; padding: 2px 6px; text-align: left; font-size: 12px; }}
 .warn {{ color: #a40; }} .row img {{ margin: 4px; }}
+.verdict {{ border: 2px solid #888; padding: 4px 10px; margin: 0.5em 0; }}
+.verdict.high {{ border-color: #b00; background: #fdecec; }}
+.verdict.moderate {{ border-color: #c80; background: #fff6e0; }}
+.verdict.low {{ border-color: #080; background: #eef8ee; }}
 .gallery {{ display: flex; flex-wrap: wrap; }}
 figure {{ margin: 4px; font-size: 11px; }} figure img {{ width: 300px; }}
 figure.wrong figcaption {{ color: #b00; }}
@@ -254,6 +260,97 @@ window.addEventListener("load", function () {{
   path = os.path.join(workdir, f"{name}.html")
   files.write_text(path, page)
   return path
+
+
+def _verdict(a: dict | None) -> list[str]:
+  """The shortcut audit's verdict box (first on the page)."""
+  if not a:
+    return []
+  v = a["verdict"]
+  return [f"<div class='verdict {html.escape(v['risk'].replace(' ', '-'))}' id='shortcut-verdict'>"
+          f"<b>Shortcut risk: {html.escape(v['risk'])}</b> (the highest level of the evidence "
+          "below; the rule is in the README, \"Shortcut audit\"; details in "
+          "<a href='#shortcut-audit'>Shortcut audit</a>)<ul>" +
+          "".join(f"<li>[{html.escape(e['level'])}] {html.escape(e['evidence'])}: "
+                  f"{html.escape(e['text'])}</li>" for e in v["evidence"]) + "</ul></div>"]
+
+
+def _audit(a: dict | None, classes) -> list[str]:
+  """The shortcut audit's tables: confounding, perturbations, probes, within-source metrics
+  and the retrained variants."""
+  if not a:
+    return []
+  s = ["<h2 id='shortcut-audit'>Shortcut audit</h2>"]
+  conf = a["confounding"]
+  fields = list(conf["evaluated"])
+  s.append("<h3>Confounding: Cramér's V of label x field, per partition</h3><p>0: the field "
+           "says nothing about the label; 1: it determines it. Chi-square p-values and the "
+           "tables of every partition are in results.json.</p>")
+  s.append(_table(["partition"] + fields,
+                  [[name] + [_num(part[f]["cramers_v"]) for f in fields]
+                   for name, part in conf.items()]))
+  for f in fields:
+    e = conf["evaluated"][f]
+    if len(e["values"]) > 1:
+      s.append(f"<p>Evaluated images, label x {html.escape(f)} (V {_num(e['cramers_v'])}, "
+               f"p {e['p_value']:.2g}):</p>")
+      s.append(_table(["label"] + e["values"],
+                      [[c] + [e["table"][c][v] for v in e["values"]] for c in e["table"]]))
+  if a.get("perturbations"):
+    s.append("<h3>Perturbed test images</h3><p>Every test image scored again by its fold's "
+             "model after each op (data/regions.py): top_crop cuts the top rows off, "
+             "centre_only and border_only erase the border or the central box, no_corners the "
+             "corner squares, lungs_only and no_lungs everything but the lungs or the lungs, "
+             "mirror flips left-right. Drops are against the unperturbed images; flipped is "
+             "the share of predictions that change.</p>")
+    s.append(_table(["op", "accuracy", "macro AUROC", "accuracy drop", "AUROC drop", "flipped"] +
+                    [f"{c} AUROC" for c in classes],
+                    [[r["op"], _pct(r["accuracy"]), _num(r["macro_auroc"]),
+                      _pct(r["accuracy_drop"]), _num(r["auroc_drop"]), _pct(r["flipped"])] +
+                     [_num(r[f"{c}/auroc"]) for c in classes] for r in a["perturbations"]]))
+    if a["lung_masks"]["stand_in"]:
+      s.append(f"<p class='warn'>{a['lung_masks']['stand_in']} of {a['lung_masks']['images']} "
+               "test images have no lung mask: for them the lung ops used the fixed box "
+               "config.audit.lung_box.</p>")
+  if (a.get("probes") or {}).get("label"):
+    p = a["probes"]
+    s.append("<h3>Pixel probes</h3><p>A logistic regression on the evaluated images at 32x32 "
+             "pixels (patient-grouped 5-fold), from the whole image and from parts of it: a "
+             "part that scores like the whole image carries the label without the lungs.</p>")
+    s.append(_table(["input", "accuracy", "macro AUROC"] + [f"{c} AUROC" for c in classes],
+                    [[k, _pct(m["accuracy"]), _num(m["macro_auroc"])] +
+                     [_num(m["auroc"][c]) for c in classes] for k, m in p["label"].items()]))
+    if p["lung_stand_in"]:
+      s.append(f"<p class='warn'>{p['lung_stand_in']} evaluated images have no lung mask: the "
+               "lung probes used the fixed box for them, and where some images have masks and "
+               "others the box, the erased shape alone can tell sources apart.</p>")
+    b = p["source_baseline"]
+    if b:
+      s.append(f"<p>{html.escape(b['field'].capitalize())} baseline: the same probe predicting "
+               f"the {html.escape(b['field'])} reaches accuracy {_pct(b['accuracy'])} "
+               f"(majority {_pct(b['chance'])}), balanced accuracy "
+               f"{_pct(b['balanced_accuracy'])}; recall per {html.escape(b['field'])}: " +
+               ", ".join(f"{html.escape(k)} {_pct(x)}" for k, x in b["recall"].items()) +
+               ".</p>")
+  if a["within"]["groups"]:
+    s.append(f"<h3>Within each {html.escape(a['within']['field'])}</h3>")
+    s.append(_table([a["within"]["field"], "images", "classes", "accuracy", "macro AUROC"],
+                    [[k, m["images"], " vs ".join(m["classes"]), _pct(m["accuracy"]),
+                      _num(m["macro_auroc"])] for k, m in a["within"]["groups"].items()]))
+  if a.get("variants"):
+    s.append("<h3>Retrained (config.audit.retrain)</h3>")
+    s.append(_table(["run", "accuracy", "macro AUROC"] + [f"{c} AUROC" for c in classes] +
+                    ["images", "directory"],
+                    [[f"this run ({a['input']})", _pct(a["accuracy"]), _num(a["macro_auroc"])] +
+                     [_num(a["auroc"][c]) for c in classes] + ["", ""]] +
+                    [[k, _pct(m["accuracy"]), _num(m["macro_auroc"])] +
+                     [_num(m["auroc"].get(c, float("nan"))) for c in classes] +
+                     [m["images"], m["workdir"]] for k, m in a["variants"].items()]))
+  return s
+
+
+def _num(v) -> str:
+  return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
 def _dump(config: dict, indent: int = 0) -> str:

@@ -69,7 +69,7 @@ def summary_text(results: dict) -> str:
   tables, summed confusion, per source, build reports and duplicates."""
   classes = results["classes"]
   agg = results["across_folds"]["metrics"]
-  lines = [
+  lines = verdict_lines(results.get("shortcuts")) + [
       f"xrayjax {results['method']} | model {results['model']} | protocol "
       f"{results['protocol']} | data {results['data']} | init {results['initialisation']}",
   ]
@@ -135,11 +135,69 @@ def summary_text(results: dict) -> str:
     g = results["gradcam"]
     lines.append("  Grad-CAM: " + "; ".join(f"{k} {v['mean']:.3f} ({v['images']} images)"
                                              for k, v in g.items()) + " (report.html)")
+  lines += audit_lines(results.get("shortcuts"))
   if results.get("duplicates"):
     d = results["duplicates"]
     lines.append(f"  duplicates: {d['exact_sets']} exact sets, {d['perceptual_pairs']} perceptual "
                  f"pairs; {duplicate_handling(d)} (duplicates.json)")
   return "\n".join(lines)
+
+
+def verdict_lines(audit: dict | None) -> list[str]:
+  """The shortcut audit's verdict and the evidence behind it (first in every summary)."""
+  if not audit:
+    return []
+  v = audit["verdict"]
+  return ([f"shortcut risk: {v['risk'].upper()} (the highest level of the evidence below; "
+           "rule: README, \"Shortcut audit\")"] +
+          [f"  [{e['level']}] {e['evidence']}: {e['text']}" for e in v["evidence"]])
+
+
+def audit_lines(audit: dict | None) -> list[str]:
+  """The shortcut audit's tables, in short."""
+  if not audit:
+    return []
+  lines = []
+  v = {f: e["cramers_v"] for f, e in audit["confounding"]["evaluated"].items()}
+  lines.append("  shortcut audit: label x field Cramér's V among the evaluated images: " +
+               ", ".join(f"{f} {x:.2f}" for f, x in v.items()) + " (every partition in "
+               "results.json)")
+  if audit.get("perturbations"):
+    lines.append("  perturbed test images (the run's models): op, accuracy, macro AUROC, "
+                 "AUROC drop, predictions flipped")
+    for r in audit["perturbations"]:
+      lines.append(f"    {r['op']:<12} {100 * r['accuracy']:6.2f}%  {r['macro_auroc']:.3f}  "
+                   f"{r['auroc_drop']:+.3f}  {100 * r['flipped']:5.1f}%")
+    stand_in = audit["lung_masks"]["stand_in"]
+    if stand_in:
+      lines.append(f"    ({stand_in} of {audit['lung_masks']['images']} test images have no "
+                   "lung mask: the lung ops used the fixed box config.audit.lung_box)")
+  if (audit.get("probes") or {}).get("label"):
+    p = audit["probes"]
+    lines.append("  pixel probes (logistic regression on 32x32 pixels, patient-grouped 5-fold), "
+                 "macro AUROC: " + ", ".join(f"{k} {m['macro_auroc']:.3f}"
+                                             for k, m in p["label"].items()))
+    if p["lung_stand_in"]:
+      lines.append(f"    ({p['lung_stand_in']} evaluated images have no lung mask: the lung "
+                   "probes used the fixed box for them; mixed with masks, the erased shape "
+                   "alone can tell sources apart)")
+    b = p["source_baseline"]
+    if b:
+      lines.append(f"  {b['field']} baseline (the probe predicting the {b['field']}): accuracy "
+                   f"{100 * b['accuracy']:.1f}% (majority {100 * b['chance']:.1f}%), recall " +
+                   ", ".join(f"{k} {100 * x:.0f}%" for k, x in b["recall"].items()))
+  for value, m in audit["within"]["groups"].items():
+    lines.append(f"  within {audit['within']['field']} {value} ({m['images']} images, "
+                 f"{' vs '.join(m['classes'])}): accuracy {100 * m['accuracy']:.1f}%, macro "
+                 f"AUROC {m['macro_auroc']:.3f}")
+  if audit.get("variants"):
+    lines.append("  retrained (config.audit.retrain): run, accuracy, macro AUROC, images")
+    lines.append(f"    {'this run (' + audit['input'] + ')':<28} {100 * audit['accuracy']:6.2f}%  "
+                 f"{audit['macro_auroc']:.3f}")
+    for name, m in audit["variants"].items():
+      lines.append(f"    {name:<28} {100 * m['accuracy']:6.2f}%  {m['macro_auroc']:.3f}  "
+                   f"{m['images']}  ({m['workdir']})")
+  return lines
 
 
 def duplicate_handling(d: dict) -> str:

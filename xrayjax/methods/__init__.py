@@ -145,6 +145,19 @@ class Plan:
       if e.stage not in seen:
         raise ValueError(f"evaluation of fold {e.fold} names unplanned stage {e.stage!r}")
 
+  def partition_rows(self) -> dict[str, np.ndarray]:
+    """Every partition of the plan by name: each stage's training rows (per phase when it
+    has several) and validation rows, each fold's test rows, and `partitions`."""
+    out = {}
+    for s in self.stages:
+      for j, p in enumerate(s.phases):
+        out[f"{s.name}/train" + (f"_phase{j + 1}" if len(s.phases) > 1 else "")] = p.train
+      if len(s.val):
+        out[f"{s.name}/val"] = s.val
+    for e in self.evaluations:
+      out[f"fold{e.fold}/test"] = e.test
+    return {**out, **self.partitions}
+
   def describe(self) -> dict:
     """JSON-ready plan: per stage its init, phases (images per class) and selection."""
     def counts(rows, labels, classes):
@@ -165,6 +178,42 @@ class Plan:
                          "test": counts(e.test, self.labels, self.classes)}
                         for e in self.evaluations],
     }
+
+
+def leave_out(plan: Plan, meta: dict, field: str, value: str) -> Plan:
+  """`plan` trained without the images whose `field` (source, site) is `value`, and every
+  fold's model tested on those images (the ones of classes it learnt elsewhere):
+  leave-one-source-out. Folds keep their other training images."""
+  column = np.asarray(meta[field]).astype(str)
+  if value not in set(column):
+    raise ValueError(f"config.audit.leave_out={field}:{value}: no image has {field} "
+                     f"{value!r}; its values are {sorted(set(column))}")
+  out = column == value
+  for s in plan.stages:
+    if any(not np.any(~out[p.train]) for p in s.phases) or (
+        s.select == "best" and not np.any(~out[s.val])):
+      raise ValueError(f"config.audit.leave_out={field}:{value}: stage {s.name} has no "
+                       f"training or validation image left without {field} {value}; leave "
+                       f"out another {field}")
+  stages = [dataclasses.replace(
+      s, phases=[dataclasses.replace(p, train=p.train[~out[p.train]]) for p in s.phases],
+      val=s.val[~out[s.val]]) for s in plan.stages]
+  held = np.flatnonzero(out & (plan.labels >= 0))
+  by_name = {s.name: s for s in stages}
+  evaluations = []
+  for e in plan.evaluations:
+    learnt = set(plan.labels[np.concatenate([p.train for p in by_name[e.stage].phases])])
+    test = held[np.isin(plan.labels[held], sorted(learnt))]
+    if not len(test):
+      raise ValueError(f"config.audit.leave_out={field}:{value}: none of its images is of a "
+                       f"class the fold-{e.fold} model learnt from the other {field}s")
+    evaluations.append(dataclasses.replace(e, test=test))
+  classes = sorted(set(plan.labels[evaluations[0].test]))
+  note = (f"leave-one-{field}-out: trained without {field} {value} ({int(out.sum())} images); "
+          f"every fold's model tested on its {len(evaluations[0].test)} images of "
+          f"{', '.join(plan.classes[k] for k in classes)}")
+  return dataclasses.replace(plan, stages=stages, evaluations=evaluations,
+                             notes=plan.notes + [note])
 
 
 def seed(*parts: int) -> int:
