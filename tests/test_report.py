@@ -66,22 +66,28 @@ def _render(path):
       capture_output=True, text=True, timeout=120)
   loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', proc.stdout)
   console = [l for l in proc.stderr.splitlines() if ":CONSOLE" in l]
-  return (loaded.groups() if loaded else None), console
+  return (loaded.groups() if loaded else None), console, proc.stdout
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get "
                                               "install chromium; .ci/run installs it)")
 def test_report_renders_in_chromium_with_every_image_and_no_console_error(run, tmp_path):
   workdir, _ = run
-  loaded, console = _render(os.path.join(workdir, "report.html"))
+  loaded, console, dom = _render(os.path.join(workdir, "report.html"))
   assert loaded is not None and loaded[0] == loaded[1] and int(loaded[1]) > 4
   assert console == []
+  # The shortcut audit: its verdict first (before the metrics), its tables further down.
+  verdict = dom.index('id="shortcut-verdict"')
+  assert re.search(r"Shortcut risk: (high|moderate|low)</b>", dom)
+  assert verdict < dom.index("<h2>Metrics</h2>") < dom.index('id="shortcut-audit"')
+  for heading in ("Confounding", "Perturbed test images", "Pixel probes"):
+    assert f"<h3>{heading}" in dom
   # The same check catches a broken page: a missing image and a script error.
   bad = tmp_path / "bad.html"
   text = open(os.path.join(workdir, "report.html")).read()
   bad.write_text(text.replace("plots/roc.png", "plots/missing.png").replace(
       "</body>", "<script>undefinedFunction();</script></body>"))
-  loaded, console = _render(str(bad))
+  loaded, console, _ = _render(str(bad))
   assert loaded[0] != loaded[1] and any("undefinedFunction" in l for l in console)
 
 

@@ -1,7 +1,7 @@
 """The shortcut audit: region ops on hand-made images, Cramér's V by hand, the verdict rule on
 constructed audits, plan transformations, and tiny runs whose truth we know."""
 
-import dataclasses
+import csv
 import os
 
 import ml_collections
@@ -281,3 +281,23 @@ def test_a_clean_tiny_run_does_not_get_a_high_verdict(tfds_dir, tmp_path):
   a = results["shortcuts"]
   assert a["verdict"]["risk"] != "high", a["verdict"]
   assert a["confounding"]["evaluated"]["site"]["cramers_v"] < 0.3
+
+
+def test_a_masked_input_model_is_refused_by_predict(confounded):
+  from xrayjax import predict
+  _, workdir, results = confounded
+  with pytest.raises(predict.InputError, match="trained its models on border inputs"):
+    predict.predict(results["shortcuts"]["variants"]["input_border"]["workdir"], [workdir])
+
+
+def test_leave_one_site_out_trains_without_it_and_tests_only_on_it(tfds_dir, tmp_path):
+  c = _tiny(tfds_dir, 0.0)
+  c.audit.update(leave_out="site:site2", perturb=False, probes=False)
+  results = experiment.run(c, str(tmp_path))
+  rows = list(csv.DictReader(open(tmp_path / "results_predictions.csv")))
+  assert rows and {r["site"] for r in rows} == {"site2"}
+  cohort, plan = experiment.prepare(c)
+  trained = np.concatenate([np.concatenate([p.train for p in s.phases] + [s.val])
+                            for s in plan.stages])
+  assert not np.any(cohort.meta["site"][trained] == "site2")
+  assert any(n.startswith("leave-one-site-out") for n in results["notes"])

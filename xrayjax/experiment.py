@@ -281,6 +281,13 @@ def prepare(config, mesh=None) -> tuple[Cohort, methods.Plan]:
   if cohort.input_op:
     plan.notes.append(f"shortcut audit: the model trained and was tested on {config.audit.input}"
                       f" inputs ({cohort.input_op}, data/regions.py), not whole images")
+    if cohort.input_op in regions.LUNG_OPS:
+      rows = np.unique(np.concatenate(list(plan.partition_rows().values())))
+      missing = int(np.sum(~cohort.masks(rows, 8)["has_lung"]))
+      if missing:
+        plan.notes.append(f"{missing} of {len(rows)} images have no lung mask: the fixed box "
+                          f"config.audit.lung_box {tuple(config.audit.lung_box)} stood in "
+                          "for their lungs")
   plan.check()
   check_plan(config, plan, mesh or sharding.make_mesh())
   return cohort, plan

@@ -240,9 +240,11 @@ def _kept(name: str, what: str, full: dict, part: dict) -> dict:
     return {"evidence": name, "level": "low",
             "text": f"{what}: not assessable, the whole-image AUROC of every class is at or "
                     "below chance"}
+  kept = (f"{100 * r:.0f}% of the signal above chance kept" if r < 1 else
+          "as much signal above chance as the whole image, or more")
   return {"evidence": name, "level": _level(KEPT, a, r),
           "text": f"{what}: {c} AUROC {a:.3f} against {full[c]:.3f} on whole images "
-                  f"(chance 0.5), {100 * r:.0f}% of the signal above chance kept"}
+                  f"(chance 0.5), {kept}"}
 
 
 def _level(table: dict, *values: float) -> str:
