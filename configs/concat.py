@@ -29,6 +29,10 @@ Commands (from the project root):
       --config.data.mr7495_dir=../shared/data/mr7495_splits \
       --config.model.init_from=PATH/xception_..._notop.h5,PATH/resnet50v2_..._notop.h5
 
+  # Every run ends with a shortcut audit (README, "Shortcut audit"); its opt-in retrained
+  # runs train the same method on border-only and lung-only inputs, side by side:
+  python -m xrayjax.main --config=configs/concat.py --config.audit.retrain=border,lungs
+
   # Tiny (tests, smoke runs; seconds):
   python -m xrayjax.main --config=configs/concat.py:runlocal --workdir=/tmp/concat_tiny
 

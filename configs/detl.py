@@ -37,6 +37,10 @@ Commands (from the project root):
   python -m xrayjax.main --config=configs/detl.py:model=xception,init=scratch \
       --config.model.width=1 --config.model.init_from=PATH/xception_..._notop.h5
 
+  # Every run ends with a shortcut audit (README, "Shortcut audit"); its opt-in retrained
+  # runs train the same method on border-only and lung-only inputs, side by side:
+  python -m xrayjax.main --config=configs/detl.py --config.audit.retrain=border,lungs
+
   # Tiny (for tests and smoke runs, seconds):
   python -m xrayjax.main --config=configs/detl.py:runlocal --workdir=/tmp/detl_tiny
 

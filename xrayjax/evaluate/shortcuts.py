@@ -27,9 +27,11 @@ Networks trained on collections where a class comes from its own source learn th
 from __future__ import annotations
 
 import numpy as np
+import tensorflow as tf
 from scipy.stats import contingency
 from sklearn import linear_model, model_selection, pipeline as skpipeline, preprocessing
 
+from xrayjax.data import pipeline, regions
 from xrayjax.evaluate import metrics as metrics_lib
 
 FIELDS = ("source", "site", "view", "sex", "age_band")
@@ -103,13 +105,12 @@ def perturbation_table(labels: np.ndarray, base: np.ndarray, perturbed: dict[str
   """Per op: accuracy and macro AUROC of the perturbed predictions (and per class AUROC),
   their drop against the unperturbed ones `base`, and the share of predictions that flip.
   The first row is the unperturbed model ("none")."""
-  ref = metrics_lib.classification(labels, base, classes)
   rows = []
   for op, probs in {"none": base, **perturbed}.items():
     m = metrics_lib.classification(labels, probs, classes)
     rows.append({"op": op, "accuracy": m["accuracy"], "macro_auroc": m["macro_auroc"],
-                 "accuracy_drop": ref["accuracy"] - m["accuracy"],
-                 "auroc_drop": ref["macro_auroc"] - m["macro_auroc"],
+                 "accuracy_drop": rows[0]["accuracy"] - m["accuracy"] if rows else 0.0,
+                 "auroc_drop": rows[0]["macro_auroc"] - m["macro_auroc"] if rows else 0.0,
                  "flipped": float(np.mean(probs.argmax(-1) != base.argmax(-1))),
                  **{f"{c}/auroc": m["per_class"][c]["auroc"] for c in classes}})
   return rows
@@ -120,7 +121,6 @@ def perturbation_table(labels: np.ndarray, base: np.ndarray, perturbed: dict[str
 
 def downsample(images: np.ndarray, size: int = PROBE_SIZE) -> np.ndarray:
   """uint8 [n, s, s] -> float32 [n, size, size] in [0, 1] (area average)."""
-  import tensorflow as tf
   x = tf.image.resize(np.asarray(images, np.float32)[..., None], (size, size), antialias=True)
   return np.asarray(x)[..., 0] / 255.0
 
@@ -136,7 +136,7 @@ def probe(x: np.ndarray, target: np.ndarray, groups: np.ndarray, seed: int,
     return None
   x = x.reshape(len(x), -1)
   k = int(target.max()) + 1
-  splitter = model_selection.StratifiedGroupKFold(min(folds, max(smallest, 2)), shuffle=True,
+  splitter = model_selection.StratifiedGroupKFold(min(folds, smallest), shuffle=True,
                                                   random_state=seed)
   out = np.zeros((len(x), k))
   for train, test in splitter.split(x, target, groups):
@@ -328,10 +328,9 @@ def audit(config, cohort, plan, pooled: list[dict], whole: dict, scored: dict,
       `whole` their metrics (metrics.classification).
     scored: {"labels": [n], "none": [n, C] probs, op: [n, C] probs of the perturbed images,
       "has_lung": [n]} over every evaluation's test images (or {} when not perturbed).
-    variants: {name: {"accuracy", "macro_auroc", "auroc", "workdir", "note"}} of the
+    variants: {name: {"accuracy", "macro_auroc", "auroc", "images", "notes", "workdir"}} of the
       retrained runs (config.audit.retrain).
   """
-  from xrayjax.data import pipeline, regions
   classes = list(plan.classes)
   rows = np.unique(np.concatenate([e.test for e in plan.evaluations]))
   partitions = {**plan.partition_rows(), "evaluated": rows}
