@@ -129,7 +129,8 @@ def _audit(**parts):
                                "border_only": {"auroc": {"n": 0.88, "c": 0.6}}}},
           "perturbations": [{"op": "none", "n/auroc": 0.9, "c/auroc": 0.9},
                             {"op": "no_lungs", "flipped": 0.5, "n/auroc": 0.5, "c/auroc": 0.52},
-                            {"op": "no_corners", "flipped": 0.02, "auroc_drop": 0.0}],
+                            {"op": "no_corners", "flipped": 0.4, "accuracy_drop": 0.01,
+                             "auroc_drop": 0.0}],
           "lung_masks": {"images": 10, "stand_in": 0}, "confounding": {}}
   base.update(parts)
   return base
@@ -142,10 +143,10 @@ def test_verdict_rule_on_constructed_audits():
   # A border-trained model keeping 95% of the signal above chance: high.
   v = shortcuts.verdict(_audit(variants={"input_border": {"auroc": {"n": 0.88, "c": 0.7}}}))
   assert v["risk"] == "high" and "95% of the signal" in v["evidence"][0]["text"]
-  # Corner erasure flipping 15% of predictions: moderate; 30%: high.
-  for flipped, risk in ((0.15, "moderate"), (0.3, "high")):
+  # Erasing the corners: flips alone (a weak model's) are not evidence; lost accuracy is.
+  for drop, risk in ((0.07, "moderate"), (0.12, "high")):
     a = _audit()
-    a["perturbations"][2]["flipped"] = flipped
+    a["perturbations"][2]["accuracy_drop"] = drop
     assert shortcuts.verdict(a)["risk"] == risk
   # Without lung masks for every image the probe falls back to the border (0.88 of 0.9).
   a = _audit(lung_masks={"images": 10, "stand_in": 4})
