@@ -173,7 +173,7 @@ def audit_variants(config, meta: dict, plan: methods.Plan) -> dict:
     if name != "loso":
       out[f"input_{name}"] = {"input": name}
       continue
-    rows = np.unique(np.concatenate(list(plan.partition_rows().values())))
+    rows = plan.rows()
     rows = rows[plan.labels[rows] >= 0]
     field = "source" if len(set(meta["source"][rows])) > 1 else "site"
     column = np.asarray(meta[field][rows]).astype(str)
@@ -282,7 +282,7 @@ def prepare(config, mesh=None) -> tuple[Cohort, methods.Plan]:
     plan.notes.append(f"shortcut audit: the model trained and was tested on {config.audit.input}"
                       f" inputs ({cohort.input_op}, data/regions.py), not whole images")
     if cohort.input_op in regions.LUNG_OPS:
-      rows = np.unique(np.concatenate(list(plan.partition_rows().values())))
+      rows = plan.rows()
       missing = int(np.sum(~cohort.masks(rows, 8)["has_lung"]))
       if missing:
         plan.notes.append(f"{missing} of {len(rows)} images have no lung mask: the fixed box "
@@ -442,8 +442,7 @@ def run_protocol(config, workdir: str, mode: str = "train", allow_config_change:
     variants[name] = {"accuracy": r["pooled"]["accuracy"],
                       "macro_auroc": r["pooled"]["macro_auroc"],
                       "auroc": {c: r["pooled"]["per_class"][c]["auroc"] for c in r["classes"]},
-                      "images": r["num_images"], "notes": r["notes"][-1:],
-                      "workdir": os.path.join(workdir, "audit", name)}
+                      "images": r["num_images"], "workdir": os.path.join(workdir, "audit", name)}
   return evaluate(config, cohort, plan, variables, stages, data_summary, out_dir,
                   "results" if mode == "train" else "eval", mesh, start,
                   warnings(config, data_summary), model_for, initialisation(config, plan),

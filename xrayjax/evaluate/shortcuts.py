@@ -332,7 +332,7 @@ def audit(config, cohort, plan, pooled: list[dict], whole: dict, scored: dict,
       `whole` their metrics (metrics.classification).
     scored: {"labels": [n], "none": [n, C] probs, op: [n, C] probs of the perturbed images,
       "has_lung": [n]} over every evaluation's test images (or {} when not perturbed).
-    variants: {name: {"accuracy", "macro_auroc", "auroc", "images", "notes", "workdir"}} of the
+    variants: {name: {"accuracy", "macro_auroc", "auroc", "images", "workdir"}} of the
       retrained runs (config.audit.retrain).
   """
   classes = list(plan.classes)

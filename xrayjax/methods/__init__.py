@@ -158,6 +158,10 @@ class Plan:
       out[f"fold{e.fold}/test"] = e.test
     return {**out, **self.partitions}
 
+  def rows(self) -> np.ndarray:
+    """Every row some partition of the plan holds."""
+    return np.unique(np.concatenate(list(self.partition_rows().values())))
+
   def describe(self) -> dict:
     """JSON-ready plan: per stage its init, phases (images per class) and selection."""
     def counts(rows, labels, classes):
