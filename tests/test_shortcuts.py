@@ -127,10 +127,10 @@ def _audit(**parts):
                      "label": {"full": {"auroc": {"n": 0.9, "c": 0.9}},
                                "no_lungs": {"auroc": {"n": 0.55, "c": 0.52}},
                                "border_only": {"auroc": {"n": 0.88, "c": 0.6}}}},
-          "perturbations": [{"op": "none", "n/auroc": 0.9, "c/auroc": 0.9},
+          "perturbations": [{"op": "none", "accuracy": 0.8, "n/auroc": 0.9, "c/auroc": 0.9},
                             {"op": "no_lungs", "flipped": 0.5, "n/auroc": 0.5, "c/auroc": 0.52},
-                            {"op": "no_corners", "flipped": 0.4, "accuracy_drop": 0.01,
-                             "auroc_drop": 0.0}],
+                            {"op": "no_corners", "flipped": 0.4, "accuracy": 0.79,
+                             "accuracy_drop": 0.01, "auroc_drop": 0.0}],
           "lung_masks": {"images": 10, "stand_in": 0}, "confounding": {}}
   base.update(parts)
   return base

@@ -299,10 +299,10 @@ def verdict(audit: dict) -> dict:
   if "no_corners" in table:
     r = table["no_corners"]
     evidence.append({"evidence": "corners", "level": _level(CORNERS, r["accuracy_drop"]),
-                     "text": f"erasing the corners costs the run's model "
-                             f"{100 * r['accuracy_drop']:+.1f} accuracy points (AUROC drop "
-                             f"{r['auroc_drop']:+.3f}; {100 * r['flipped']:.1f}% of its "
-                             "predictions change)"})
+                     "text": f"erasing the corners moves the run's accuracy from "
+                             f"{100 * table['none']['accuracy']:.1f}% to "
+                             f"{100 * r['accuracy']:.1f}% (AUROC drop {r['auroc_drop']:+.3f}; "
+                             f"{100 * r['flipped']:.1f}% of its predictions change)"})
   baseline = (audit.get("probes") or {}).get("source_baseline")
   evaluated = (audit.get("confounding") or {}).get("evaluated", {})
   if baseline and baseline["field"] in evaluated:
