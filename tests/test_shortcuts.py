@@ -302,3 +302,17 @@ def test_leave_one_site_out_trains_without_it_and_tests_only_on_it(tfds_dir, tmp
                             for s in plan.stages])
   assert not np.any(cohort.meta["site"][trained] == "site2")
   assert any(n.startswith("leave-one-site-out") for n in results["notes"])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("input", "blah", r"config.audit.input='blah'; valid: \['full', 'border'"),
+    ("leave_out", "ieee8023", "expected FIELD:VALUE with FIELD source or site"),
+    ("leave_out", "view:AP", "expected FIELD:VALUE with FIELD source or site"),
+    ("centre", 1.2, r"config.audit.centre=1.2 must be a fraction of the image side"),
+])
+def test_bad_audit_config_is_named(field, value, message):
+  from configs import detl
+  c = detl.get_config("runlocal")
+  c.audit[field] = value
+  with pytest.raises(ValueError, match=message):
+    experiment.check_config(c)
