@@ -277,3 +277,24 @@ def test_both_protocols_side_by_side_in_one_command(tfds_dir, tmp_path):
   with pytest.raises(rundir.ChangedError, match="seed: 0 -> 1"):
     experiment.run(c, workdir, allow_config_change=True)
   assert {n: os.stat(os.path.join(workdir, n)).st_mtime_ns for n in os.listdir(workdir)} == before
+
+
+
+def test_best_checkpoint_is_the_epoch_of_highest_validation_accuracy(tmp_path):
+  """What select="best" keeps: the checkpoint whose select_metric (train.py sets it to the
+  epoch's validation accuracy, and to train.MIDDLE inside an epoch) is highest, beside the
+  latest; select="last" (select_metric = step) keeps the latest."""
+  from xrayjax import train
+  ckpts = checkpoint.StageCheckpoints(str(tmp_path / "best"), "fold0/stage_b")
+  for step, acc in ((1, 0.3), (2, 0.7), (3, train.MIDDLE), (4, 0.5), (5, train.MIDDLE)):
+    ckpts.save({"params": {"w": jnp.full(2, float(step))}, "batch_stats": {"m": jnp.ones(2)}},
+               step, {"select_metric": acc, "val_accuracy": acc})
+  assert ckpts.best_step() == 2 and ckpts.latest_step() == 5
+  np.testing.assert_array_equal(ckpts.restore_variables(2)["params"]["w"], 2.0)
+  assert ckpts.metrics(2)["val_accuracy"] == 0.7
+  ckpts.close()
+  last = checkpoint.StageCheckpoints(str(tmp_path / "last"), "fold0/stage_b")
+  for step in (2, 4, 6):
+    last.save({"params": {"w": jnp.zeros(2)}}, step, {"select_metric": float(step)})
+  assert last.best_step() == last.latest_step() == 6
+  last.close()

@@ -203,3 +203,25 @@ def test_tables_3_and_4_against_a_hand_computed_confusion_matrix():
                                                          "wrongly_detected": 14}
   assert t4[-1]["fold"] == "mean" and t4[-1]["covid/precision"] == pytest.approx(0.5)
   assert t4[0]["pneumonia/recall"] == pytest.approx(0.75)
+
+
+def test_transfer_swaps_the_head_and_moves_everything_else():
+  """DETL's stage A -> stage B initialisation: every layer but the head (params and
+  BatchNorm statistics) from the earlier stage; the head from the new model."""
+  from xrayjax import experiment
+  source = {"params": {"conv1": {"kernel": np.ones((3, 3, 1, 4))}, "bn": {"scale": np.ones(4)},
+                       "head": {"kernel": np.ones((4, 2))}},
+            "batch_stats": {"bn": {"mean": np.full(4, 7.0)}}}
+  target = {"params": {"conv1": {"kernel": np.zeros((3, 3, 1, 4))}, "bn": {"scale": np.zeros(4)},
+                       "head": {"kernel": np.full((4, 4), 5.0)}},
+            "batch_stats": {"bn": {"mean": np.zeros(4)}}}
+  out = experiment.transfer(source, target, "head")
+  np.testing.assert_array_equal(out["params"]["conv1"]["kernel"], 1)
+  np.testing.assert_array_equal(out["params"]["bn"]["scale"], 1)
+  np.testing.assert_array_equal(out["batch_stats"]["bn"]["mean"], 7)
+  assert out["params"]["head"]["kernel"].shape == (4, 4)
+  np.testing.assert_array_equal(out["params"]["head"]["kernel"], 5)
+  target["params"]["conv1"]["kernel"] = np.zeros((3, 3, 1, 8))
+  with pytest.raises(ValueError, match=r"params/conv1/kernel expects \(3, 3, 1, 8\), the "
+                                       r"earlier stage has \(3, 3, 1, 4\)"):
+    experiment.transfer(source, target, "head")

@@ -87,3 +87,33 @@ def test_bootstrap_intervals_bracket_the_point_estimates():
   point = metrics.flat(metrics.classification(labels, probs, CLASSES, prevalences=(0.05,)))
   for key in ("accuracy", "macro_auroc", "covid/auprc", "covid/ppv@0.05", "ece"):
     assert ci[key]["low"] <= point[key] <= ci[key]["high"], key
+
+
+def test_per_group_accuracy_confusion_and_sensitivity():
+  rows = [{"source": s, "label": l, "prediction": p} for s, l, p in (
+      ("a", "normal", "normal"), ("a", "covid", "normal"), ("a", "covid", "covid"),
+      ("b", "pneumonia", "pneumonia"), ("b", "normal", "pneumonia"))]
+  out = metrics.per_group(rows, "source", CLASSES)
+  assert list(out) == ["a", "b"]
+  assert out["a"]["images"] == 3 and out["a"]["accuracy"] == pytest.approx(2 / 3)
+  assert out["a"]["confusion"] == [[1, 0, 0], [0, 0, 0], [1, 0, 1]]
+  assert out["a"]["sensitivity"] == {"normal": 1.0, "covid": 0.5}  # pneumonia absent in a
+  assert out["b"]["sensitivity"] == {"normal": 0.0, "pneumonia": 1.0}
+
+
+def test_across_folds_mean_sd_and_summed_confusion():
+  labels = np.array([0, 1, 2, 2])
+  folds = []
+  for pred in ([0, 1, 2, 2], [0, 0, 2, 1]):  # accuracy 1.0 and 0.5
+    probs = np.full((4, 3), 0.1)
+    probs[np.arange(4), pred] = 0.8
+    folds.append(metrics.classification(labels, probs, CLASSES))
+  out = metrics.across_folds(folds)
+  assert out["folds"] == 2
+  acc = out["metrics"]["accuracy"]
+  assert acc["mean"] == pytest.approx(0.75)
+  assert acc["sd"] == pytest.approx(np.std([1.0, 0.5], ddof=1))  # sample sd: 0.354
+  assert acc["folds_defined"] == 2
+  # Fold 2 predicts pneumonia once, wrongly: PPV 1 and 0, defined in both folds.
+  assert out["metrics"]["pneumonia/ppv"]["mean"] == pytest.approx(0.5)
+  assert out["confusion_summed"] == [[2, 0, 0], [1, 1, 0], [0, 1, 3]]

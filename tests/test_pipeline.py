@@ -115,3 +115,22 @@ def test_a_process_without_examples_still_yields_padding_batches():
     assert len(batches) == 1 and batches[0]["image"].shape == (2, 16, 16, 1)
     seen.extend(batches[0]["index"][batches[0]["mask"] > 0].tolist())
   assert sorted(seen) == [0, 1, 2]
+
+
+def test_train_batches_split_an_epoch_over_processes():
+  """Each of 2 processes yields half of every global batch; together they hold exactly the
+  single-process epoch's images, batch by batch, with the same augmentation."""
+  n, batch = 40, 8
+  ds = _ds(n)
+  whole = list(pipeline.train_batches(ds, n, batch, seed=3, epoch=1, augment_ops=AUG))
+  parts = [list(pipeline.train_batches(ds, n, batch, seed=3, epoch=1, augment_ops=AUG,
+                                       process_index=p, process_count=2)) for p in range(2)]
+  assert len(parts[0]) == len(parts[1]) == len(whole) == n // batch
+  for step, full in enumerate(whole):
+    halves = [parts[p][step] for p in range(2)]
+    assert all(len(h["label"]) == batch // 2 for h in halves)
+    # An image's index is its pixel value (_ds); augmentation is keyed by the index.
+    mine = sorted(v for h in halves for v in h["image"][:, 8, 8, 0].round(3))
+    assert mine == sorted(full["image"][:, 8, 8, 0].round(3))
+  seen = [int(i) for h in parts for b in h for i in b["label"]]
+  assert len(seen) == n

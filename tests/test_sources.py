@@ -314,7 +314,11 @@ def test_shared_nih_sample_and_task_counts_on_all_112120_rows(tmp_path):
   b, report, ex = _build(tmp_path, "nih_cxr14", root)
   assert report["built"] == len(os.listdir(os.path.join(root, "images"))) == len(ex)
   assert report["skipped_by_reason"] == {"missing file": 112_120 - len(ex)}
-  assert sum(len(e["boxes"]["bbox"]) for e in ex.values()) >= 0
+  # Every box of BBox_List for the images present, and no other (one of the four has one).
+  with gzip.open(os.path.join(root, "BBox_List_2017.csv.gz"), "rt", newline="") as f:
+    boxed = [r["Image Index"] for r in csv.DictReader(f) if r["Image Index"] in ex]
+  assert len(boxed) == 1
+  assert sum(len(e["boxes"]["bbox"]) for e in ex.values()) == len(boxed)
 
 
 @needs_native
