@@ -155,6 +155,8 @@ def test_verdict_rule_on_constructed_audits():
   assert v["risk"] == "high"
   assert "left out of the verdict" in next(e["text"] for e in v["evidence"]
                                            if e["evidence"] == "no_lungs")
+  notes = shortcuts.caveats(a)  # printed by the summary and report.html
+  assert len(notes) == 2 and notes[0].startswith("4 of 10 test images have no lung mask")
   # Confounding counts only with a recognisable source and a significant association.
   conf = {"evaluated": {"source": {"cramers_v": 0.7, "p_value": 1e-9}}}
   baseline = {"field": "source", "values": ["a", "b"], "balanced_accuracy": 0.9}

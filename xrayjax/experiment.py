@@ -175,7 +175,7 @@ def audit_variants(config, meta: dict, plan: methods.Plan) -> dict:
       continue
     rows = plan.rows()
     rows = rows[plan.labels[rows] >= 0]
-    field = "source" if len(set(meta["source"][rows])) > 1 else "site"
+    field = shortcuts.group_field(meta, rows)
     column = np.asarray(meta[field][rows]).astype(str)
     for value in sorted(set(column)):
       if set(plan.labels[rows][column == value]) & set(plan.labels[rows][column != value]):
@@ -273,8 +273,7 @@ def prepare(config, mesh=None) -> tuple[Cohort, methods.Plan]:
   method.check(config)
   check_config(config)
   cohort = Cohort.load(config.data, method.extra_data(config), config.dedup.max_distance,
-                       drop_duplicates=config.protocol == "corrected")
-  cohort.input_op, cohort.geometry = regions.INPUTS[config.audit.input], config.audit
+                       drop_duplicates=config.protocol == "corrected", audit=config.audit)
   plan = method.plan(cohort.meta, config)
   if config.audit.leave_out:
     plan = methods.leave_out(plan, cohort.meta, *config.audit.leave_out.split(":", 1))
@@ -626,8 +625,8 @@ def evaluate_external(config, workdir: str, eval_data: str, eval_dir: str | None
       data.manifest.path = path
     else:
       data[source].root = path
-  cohort = Cohort.load(data, None, config.dedup.max_distance, drop_duplicates=False)
-  cohort.input_op, cohort.geometry = regions.INPUTS[config.audit.input], config.audit
+  cohort = Cohort.load(data, None, config.dedup.max_distance, drop_duplicates=False,
+                       audit=config.audit)
   meta = cohort.meta
   if "task" not in described or "trained_sha1" not in saved:
     raise ValueError(f"{workdir} was trained by an older xrayjax, whose records lack what "

@@ -36,20 +36,21 @@ class Cohort:
   """
 
   def __init__(self, builders: list, meta: dict[str, np.ndarray], names: list[str],
-               duplicates: dict):
+               duplicates: dict, audit=None):
     self.builders, self.meta, self.names, self.duplicates = builders, meta, names, duplicates
-    self.input_op, self.geometry = None, None
+    self.input_op = regions.INPUTS[audit.input] if audit else None
+    self.geometry = audit
 
   @classmethod
   def load(cls, data_config, extra: dict | None = None, max_distance: int = 0,
-           drop_duplicates: bool = True) -> Cohort:
+           drop_duplicates: bool = True, audit=None) -> Cohort:
     """Loads `data_config`'s sources and, tagged with their role, each of `extra`'s.
 
     `meta["role"]` is "" for rows of `data_config` and the role's name for the others.
     Duplicates are searched across all of them (splits.deduplicate); `meta["group"]` is
     the split group (patients joined by a duplicate) when `drop_duplicates` (the corrected
     protocol, which also drops the copies), else the patient id (the paper protocol only
-    reports duplicates).
+    reports duplicates). `audit` (config.audit) says what part of every image to hand out.
     """
     builders, meta = sources.load(data_config)
     names = list(sources.names(data_config))
@@ -72,7 +73,7 @@ class Cohort:
                     "file": os.path.join(b.data_dir, sources.BUILD_REPORT)}
                    for n, b in zip(names, builders)]
     meta.dropped = dropped
-    return cls(builders, meta, names, dup["report"])
+    return cls(builders, meta, names, dup["report"], audit)
 
   def keys(self, rows: np.ndarray) -> list[str]:
     """Stable names of rows: the image id, prefixed by the builder when there are several."""

@@ -308,10 +308,6 @@ def _audit(a: dict | None, classes) -> list[str]:
                     [[r["op"], _pct(r["accuracy"]), _num(r["macro_auroc"]),
                       _pct(r["accuracy_drop"]), _num(r["auroc_drop"]), _pct(r["flipped"])] +
                      [_num(r[f"{c}/auroc"]) for c in classes] for r in a["perturbations"]]))
-    if a["lung_masks"]["stand_in"]:
-      s.append(f"<p class='warn'>{a['lung_masks']['stand_in']} of {a['lung_masks']['images']} "
-               "test images have no lung mask: for them the lung ops used the fixed box "
-               "config.audit.lung_box.</p>")
   if (a.get("probes") or {}).get("label"):
     p = a["probes"]
     s.append("<h3>Pixel probes</h3><p>A logistic regression on the evaluated images at 32x32 "
@@ -320,10 +316,6 @@ def _audit(a: dict | None, classes) -> list[str]:
     s.append(_table(["input", "accuracy", "macro AUROC"] + [f"{c} AUROC" for c in classes],
                     [[k, _pct(m["accuracy"]), _num(m["macro_auroc"])] +
                      [_num(m["auroc"][c]) for c in classes] for k, m in p["label"].items()]))
-    if p["lung_stand_in"]:
-      s.append(f"<p class='warn'>{p['lung_stand_in']} evaluated images have no lung mask: the "
-               "lung probes used the fixed box for them, and where some images have masks and "
-               "others the box, the erased shape alone can tell sources apart.</p>")
     b = p["source_baseline"]
     if b:
       s.append(f"<p>{html.escape(b['field'].capitalize())} baseline: the same probe predicting "
@@ -332,6 +324,7 @@ def _audit(a: dict | None, classes) -> list[str]:
                f"{_pct(b['balanced_accuracy'])}; recall per {html.escape(b['field'])}: " +
                ", ".join(f"{html.escape(k)} {_pct(x)}" for k, x in b["recall"].items()) +
                ".</p>")
+  s += [f"<p class='warn'>{html.escape(c)}.</p>" for c in a.get("caveats", [])]
   if a["within"]["groups"]:
     s.append(f"<h3>Within each {html.escape(a['within']['field'])}</h3>")
     s.append(_table([a["within"]["field"], "images", "classes", "accuracy", "macro AUROC"],

@@ -168,24 +168,17 @@ def audit_lines(audit: dict | None) -> list[str]:
     for r in audit["perturbations"]:
       lines.append(f"    {r['op']:<12} {100 * r['accuracy']:6.2f}%  {r['macro_auroc']:.3f}  "
                    f"{r['auroc_drop']:+.3f}  {100 * r['flipped']:5.1f}%")
-    stand_in = audit["lung_masks"]["stand_in"]
-    if stand_in:
-      lines.append(f"    ({stand_in} of {audit['lung_masks']['images']} test images have no "
-                   "lung mask: the lung ops used the fixed box config.audit.lung_box)")
   if (audit.get("probes") or {}).get("label"):
     p = audit["probes"]
     lines.append("  pixel probes (logistic regression on 32x32 pixels, patient-grouped 5-fold), "
                  "macro AUROC: " + ", ".join(f"{k} {m['macro_auroc']:.3f}"
                                              for k, m in p["label"].items()))
-    if p["lung_stand_in"]:
-      lines.append(f"    ({p['lung_stand_in']} evaluated images have no lung mask: the lung "
-                   "probes used the fixed box for them; mixed with masks, the erased shape "
-                   "alone can tell sources apart)")
     b = p["source_baseline"]
     if b:
       lines.append(f"  {b['field']} baseline (the probe predicting the {b['field']}): accuracy "
                    f"{100 * b['accuracy']:.1f}% (majority {100 * b['chance']:.1f}%), recall " +
                    ", ".join(f"{k} {100 * x:.0f}%" for k, x in b["recall"].items()))
+  lines += [f"    note: {c}" for c in audit.get("caveats", [])]
   for value, m in audit["within"]["groups"].items():
     lines.append(f"  within {audit['within']['field']} {value} ({m['images']} images, "
                  f"{' vs '.join(m['classes'])}): accuracy {100 * m['accuracy']:.1f}%, macro "

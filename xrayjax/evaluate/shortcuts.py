@@ -148,8 +148,14 @@ def probe(x: np.ndarray, target: np.ndarray, groups: np.ndarray, seed: int,
   return out
 
 
+def group_field(meta: dict, rows: np.ndarray) -> str:
+  """What the audit calls a source among `rows`: "source" where they come from several,
+  else "site" (e.g. the synthetic data's acquisition sites)."""
+  return "source" if len(set(meta["source"][rows])) > 1 else "site"
+
+
 def pixel_probes(images: np.ndarray, labels: np.ndarray, classes, groups: np.ndarray,
-                 lung_keep: dict[str, np.ndarray], meta_rows: dict[str, np.ndarray],
+                 lung_keep: dict[str, np.ndarray], field: str, values: np.ndarray,
                  seed: int) -> dict:
   """The label probes (PROBE_INPUTS) and the source baseline on the evaluated images.
 
@@ -157,7 +163,7 @@ def pixel_probes(images: np.ndarray, labels: np.ndarray, classes, groups: np.nda
     images: [n, 32, 32] in [0, 1] (downsample).
     labels: class index per image; classes: their names; groups: patient per image.
     lung_keep: {op: [n, 32, 32] bool} the kept pixels of border_only, lungs_only, no_lungs.
-    meta_rows: {"source": [n], "site": [n]} of the images.
+    field, values: the images' source (or site: group_field) for the source baseline.
   Returns {"label": {input: {accuracy, macro_auroc, per_class auroc}} (empty unless two
   classes have two patients each), "source_baseline": {field, values, accuracy,
   balanced_accuracy, chance, recall per value} or None}.
@@ -172,18 +178,15 @@ def pixel_probes(images: np.ndarray, labels: np.ndarray, classes, groups: np.nda
     m = metrics_lib.classification(labels, probs, classes)
     out["label"][name] = {"accuracy": m["accuracy"], "macro_auroc": m["macro_auroc"],
                           "auroc": {c: m["per_class"][c]["auroc"] for c in classes}}
-  for field in ("source", "site"):
-    values, target = np.unique(np.asarray(meta_rows[field]).astype(str), return_inverse=True)
-    probs = probe(images, target, groups, seed) if len(values) > 1 else None
-    if probs is None:
-      continue
-    m = metrics_lib.classification(target, probs, list(values))
+  names, target = np.unique(np.asarray(values).astype(str), return_inverse=True)
+  probs = probe(images, target, groups, seed) if len(names) > 1 else None
+  if probs is not None:
+    m = metrics_lib.classification(target, probs, list(names))
     out["source_baseline"] = {
-        "field": field, "values": list(values), "accuracy": m["accuracy"],
+        "field": field, "values": list(names), "accuracy": m["accuracy"],
         "balanced_accuracy": m["balanced_accuracy"],
         "chance": float(np.bincount(target).max() / len(target)),
-        "recall": {v: m["per_class"][v]["sensitivity"] for v in values}}
-    break
+        "recall": {v: m["per_class"][v]["sensitivity"] for v in names}}
   return out
 
 
@@ -318,6 +321,20 @@ def verdict(audit: dict) -> dict:
   return {"risk": risk, "evidence": evidence}
 
 
+def caveats(audit: dict) -> list[str]:
+  """What a reader of the audit's tables must know (the summary and report.html print it)."""
+  out = []
+  if (audit.get("lung_masks") or {}).get("stand_in"):
+    m = audit["lung_masks"]
+    out.append(f"{m['stand_in']} of {m['images']} test images have no lung mask: for them the "
+               "perturbations' lung ops used the fixed box config.audit.lung_box")
+  if (audit.get("probes") or {}).get("lung_stand_in"):
+    out.append(f"{audit['probes']['lung_stand_in']} evaluated images have no lung mask: the "
+               "lung probes used the fixed box for them, and where some images have masks and "
+               "others the box, the erased shape alone can tell sources apart")
+  return out
+
+
 # --- the audit of one run ---------------------------------------------------------------------
 
 
@@ -342,7 +359,7 @@ def audit(config, cohort, plan, pooled: list[dict], whole: dict, scored: dict,
          "accuracy": whole["accuracy"], "macro_auroc": whole["macro_auroc"],
          "auroc": {c: whole["per_class"][c]["auroc"] for c in classes},
          "input": config.audit.input, "variants": variants}
-  field = "source" if len(set(cohort.meta["source"][rows])) > 1 else "site"
+  field = group_field(cohort.meta, rows)
   out["within"] = {"field": field, "groups": within_groups(pooled, field, classes)}
   if scored:
     labels = scored["labels"]
@@ -361,7 +378,8 @@ def audit(config, cohort, plan, pooled: list[dict], whole: dict, scored: dict,
             for op in PROBE_INPUTS if op != "full"}
     out["probes"] = pixel_probes(
         x, plan.labels[rows], classes, cohort.meta["patient_id"][rows].astype(str), keep,
-        {k: cohort.meta[k][rows] for k in ("source", "site")}, config.seed)
+        field, cohort.meta[field][rows], config.seed)
     out["probes"]["lung_stand_in"] = int(np.sum(~masks["has_lung"]))
+  out["caveats"] = caveats(out)
   out["verdict"] = verdict(out)
   return out
