@@ -82,6 +82,24 @@ def test_audit_measures_on_hand_made_maps():
   assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
 
 
+def test_overlay_outlines_the_lesion_mask():
+  """The outline lands on the mask's boundary: every boundary pixel is drawn, nothing off
+  the mask is, and the mask's interior keeps the heat map."""
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+  cam = rng.random((32, 32))
+  lesion = np.zeros((32, 32), bool)
+  lesion[8:20, 10:24] = True
+  lesion[20:26, 14:18] = True
+  drawn = np.all(gradcam.overlay(image, cam, lesion=lesion) == gradcam.OUTLINE, axis=-1)
+  boundary = lesion & ~np.pad(lesion, 1)[:-2, 1:-1] | lesion & ~np.pad(lesion, 1)[2:, 1:-1] \
+      | lesion & ~np.pad(lesion, 1)[1:-1, :-2] | lesion & ~np.pad(lesion, 1)[1:-1, 2:]
+  np.testing.assert_array_equal(drawn, boundary)
+  assert drawn.sum() == 48 + 14 - 4 and not drawn[~lesion].any()  # box + stem - joint
+  plain = gradcam.overlay(image, cam)
+  np.testing.assert_array_equal(plain[~boundary], gradcam.overlay(image, cam, lesion=lesion)[~boundary])
+
+
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 

@@ -43,9 +43,10 @@ def test_masks_and_findings_agree_with_labels():
       assert ex["findings"][finding["Pneumonia"]]
     if label == "covid":
       assert ex["findings"][finding["COVID-19"]]
-      # Ground glass sits in the lungs, mostly in the lower zones.
+      # Ground glass sits in the lungs (its mask also takes in the fading edge across the
+      # lung field's soft border), mostly in the lower zones.
       rows = np.nonzero(lesion)[0]
-      assert (lesion & lung).sum() >= 0.9 * lesion.sum()
+      assert (lesion & lung).sum() >= 0.8 * lesion.sum()
       assert np.median(rows) > 0.45 * 96
     if label == "other_disease":
       names = [tasks.FINDINGS[i] for i in np.flatnonzero(ex["findings"])]
@@ -83,3 +84,36 @@ def test_builder_and_metadata(tiny_config):
   with pytest.raises(ValueError, match="valid sources"):
     tiny_config.data.source = "nih"
     sources.builder(tiny_config.data)
+
+
+# The classes may differ only inside their findings' masks. A linear probe on 32x32 pixels
+# (patient-grouped 5-fold) that sees every image with its lesion pixels replaced by the same
+# film without the finding must stay near chance for every class (one-vs-rest AUROC below
+# CUE_AUROC); on the whole images it must see the findings (the probe is not blind).
+CUE_AUROC = 0.65
+
+
+def test_no_class_cue_outside_the_lesion_masks():
+  from sklearn import metrics
+
+  from xrayjax.evaluate import shortcuts
+  cfg = synthetic_cxr.make_config(64, (50, 50, 50, 50), seed=0)
+  ex = list(synthetic_cxr.generate(cfg, healthy=True))
+  image = np.stack([e["image"][..., 0] for e in ex])
+  healthy = np.stack([e["healthy"][..., 0] for e in ex])
+  lesion = np.stack([e["lesion_mask"][..., 0] for e in ex]).astype(bool)
+  labels = np.array([phantom.CLASSES.index(e["label"]) for e in ex])
+  patients = np.array([e["patient_id"] for e in ex])
+  # Outside its mask a film and its healthy counterpart differ by at most the rounding of
+  # phantom.VISIBLE (2 grey levels); normal films have no mask and are their own counterpart.
+  assert np.abs(image.astype(int) - healthy)[~lesion].max() <= 2
+  assert not lesion[labels == 0].any()
+
+  def auroc(x):
+    p = shortcuts.probe(shortcuts.downsample(x), labels, patients, seed=0)
+    return {c: metrics.roc_auc_score(labels == k, p[:, k]) for k, c in enumerate(phantom.CLASSES)}
+
+  whole, outside = auroc(image), auroc(np.where(lesion, healthy, image))
+  assert min(whole.values()) >= 0.7, whole
+  assert max(outside.values()) < CUE_AUROC, (
+      f"a class is told apart by pixels outside the lesion masks: {outside}")

@@ -223,7 +223,7 @@ def predict(workdir: str, paths: list[str], fold: str = "all", overlays: str | N
     if explain:
       stem = os.path.splitext(os.path.basename(path))[0]
       out = os.path.join(overlays, f"{i:04d}_{audit._safe(stem)}.png")
-      audit.save_overlay(out, images[i, ..., 0], cams[i],
+      audit.save_overlay(out, images[i, ..., 0], cams[i], None,
                          f"{os.path.basename(path)}\npredicted {predictor.classes[c]} "
                          f"({100 * probs[i, c]:.0f}%), folds {predictor.folds}")
       row["overlay"] = out

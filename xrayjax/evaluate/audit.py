@@ -1,8 +1,9 @@
 """Grad-CAM on a fold's test images: the gallery, localisation scores and the sanity check.
 
-- Gallery: for a configurable sample per class and for every misclassified image, a PNG with
-  the image beside its Grad-CAM overlay for the predicted class, titled with the label, the
-  prediction and its probability.
+- Gallery: for every class, a sample of correct and of wrong predictions (`per_class` of
+  each, seeded), and optionally every misclassified image: a PNG with the image beside its
+  Grad-CAM overlay for the predicted class, the lesion outlined (synthetic masks, NIH / RSNA
+  boxes), titled with the label, the prediction and its probability.
 - Localisation, with the map of the *true* class (what the model should have looked at):
   the pointing game (is the map's peak inside the lesion?) and the fraction of the map's
   energy inside the lesion (synthetic lesion masks, NIH / RSNA boxes) and inside the lungs
@@ -75,22 +76,25 @@ def explain_fold(*, model, variables, ds, num_examples: int, labels: np.ndarray,
     rand = randomised_top(model, variables, size, groups, seed)
     again = maps(cam_fn, rand, ds, num_examples, pred["class"], cfg.batch_size, mesh)
     result["randomisation_spearman"] = gradcam.rank_similarity(pred["cam"], again["cam"])
-  # Gallery: a sample per class (seeded) and every misclassified image.
+  # Gallery: per class, a sample of right and of wrong predictions (seeded), and optionally
+  # every misclassified image.
   rng = np.random.default_rng(seed)
+  right = pred["class"] == labels
   chosen = set()
   for c in range(len(classes)):
-    idx = np.flatnonzero(labels == c)
-    chosen.update(rng.permutation(idx)[:cfg.per_class].tolist())
-  wrong = set(np.flatnonzero(pred["class"] != labels).tolist())
+    for ok in (True, False):
+      idx = np.flatnonzero((labels == c) & (right == ok))
+      chosen.update(rng.permutation(idx)[:cfg.per_class].tolist())
+  wrong = set(np.flatnonzero(~right).tolist())
   if cfg.misclassified:
     chosen.update(wrong)
   os.makedirs(out_dir, exist_ok=True)
   images = pipeline.images(ds, sorted(chosen))
   for i in sorted(chosen):
-    kind = "wrong" if i in wrong else "sample"
+    kind = "wrong" if i in wrong else "right"
     path = os.path.join(out_dir, f"fold{fold}_{kind}_{_safe(names[i])}.png")
     p = float(pred["probs"][i, pred["class"][i]])
-    save_overlay(path, images[i], pred["cam"][i],
+    save_overlay(path, images[i], pred["cam"][i], masks["lesion"][i] if lesion[i] else None,
                  f"{names[i]}\ntruth {classes[labels[i]]} | predicted {classes[pred['class'][i]]}"
                  f" ({100 * p:.0f}%)")
     result["per_image"].append({"image": str(names[i]), "file": os.path.basename(path),
@@ -121,15 +125,18 @@ def _safe(name) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]", "_", str(name))[-80:]
 
 
-def save_overlay(path: str, image: np.ndarray, cam: np.ndarray, title: str) -> None:
-  """The image beside its heat-map overlay, with a title, as a PNG."""
+def save_overlay(path: str, image: np.ndarray, cam: np.ndarray, lesion: np.ndarray | None,
+                 title: str) -> None:
+  """The image beside its heat-map overlay (the `lesion` mask outlined unless None), with a
+  title, as a PNG."""
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(5, 2.9), dpi=100)
   grey = image if image.dtype == np.uint8 else (np.asarray(image) + 1) / 2
   axes[0].imshow(grey, cmap="gray", vmin=0, vmax=255 if image.dtype == np.uint8 else 1)
-  axes[1].imshow(gradcam.overlay(image, cam))
+  axes[1].imshow(gradcam.overlay(image, cam, lesion=lesion),
+                 interpolation="nearest")
   for ax in axes:
     ax.axis("off")
   fig.suptitle(title, fontsize=7)

@@ -122,11 +122,26 @@ def _colormap():
   return matplotlib.colormaps["jet"]
 
 
-def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+OUTLINE = (0, 255, 0)  # the lesion outline's colour (jet blended with grey never hits it)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+  """The boundary pixels of a boolean mask [H, W] (in the mask, with a 4-neighbour outside)."""
+  from scipy import ndimage
+  mask = np.asarray(mask, bool)
+  return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4,
+            lesion: np.ndarray | None = None) -> np.ndarray:
   """Grey image [H, W] (uint8, or float in [-1, 1] as the model sees it) + heat map [H, W]
-  in [0, 1] -> RGB uint8."""
+  in [0, 1] -> RGB uint8; `lesion` (a boolean mask [H, W]: synthetic lesion masks, NIH /
+  RSNA boxes) is drawn as an OUTLINE over the heat map, so a reader sees whether it hits."""
   image = np.asarray(image)
   grey = image / 255 if image.dtype == np.uint8 else (image.astype(np.float64) + 1) / 2
   rgb = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=-1)
   heat = _colormap()(np.clip(cam, 0, 1))[..., :3]
-  return np.round(255 * ((1 - alpha) * rgb + alpha * heat)).astype(np.uint8)
+  out = np.round(255 * ((1 - alpha) * rgb + alpha * heat)).astype(np.uint8)
+  if lesion is not None:
+    out[outline(lesion)] = OUTLINE
+  return out

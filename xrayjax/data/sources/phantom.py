@@ -16,6 +16,12 @@ Findings are drawn where they occur clinically:
     angle), nodule, mass, or plate atelectasis with an elevated hemidiaphragm.
 Each finding comes with a severity in (0, 1]; mild cases are hard to see, which
 keeps accuracy informative.
+
+Every finding is drawn onto a copy of the patient's healthy film and both share one
+acquisition (the same exposure and noise), so `render` also returns the counterfactual
+healthy film, and the lesion mask is exactly where the two differ visibly. The classes
+differ only inside their masks: no class cue (exposure, noise, view, site, positioning)
+lies outside the findings (tests/test_synthetic.py measures it).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ CLASSES = ("normal", "pneumonia", "other_disease", "covid")
 # synthetic and real findings alike.
 OTHER_FINDINGS = ("Cardiomegaly", "Effusion", "Nodule", "Mass", "Atelectasis")
 VIEWS = ("PA", "AP")
+# A finding's mask is where it changes the noise-free film by at least this much (2 grey
+# levels): outside it the film with the finding and without it differ by less than the
+# 8-bit rounding, and a probe cannot tell the classes apart there (tests/test_synthetic.py).
+VISIBLE = 2 / 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +139,13 @@ def _draw_blobs(rng, x, y, centers, radii, noise, edge=0.02):
 
 def render(rng: np.random.Generator, *, size: int, label: str, anatomy: Anatomy,
            site: Site, view: str, severity: float, finding: str | None) -> dict:
-  """Draws one image.
+  """Draws one image, and the same film without its finding.
+
+  The finding is drawn onto a copy of the patient's healthy density map; both go through
+  the same acquisition (exposure curve, the same noise), so `healthy` is the counterfactual
+  film: identical except where the finding is. `lesion_mask` is where the finding changes
+  the film by at least one grey level (noise-free), plus the heart for cardiomegaly (the
+  enlarged organ is the finding), so no trace of it lies outside the mask.
 
   Args:
     rng: source of all randomness for this image.
@@ -142,7 +158,7 @@ def render(rng: np.random.Generator, *, size: int, label: str, anatomy: Anatomy,
     finding: for other_disease, one of OTHER_FINDINGS.
 
   Returns:
-    dict of uint8 arrays `image`, `lesion_mask`, `lung_mask` (size x size).
+    dict of uint8 arrays `image`, `healthy`, `lesion_mask`, `lung_mask` (size x size).
   """
   g = (np.arange(size, dtype=np.float32) + 0.5) / size
   x0, y0 = np.meshgrid(g, g)
@@ -154,50 +170,32 @@ def render(rng: np.random.Generator, *, size: int, label: str, anatomy: Anatomy,
   x = (np.cos(th) * xc - np.sin(th) * yc) / s + 0.5 + tx
   y = (np.sin(th) * xc + np.cos(th) * yc) / s + 0.5 + ty
   edge = 0.012
-  a = anatomy
   if view == "AP":  # shallower inspiration, magnified heart
-    a = dataclasses.replace(a, lung_ry=a.lung_ry * 0.95, heart_rx=a.heart_rx * 1.08,
-                            heart_ry=a.heart_ry * 1.05)
-  lesion = np.zeros_like(x)
+    anatomy = dataclasses.replace(anatomy, lung_ry=anatomy.lung_ry * 0.95,
+                                  heart_rx=anatomy.heart_rx * 1.08,
+                                  heart_ry=anatomy.heart_ry * 1.05)
+  # The textures (vessels, finding patchiness) are drawn once and shared by both films.
+  vessel_noise = np.abs(_smooth_noise(rng, size, 0.012))
+  noise = _smooth_noise(rng, size, 0.03)
+  healthy, parts = _anatomy(x, y, anatomy, edge, vessel_noise)
+  # Findings that change the anatomy itself (heart size, diaphragm height) redraw it.
+  a = anatomy
   if label == "other_disease" and finding == "Cardiomegaly":
     grow = 1.22 + 0.25 * severity
-    a = dataclasses.replace(a, heart_rx=a.heart_rx * grow, heart_ry=a.heart_ry * (1 + (grow - 1) * 0.6))
+    a = dataclasses.replace(a, heart_rx=a.heart_rx * grow,
+                            heart_ry=a.heart_ry * (1 + (grow - 1) * 0.6))
   if label == "other_disease" and finding == "Atelectasis":
     side = rng.choice((-1, 1))
     lift = 0.02 + 0.04 * severity
-    if side < 0:
-      a = dataclasses.replace(a, dome_right=a.dome_right - lift)
-    else:
-      a = dataclasses.replace(a, dome_left=a.dome_left - lift)
-
-  # --- anatomy -----------------------------------------------------------------
-  body = _ellipse(x, y, 0.5, 0.62, a.body_rx, 0.55, 0.03, power=3.0)
-  shoulders = _ellipse(x, y, 0.5, 0.18, a.body_rx + 0.06, 0.10, 0.03)
-  body = np.maximum(body, shoulders)
-  lung_r, lung_l = _lungs(x, y, a, edge)
-  heart_cx = 0.5 + 0.05
-  heart = _ellipse(x, y, heart_cx, a.dome_left - a.heart_ry * 0.55, a.heart_rx, a.heart_ry, edge)
-  lungs = np.clip(lung_r + lung_l - heart, 0, 1)
-  mediastinum = _soft(0.055 - np.abs(x - 0.5), 0.01) * _soft(y - 0.12, 0.02)
-  abdomen = _soft(y - np.minimum(a.dome_right, a.dome_left) - 0.02, 0.03)
-  # Posterior ribs: arcs across each hemithorax; clavicles: two slanted bars.
-  arc = y - 0.9 * (x - 0.5) ** 2
-  ribs = 0.5 + 0.5 * np.cos(2 * np.pi * ((arc - a.rib_phase * a.rib_spacing) / a.rib_spacing))
-  ribs = (ribs ** 6) * _soft(np.abs(x - 0.5) - 0.06, 0.01) * _soft(0.8 - y, 0.03)
-  clavicles = sum(
-      _soft(0.012 - np.abs(y - (0.2 + 0.25 * side * (x - 0.5) - 0.02)), 0.004)
-      * _soft(0.3 - side * (x - 0.5), 0.01) * _soft(side * (x - 0.5) - 0.02, 0.01)
-      for side in (-1, 1))
-  hilum = sum(np.exp(-(((x - 0.5 - sd * 0.09) / 0.12) ** 2 + ((y - 0.45) / 0.14) ** 2))
-              for sd in (-1, 1))
-  vessels = np.abs(_smooth_noise(rng, size, 0.012)) * hilum
-
-  density = 0.52 * body + 0.12 * mediastinum + 0.25 * abdomen * body
-  density = density - 0.36 * lungs + 0.22 * heart * (1 - lungs)
-  density += 0.10 * ribs * body + 0.14 * clavicles + 0.05 * vessels * lungs
+    a = dataclasses.replace(a, **({"dome_right": a.dome_right - lift} if side < 0 else
+                                  {"dome_left": a.dome_left - lift}))
+  density, parts = (healthy.copy(), parts) if a is anatomy else _anatomy(x, y, a, edge,
+                                                                          vessel_noise)
+  lung_r, lung_l, lungs, heart, body = (parts[k] for k in ("lung_r", "lung_l", "lungs",
+                                                           "heart", "body"))
+  organ = np.zeros_like(x)  # an organ that is itself the finding (cardiomegaly: the heart)
 
   # --- findings ----------------------------------------------------------------
-  noise = _smooth_noise(rng, size, 0.03)
   if label == "pneumonia":
     if rng.random() < 0.8:
       side = rng.choice((-1, 1))
@@ -218,12 +216,12 @@ def render(rng: np.random.Generator, *, size: int, label: str, anatomy: Anatomy,
         cx = 0.5 + sd * (a.lung_dx + rng.uniform(0.35, 0.8) * a.lung_rx)  # periphery
         cy = a.lung_cy + rng.uniform(0.0, 0.75) * a.lung_ry  # lower zones
         centers.append((cx, cy))
-        radii.append(rng.uniform(0.04, 0.08))
-    lesion = _draw_blobs(rng, x, y, centers, radii, noise, edge=0.04) * lungs
-    density += (0.06 + 0.12 * severity) * lesion  # ground glass: faint, vessels stay visible
+        radii.append(rng.uniform(0.05, 0.09))
+    lesion = _draw_blobs(rng, x, y, centers, radii, noise, edge=0.015) * lungs
+    density += (0.10 + 0.14 * severity) * lesion  # ground glass: faint, vessels stay visible
   elif label == "other_disease":
     if finding == "Cardiomegaly":
-      lesion = heart
+      organ = heart
     elif finding == "Effusion":
       side = rng.choice((-1, 1))
       lung = lung_r if side < 0 else lung_l
@@ -231,13 +229,12 @@ def render(rng: np.random.Generator, *, size: int, label: str, anatomy: Anatomy,
       level = dome - (0.06 + 0.12 * severity)
       lateral = np.clip(side * (x - 0.5) - a.lung_dx, 0, None)
       meniscus = level - 0.6 * lateral  # fluid climbs the lateral chest wall
-      lesion = _soft(y - meniscus, 0.01) * lung
-      density += 0.34 * lesion
+      density += 0.34 * _soft(y - meniscus, 0.01) * lung
     elif finding in ("Nodule", "Mass"):
       side = rng.choice((-1, 1))
       cx = 0.5 + side * (a.lung_dx + rng.uniform(-0.5, 0.6) * a.lung_rx)
       cy = a.lung_cy + rng.uniform(-0.6, 0.5) * a.lung_ry
-      r = rng.uniform(0.016, 0.028) if finding == "Nodule" else rng.uniform(0.04, 0.07)
+      r = rng.uniform(0.025, 0.04) if finding == "Nodule" else rng.uniform(0.05, 0.08)
       lesion = _draw_blobs(rng, x, y, [(cx, cy)], [r], np.ones_like(x) * 0.6, edge=0.006) * lungs
       density += (0.18 + 0.2 * severity) * lesion
     elif finding == "Atelectasis":
@@ -255,20 +252,51 @@ def render(rng: np.random.Generator, *, size: int, label: str, anatomy: Anatomy,
   if rng.random() < 0.15:
     gx = 0.5 + rng.choice((-1, 1)) * (a.lung_dx + rng.uniform(-0.5, 0.5) * a.lung_rx)
     gy = a.lung_cy + rng.uniform(-0.5, 0.5) * a.lung_ry
-    density += 0.3 * _ellipse(x, y, gx, gy, 0.007, 0.007, 0.003) * lungs
+    granuloma = 0.3 * _ellipse(x, y, gx, gy, 0.007, 0.007, 0.003) * lungs
+    density += granuloma
+    healthy += granuloma
 
   # --- acquisition ---------------------------------------------------------------
   exposure = rng.uniform(0.9, 1.1)
-  d = np.clip(density * exposure * site.contrast + site.offset, 0, 1)
-  img = d ** site.gamma
-  img = img + site.noise * rng.standard_normal(img.shape) + 0.02 * _smooth_noise(rng, size, 0.1)
-  img = _add_marker(img, site.marker_corner, size)
-  lesion_mask = (lesion > 0.5) & (body > 0.5)
+  film = lambda d: np.clip(d * exposure * site.contrast + site.offset, 0, 1) ** site.gamma
+  img, img_healthy = film(density), film(healthy)
+  changed = np.abs(img - img_healthy) >= VISIBLE
+  lesion_mask = changed | (organ > 0.5)
+  grain = site.noise * rng.standard_normal(img.shape) + 0.02 * _smooth_noise(rng, size, 0.1)
   return {
-      "image": _to_uint8(img),
+      "image": _to_uint8(_add_marker(img + grain, site.marker_corner, size)),
+      "healthy": _to_uint8(_add_marker(img_healthy + grain, site.marker_corner, size)),
       "lesion_mask": lesion_mask.astype(np.uint8),
       "lung_mask": (lungs > 0.5).astype(np.uint8),
   }
+
+
+def _anatomy(x, y, a: Anatomy, edge: float, vessel_noise: np.ndarray):
+  """The healthy density map (0 air, ~1 bone) of anatomy `a`, and its parts."""
+  body = _ellipse(x, y, 0.5, 0.62, a.body_rx, 0.55, 0.03, power=3.0)
+  shoulders = _ellipse(x, y, 0.5, 0.18, a.body_rx + 0.06, 0.10, 0.03)
+  body = np.maximum(body, shoulders)
+  lung_r, lung_l = _lungs(x, y, a, edge)
+  heart_cx = 0.5 + 0.05
+  heart = _ellipse(x, y, heart_cx, a.dome_left - a.heart_ry * 0.55, a.heart_rx, a.heart_ry, edge)
+  lungs = np.clip(lung_r + lung_l - heart, 0, 1)
+  mediastinum = _soft(0.055 - np.abs(x - 0.5), 0.01) * _soft(y - 0.12, 0.02)
+  abdomen = _soft(y - np.minimum(a.dome_right, a.dome_left) - 0.02, 0.03)
+  # Posterior ribs: arcs across each hemithorax; clavicles: two slanted bars.
+  arc = y - 0.9 * (x - 0.5) ** 2
+  ribs = 0.5 + 0.5 * np.cos(2 * np.pi * ((arc - a.rib_phase * a.rib_spacing) / a.rib_spacing))
+  ribs = (ribs ** 6) * _soft(np.abs(x - 0.5) - 0.06, 0.01) * _soft(0.8 - y, 0.03)
+  clavicles = sum(
+      _soft(0.012 - np.abs(y - (0.2 + 0.25 * side * (x - 0.5) - 0.02)), 0.004)
+      * _soft(0.3 - side * (x - 0.5), 0.01) * _soft(side * (x - 0.5) - 0.02, 0.01)
+      for side in (-1, 1))
+  hilum = sum(np.exp(-(((x - 0.5 - sd * 0.09) / 0.12) ** 2 + ((y - 0.45) / 0.14) ** 2))
+              for sd in (-1, 1))
+  density = 0.52 * body + 0.12 * mediastinum + 0.25 * abdomen * body
+  density = density - 0.36 * lungs + 0.22 * heart * (1 - lungs)
+  density += 0.10 * ribs * body + 0.14 * clavicles + 0.05 * vessel_noise * hilum * lungs
+  return density, {"lung_r": lung_r, "lung_l": lung_l, "lungs": lungs, "heart": heart,
+                   "body": body}
 
 
 def _add_marker(img: np.ndarray, corner: int, size: int) -> np.ndarray:

@@ -55,8 +55,12 @@ def make_config(image_size: int = 128, patients=DEFAULT_PATIENTS,
 class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
   """Procedural chest X-rays with lesion and lung masks."""
 
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.1.0": "file_sha1 and phash for duplicate detection."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.1.0": "file_sha1 and phash for duplicate detection.",
+      "2.0.0": "Lesion masks cover every visible change (the film without the finding is "
+               "rendered too); COVID-19 ground glass larger and denser, nodules larger.",
+  }
   BUILDER_CONFIGS = [make_config(128), make_config(256)]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -92,8 +96,9 @@ def patient_plan(cfg: SyntheticCxrConfig) -> list[dict]:
   return plan
 
 
-def generate(cfg: SyntheticCxrConfig):
-  """Yields examples in a fixed order; patient p draws from its own generator."""
+def generate(cfg: SyntheticCxrConfig, healthy: bool = False):
+  """Yields examples in a fixed order; patient p draws from its own generator. `healthy`:
+  also yield each film without its finding (`phantom.render`), for tests of class cues."""
   finding_index = {f: i for i, f in enumerate(tasks.FINDINGS)}
   for p, pat in enumerate(patient_plan(cfg)):
     rng = np.random.default_rng([cfg.seed, 1, p])
@@ -127,4 +132,4 @@ def generate(cfg: SyntheticCxrConfig):
           "source": SOURCE,
           "site": f"site{pat['site']}",
           "view": view,
-      }
+      } | ({"healthy": out["healthy"][..., None]} if healthy else {})
