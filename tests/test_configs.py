@@ -32,8 +32,18 @@ def test_every_variant_builds(model, protocol, init, scale, runlocal):
 def test_default_is_demo_vgg16_corrected():
   c = detl.get_config()
   assert (c.model_name, c.protocol, c.folds) == ("vgg16", "corrected", 5)
-  assert c.stage_b.optimizer.name == "sgd" and c.stage_b.optimizer.lr == 3e-3
-  assert c.stage_b.optimizer.momentum == 0.9
+  # The demo's VGG16 recipe: stage B fine-tunes every layer with stage A's optimizer, so
+  # init=scratch differs from it only in where the weights start.
+  assert c.stage_b.optimizer.to_dict() == c.stage_a.optimizer.to_dict() == dict(
+      name="adam", lr=3e-4, schedule="cosine", momentum=0.0)
+  assert c.stage_b.param_rules == ((".*", "train"),)
+  scratch = detl.get_config("init=scratch")
+  assert scratch.stage_b.to_dict() == c.stage_b.to_dict() and not scratch.stage_a.enabled
+  # AlexNet keeps the paper's rule (last conv block and head, SGD momentum 0.9).
+  a = detl.get_config("model=alexnet")
+  assert (a.stage_b.optimizer.name, a.stage_b.optimizer.lr, a.stage_b.optimizer.momentum) == (
+      "sgd", 3e-3, 0.9)
+  assert a.stage_b.param_rules[0] == ("{before_last_conv_block}", "freeze")
 
 
 @pytest.mark.parametrize("arg,message", [

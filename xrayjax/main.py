@@ -52,14 +52,14 @@ def _quiet_library_info(record) -> bool:
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_quiet_library_info)
-  # tf.data must not take the accelerator from JAX.
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
+  import jax
+
   from xrayjax import checkpoint, experiment, files, rundir, sharding, train
-  from xrayjax.data import tasks
+  from xrayjax.data import pipeline, tasks
   from xrayjax.data.sources import native
 
   sharding.initialize_distributed(_DISTRIBUTED.value)
+  pipeline.configure_tensorflow(jax.default_backend())
   workdir = _WORKDIR.value
   if _MODE.value == "eval":
     if not workdir:

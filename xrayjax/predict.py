@@ -235,8 +235,10 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError("give one or more PNG, JPEG or DICOM files or folders")
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
+  import jax
+
+  from xrayjax.data import pipeline
+  pipeline.configure_tensorflow(jax.default_backend())
   try:
     rows, skipped, classes = predict(_WORKDIR.value, paths, _FOLD.value, _OVERLAYS.value,
                                      _TARGET.value, _BATCH.value)
