@@ -148,9 +148,11 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "detl_runlocal_predic
 
 
 def test_the_runner_reproduces_the_detl_run_made_before_it(run):
-  """tests/golden holds the runlocal DETL predictions of the DETL-shaped experiment.py that
-  the method-agnostic runner replaced (commit f11f2e2, same test settings): same images,
-  folds and classes; the same probabilities up to the float noise of another CPU.
+  """tests/golden holds runlocal DETL predictions: first those of the DETL-shaped
+  experiment.py that the method-agnostic runner replaced (commit f11f2e2, same test
+  settings), which this runner matched; regenerated with the same settings when synthetic
+  data 2.0.0 redrew the images. Same images, folds and classes; the same probabilities up to
+  the float noise of another CPU.
 
   On this machine they agree to 1e-6. XLA's CPU kernels sum in a different order on other
   instruction sets and core counts, and training amplifies it: CI's machine differed by up

@@ -39,7 +39,7 @@ def test_product_and_zipit():
 
 def test_demo_sweep_trials_are_named_from_their_overrides():
   trials = sweep_lib.make_trials("configs/detl.py:runlocal", sweep_lib.load_sweep(DEMO))
-  assert [t.name for t in trials] == ["init=detl,lr=0.003", "init=detl,lr=0.001",
+  assert [t.name for t in trials] == ["init=detl,lr=0.0003", "init=detl,lr=0.0001",
                                       "init=scratch,lr=0.0003", "init=scratch,lr=0.0001"]
   again = sweep_lib.make_trials("configs/detl.py:runlocal", sweep_lib.load_sweep(DEMO))
   assert again == trials  # stable: a re-run finds the same directories
