@@ -39,8 +39,8 @@ def test_default_is_demo_vgg16_corrected():
   assert c.stage_b.param_rules == ((".*", "train"),)
   scratch = detl.get_config("init=scratch")
   assert scratch.stage_b.to_dict() == c.stage_b.to_dict() and not scratch.stage_a.enabled
-  # AlexNet keeps the paper's rule (last conv block and head, SGD momentum 0.9).
-  a = detl.get_config("model=alexnet")
+  # Paper 2's networks keep the paper's rule (last conv block and head, SGD momentum 0.9).
+  a = detl.get_config("model=xception")
   assert (a.stage_b.optimizer.name, a.stage_b.optimizer.lr, a.stage_b.optimizer.momentum) == (
       "sgd", 3e-3, 0.9)
   assert a.stage_b.param_rules[0] == ("{before_last_conv_block}", "freeze")
