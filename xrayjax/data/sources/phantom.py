@@ -144,8 +144,8 @@ def render(rng: np.random.Generator, *, size: int, label: str, anatomy: Anatomy,
   The finding is drawn onto a copy of the patient's healthy density map; both go through
   the same acquisition (exposure curve, the same noise), so `healthy` is the counterfactual
   film: identical except where the finding is. `lesion_mask` is where the finding changes
-  the film by at least one grey level (noise-free), plus the heart for cardiomegaly (the
-  enlarged organ is the finding), so no trace of it lies outside the mask.
+  the noise-free film by at least VISIBLE (2 grey levels), plus the heart for cardiomegaly
+  (the enlarged organ is the finding), so no visible trace of it lies outside the mask.
 
   Args:
     rng: source of all randomness for this image.
