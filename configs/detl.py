@@ -101,12 +101,12 @@ SCALES = {
                  log_every=20),
     "paper": dict(image_size=224, synthetic_size=256, patients=(30_000, 330, 27_000, 320),
                   width=1.0, epochs_a=100, epochs_b=100, batch_a=32, batch_b=16, eval_batch=64,
-                  lr_a=1e-3, lr_b=1e-4, finetune="last_block", alexnet_dropout=0.5, folds=5, bootstrap=1000,
-                  gallery=3, log_every=100),
+                  lr_a=1e-3, lr_b=1e-4, finetune="last_block", alexnet_dropout=0.5, folds=5,
+                  bootstrap=1000, gallery=3, log_every=100),
     "runlocal": dict(image_size=32, synthetic_size=64, patients=(24, 8, 24, 8), width=1 / 16,
                      epochs_a=1, epochs_b=1, batch_a=8, batch_b=8, eval_batch=16, lr_a=3e-4,
-                     lr_b=3e-3, finetune="last_block", alexnet_dropout=0.0, folds=2, bootstrap=50, gallery=1,
-                     log_every=1),
+                     lr_b=3e-3, finetune="last_block", alexnet_dropout=0.0, folds=2,
+                     bootstrap=50, gallery=1, log_every=1),
 }
 # The demo's recipe per model (measured on the demo data; README, "Results"). lr_a: stage A's
 # Adam rate. finetune="all": stage B trains every layer with Adam (cosine from lr_b), because

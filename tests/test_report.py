@@ -44,6 +44,13 @@ def test_the_run_writes_metrics_with_intervals_and_a_gradcam_audit(run):
   wrong = sum(r["label"] != r["prediction"] for r in
               csv.DictReader(open(os.path.join(workdir, "results_predictions.csv"))))
   assert sum(im["misclassified"] for im in shown) == wrong  # every misclassified image
+  # ... and, per fold, a right prediction of every class the fold's model got right once.
+  rows = list(csv.DictReader(open(os.path.join(workdir, "results_predictions.csv"))))
+  for r in results["gradcam_folds"]:
+    got_right = {p["label"] for p in rows if p["fold"] == str(r["fold"])
+                 and p["label"] == p["prediction"]}
+    assert got_right and got_right == {im["label"] for im in r["per_image"]
+                                       if not im["misclassified"]}
   for im in shown:
     assert os.path.exists(os.path.join(workdir, "gradcam", im["file"]))
 
