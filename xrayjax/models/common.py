@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
+from xrayjax import kernels
+
 # He (fan-in, normal) initialisation. With Keras's Glorot default a plain ReLU stack such as
 # VGG16 trained from scratch stalled at chance (loss 0.693 for 5 epochs on the demo), and
 # the DETL paper does not name its initialisation.
@@ -46,12 +48,15 @@ def zero_pad(x, pad: int):
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
-  """lax.conv_general_dilated, with two kinds of conv computed another way (same result).
+  """lax.conv_general_dilated, with three kinds of conv computed another way (same result).
 
-  XLA's CPU backend is slow at both (xrayjax.bench, README "Benchmark"):
+  XLA's CPU backend is slow at all three (xrayjax.bench, README "Benchmark"):
     - a plain 1x1 conv is one matrix product (1.4-2x faster, forward and backward);
     - a depthwise conv at stride 1 is a sum of shifted, channel-scaled copies of the input,
-      which XLA fuses into one loop (grouped convolutions run far below peak there).
+      which XLA fuses into one loop (grouped convolutions run far below peak there), with a
+      native weight gradient on the CPU (xrayjax/kernels);
+    - any other plain conv at stride 1 keeps XLA's forward pass and input gradient and takes
+      the native weight gradient on the CPU (xrayjax/kernels).
   """
   nhwc = dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
   plain = nhwc and not kwargs and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
@@ -59,13 +64,15 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   if plain and (kh, kw) == (1, 1) and feature_group_count == 1 and _no_padding(padding):
     x = lhs[:, ::window_strides[0], ::window_strides[1]]
     return lax.dot_general(x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
-  if (plain and cin == 1 and feature_group_count == lhs.shape[3] == cout
-      and tuple(window_strides) == (1, 1)):
+  if plain and tuple(window_strides) == (1, 1):
     if isinstance(padding, str):
       padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding)
-    x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    return sum(x[:, i:i + out_h, j:j + out_w] * rhs[i, j, 0] for i in range(kh) for j in range(kw))
+    pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+    if min(min(pair) for pair in pads) >= 0:
+      if cin == 1 and feature_group_count == lhs.shape[3] == cout:
+        return kernels.depthwise(lhs, rhs, pads)
+      if feature_group_count == 1 and precision is None:
+        return kernels.conv(lhs, rhs, pads)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                   dimension_numbers, feature_group_count, precision=precision,
                                   **kwargs)

@@ -1,0 +1,125 @@
+"""The native CPU weight-gradient kernels (xrayjax/kernels) against lax: values and gradients."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from xrayjax import kernels
+from xrayjax.models import common
+
+NHWC = kernels.NHWC
+
+
+def test_the_kernels_build_here():
+  # Every machine the README's install supports has a compiler; CI must not silently fall back.
+  assert kernels.native(), kernels.status()
+  assert kernels.status().startswith("native")
+
+
+def _lax_weight_grad(x, g, w_shape, padding, groups=1):
+  f = lambda w: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC,
+                                         feature_group_count=groups)
+  return jax.vjp(f, jnp.zeros(w_shape, jnp.float32))[1](g)[0]
+
+
+def _operands(rng, n, h, w, cin, cout, kernel, padding):
+  (pt, pb), (pl, pr) = padding
+  out_h, out_w = h + pt + pb - kernel[0] + 1, w + pl + pr - kernel[1] + 1
+  x = jnp.asarray(rng.standard_normal((n, h, w, cin), np.float32))
+  g = jnp.asarray(rng.standard_normal((n, out_h, out_w, cout), np.float32))
+  return x, g
+
+
+# (batch, height, width, cin, cout, kernel, padding): SAME and VALID 3x3, asymmetric and
+# rectangular windows, one input channel (VGG's first layer on grey films), and channel counts
+# that take the tap-by-tap schedule (9 * cin * cout above the tiled one's limit) with a partial
+# last block of output channels.
+DENSE = [
+    (2, 9, 7, 5, 6, (3, 3), ((1, 1), (1, 1))),
+    (3, 8, 8, 4, 3, (3, 3), ((0, 0), (0, 0))),
+    (1, 6, 11, 3, 8, (2, 4), ((0, 1), (2, 1))),
+    (2, 10, 10, 1, 4, (5, 5), ((2, 2), (2, 2))),
+    (2, 12, 12, 3, 8, (7, 7), ((3, 3), (3, 3))),
+    (2, 5, 4, 160, 160, (3, 3), ((1, 1), (1, 1))),
+    (1, 4, 6, 64, 300, (3, 3), ((1, 1), (1, 1))),
+]
+
+
+@pytest.mark.parametrize("n,h,w,cin,cout,kernel,padding", DENSE)
+def test_conv_weight_grad_matches_lax(n, h, w, cin, cout, kernel, padding):
+  x, g = _operands(np.random.default_rng(0), n, h, w, cin, cout, kernel, padding)
+  got = jax.jit(kernels.conv_weight_grad, static_argnums=(2, 3))(x, g, kernel, padding)
+  want = _lax_weight_grad(x, g, (*kernel, cin, cout), padding)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("n,h,w,c,kernel,padding", [
+    (2, 7, 9, 5, (3, 3), ((1, 1), (1, 1))),
+    (3, 6, 6, 17, (3, 3), ((0, 0), (0, 0))),
+    (1, 8, 5, 4, (2, 3), ((1, 0), (0, 2))),
+    (70, 3, 3, 2, (3, 3), ((1, 1), (1, 1))),  # more rows than work items: several rows each
+])
+def test_depthwise_weight_grad_matches_lax(n, h, w, c, kernel, padding):
+  x, g = _operands(np.random.default_rng(1), n, h, w, c, c, kernel, padding)
+  got = jax.jit(kernels.depthwise_weight_grad, static_argnums=(2, 3))(x, g, kernel, padding)
+  want = _lax_weight_grad(x, g, (*kernel, 1, c), padding, groups=c)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_model_convs_match_lax_in_value_and_both_gradients(depthwise):
+  # Through models/common.py (what the models call), under jit and grad, with a loss that
+  # weights every output differently.
+  rng = np.random.default_rng(2)
+  c = 6
+  x = jnp.asarray(rng.standard_normal((2, 8, 7, c), np.float32))
+  w = jnp.asarray(rng.standard_normal((3, 3, 1 if depthwise else c, c), np.float32))
+  weights = jnp.asarray(rng.standard_normal((2, 8, 7, c), np.float32))
+  groups = c if depthwise else 1
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+
+  def loss(conv, x, w):
+    y = conv(x, w, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=groups)
+    return jnp.sum(jnp.tanh(y) * weights)
+
+  ours = jax.jit(jax.value_and_grad(lambda x, w: loss(common.conv_general_dilated, x, w), (0, 1)))
+  ref = jax.jit(jax.value_and_grad(lambda x, w: loss(lax.conv_general_dilated, x, w), (0, 1)))
+  (v, (dx, dw)), (rv, (rdx, rdw)) = ours(x, w), ref(x, w)
+  np.testing.assert_allclose(v, rv, rtol=1e-5)
+  np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-4)
+  # The native kernel is in the CPU program (not XLA's gradient).
+  hlo = jax.jit(jax.grad(lambda w: loss(common.conv_general_dilated, x, w))).lower(w).as_text()
+  assert "xrayjax_" in hlo
+
+
+def test_other_dtypes_keep_xlas_gradient():
+  x = jnp.ones((1, 5, 5, 3), jnp.bfloat16)
+  w = jnp.ones((3, 3, 3, 4), jnp.bfloat16)
+  f = lambda w: jnp.sum(kernels.conv(x, w, ((1, 1), (1, 1))).astype(jnp.float32))
+  assert "xrayjax_" not in jax.jit(jax.grad(f)).lower(w).as_text()
+
+
+def test_without_a_compiler_the_models_fall_back_and_say_so(monkeypatch, tmp_path):
+  monkeypatch.setenv("XRAYJAX_CACHE", str(tmp_path))  # nothing built there yet
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  kernels._load.cache_clear()
+  try:
+    assert not kernels.native()
+    assert "no C++ compiler ('no-such-compiler'" in kernels.status()
+    x = jnp.ones((1, 5, 5, 2))
+    w = jnp.ones((3, 3, 2, 2))
+    g = jax.grad(lambda w: jnp.sum(kernels.conv(x, w, ((1, 1), (1, 1)))))(w)
+    np.testing.assert_allclose(g, _lax_weight_grad(x, jnp.ones((1, 5, 5, 2)), w.shape,
+                                                   ((1, 1), (1, 1))))
+    monkeypatch.setenv("XRAYJAX_NATIVE", "0")
+    kernels._load.cache_clear()
+    assert kernels.status() == "pure-JAX convolution gradients (XRAYJAX_NATIVE=0)"
+  finally:
+    kernels._load.cache_clear()
+    monkeypatch.undo()
+    assert kernels.native()  # registers again from the cache: later tests see the kernels

@@ -1,0 +1,194 @@
+"""Native CPU kernels for the two convolution weight gradients XLA's CPU backend runs slowly.
+
+XLA computes the weight gradient of a 3x3 convolution at 12-55 GFLOP/s on this 2-core machine
+(TensorFlow's oneDNN: ~200), and that of a depthwise convolution as reductions at about
+1 GFLOP/s (README "Benchmark"). `cpu_kernels.cc` computes both natively: the dense one as one
+BLAS `sgemm` per tap over every row at once (OpenBLAS from the `scipy-openblas32` wheel), the
+depthwise one as a vectorised loop with private accumulators; both on XLA's intra-op thread pool.
+
+The library is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) into
+`$XRAYJAX_CACHE/kernels` (default `~/.cache/xrayjax/kernels`), keyed by the source, the compiler
+flags, jax's version and the CPU, and registered through `jax.ffi`. Where it cannot be built (no
+compiler, no OpenBLAS wheel) or `XRAYJAX_NATIVE=0` is set, the models use the pure-JAX forms:
+`status()` says which ran and why, and runs write it into their log.
+
+`conv` and `depthwise` are the convolutions with these gradients (`jax.custom_vjp`): the forward
+pass and the input gradient stay XLA's; the weight gradient is the native kernel on the CPU
+backend only (`lax.platform_dependent`: a program lowered for an accelerator keeps XLA's), for
+float32 operands (other dtypes, and machines without the kernels, take XLA's gradient). They
+cover stride 1 and non-negative padding; models/common.py sends them only such convs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+_SOURCE = "cpu_kernels.cc"
+_TARGETS = ("xrayjax_conv_weight_grad", "xrayjax_depthwise_weight_grad")
+
+
+def _cpu_identity() -> str:
+  """What `-march=native` depends on, so a cache shared between machines never mixes CPUs."""
+  try:
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    return "\n".join(sorted({l for l in lines if l.startswith(("model name", "flags"))}))
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def _build() -> pathlib.Path:
+  """Compiles cpu_kernels.cc (once per key) and returns the shared library's path."""
+  import scipy_openblas32  # pylint: disable=import-outside-toplevel
+
+  cxx = os.environ.get("CXX", "c++")
+  source = resources.files(__package__) / _SOURCE
+  code = source.read_bytes()
+  lib_dir = scipy_openblas32.get_lib_dir()
+  flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+           f"-I{jax.ffi.include_dir()}", f"-I{scipy_openblas32.get_include_dir()}",
+           f"-L{lib_dir}", f"-l{scipy_openblas32.get_library()}", f"-Wl,-rpath,{lib_dir}"]
+  key = hashlib.sha256(b"\0".join(
+      [code, " ".join(flags).encode(), jax.__version__.encode(), _cpu_identity().encode()]
+  )).hexdigest()[:16]
+  cache = pathlib.Path(os.environ.get("XRAYJAX_CACHE", pathlib.Path.home() / ".cache" / "xrayjax"))
+  target = cache / "kernels" / f"cpu_kernels-{key}.so"
+  if target.exists():
+    return target
+  if shutil.which(cxx) is None:
+    raise RuntimeError(f"no C++ compiler ({cxx!r} is not on PATH; set $CXX)")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    src = pathlib.Path(tmp) / _SOURCE
+    src.write_bytes(code)
+    out = pathlib.Path(tmp) / target.name
+    done = subprocess.run([cxx, str(src), "-o", str(out), *flags], capture_output=True, text=True)
+    if done.returncode:
+      raise RuntimeError(f"{cxx} failed on {_SOURCE}:\n{done.stderr[-2000:]}")
+    os.replace(out, target)  # atomic: concurrent first uses (test workers) agree
+  return target
+
+
+@functools.cache
+def _load() -> tuple[bool, str]:
+  if os.environ.get("XRAYJAX_NATIVE", "1") == "0":
+    return False, "pure-JAX convolution gradients (XRAYJAX_NATIVE=0)"
+  try:
+    path = _build()
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    for name in _TARGETS:
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+  except (ImportError, OSError, RuntimeError) as e:
+    logging.warning("xrayjax.kernels: using XLA's convolution gradients on the CPU: %s", e)
+    return False, f"pure-JAX convolution gradients (native kernels unavailable: {e})"
+  return True, f"native CPU weight-gradient kernels ({path})"
+
+
+def native() -> bool:
+  """Whether the native kernels are built and registered (builds them on first call)."""
+  return _load()[0]
+
+
+def status() -> str:
+  """One line saying which convolution gradients the CPU backend runs, and why."""
+  return _load()[1]
+
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _conv_lax(x, w, padding: Padding):
+  return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)
+
+
+def _depthwise_xla(x, w, padding: Padding):
+  """Depthwise conv (w: kh, kw, 1, C) as kh * kw shifted, channel-scaled copies of the input,
+  which XLA fuses into one loop (its grouped convolutions run far below peak on the CPU)."""
+  kh, kw = w.shape[:2]
+  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  return sum(x[:, i:i + out_h, j:j + out_w] * w[i, j, 0] for i in range(kh) for j in range(kw))
+
+
+def _rows_per_tile(cin: int, cout: int) -> int:
+  """Rows per tile so that a tile of both operands (~384 KiB) stays in a core's L2."""
+  return max(256, (96 * 1024) // (cin + cout))
+
+
+def conv_weight_grad(x, g, kernel_hw: tuple[int, int], padding: Padding):
+  """The native weight gradient of a stride-1 NHWC conv: (kh, kw, Ci, Co), float32."""
+  kh, kw = kernel_hw
+  (pt, pb), (pl, pr) = padding
+  ci, co = x.shape[-1], g.shape[-1]
+  xp = jnp.pad(x, ((0, 0), (pt, pb + 1), (pl, pr), (0, 0)))  # one extra row: see the kernel
+  gp = jnp.pad(g, ((0, 0), (0, kh), (0, kw - 1), (0, 0)))
+  # Private per-worker sums of every tap fit in cache for the wide, full-resolution layers.
+  tile = _rows_per_tile(ci, co) if kh * kw * ci * co <= 9 * 128 * 128 else 0
+  call = jax.ffi.ffi_call("xrayjax_conv_weight_grad",
+                          jax.ShapeDtypeStruct((kh, kw, ci, co), jnp.float32),
+                          vmap_method="sequential")
+  return call(xp, gp, kh=kh, kw=kw, tile=tile)
+
+
+def depthwise_weight_grad(x, g, kernel_hw: tuple[int, int], padding: Padding):
+  """The native weight gradient of a stride-1 NHWC depthwise conv: (kh, kw, 1, C), float32."""
+  kh, kw = kernel_hw
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  call = jax.ffi.ffi_call("xrayjax_depthwise_weight_grad",
+                          jax.ShapeDtypeStruct((kh, kw, 1, x.shape[-1]), jnp.float32),
+                          vmap_method="sequential")
+  return call(xp, g, kh=kh, kw=kw)
+
+
+def _with_native_weight_grad(forward, native_grad):
+  """`forward(x, w, padding)` whose weight gradient is `native_grad` on the CPU backend."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+  def f(x, w, padding):
+    return forward(x, w, padding)
+
+  def fwd(x, w, padding):
+    return forward(x, w, padding), (x, w)
+
+  def bwd(padding, res, g):
+    x, w = res
+    (dx,) = jax.vjp(lambda x: forward(x, w, padding), x)[1](g)
+    xla = lambda x, g: jax.vjp(lambda w: forward(x, w, padding), w)[1](g)[0]
+    dw = lax.platform_dependent(
+        x, g, cpu=lambda x, g: native_grad(x, g, w.shape[:2], padding), default=xla)
+    return dx, dw
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+_conv_native = _with_native_weight_grad(_conv_lax, conv_weight_grad)
+_depthwise_native = _with_native_weight_grad(_depthwise_xla, depthwise_weight_grad)
+
+
+def _use_native(x, w) -> bool:
+  return x.dtype == w.dtype == jnp.float32 and native()
+
+
+def conv(x, w, padding: Padding):
+  """A stride-1 NHWC/HWIO conv (padding: ((top, bottom), (left, right)), non-negative)."""
+  return (_conv_native if _use_native(x, w) else _conv_lax)(x, w, padding)
+
+
+def depthwise(x, w, padding: Padding):
+  """A stride-1 NHWC depthwise conv, w: (kh, kw, 1, C) (padding as for `conv`)."""
+  return (_depthwise_native if _use_native(x, w) else _depthwise_xla)(x, w, padding)

@@ -1,0 +1,195 @@
+// xrayjax's CPU kernels: the two convolution weight gradients that XLA's CPU backend runs far
+// below this machine's peak (README "Benchmark"). Registered through jax.ffi by
+// xrayjax/kernels/__init__.py, which compiles this file on first use; values and gradients are
+// tested against lax in tests/test_kernels.py.
+//
+// Both take the input already padded by the caller (so any padding is one layout here) and run
+// on XLA's intra-op thread pool: work items are claimed from an atomic counter by the calling
+// thread and by tasks scheduled on the pool, so a task that starts late finds nothing to do and
+// the call never waits on a task that has not started.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "cblas.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+extern "C" void scipy_openblas_set_num_threads(int);
+
+namespace {
+
+struct ForState {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+// Runs fn(item, worker) for item in [0, n) on `workers` threads (the caller is worker 0).
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int workers, const F& fn) {
+  auto state = std::make_shared<ForState>();
+  auto run = [state, n, &fn](int worker) {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      fn(i, worker);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  // A late task only reads `state` (kept alive by its own reference) and exits.
+  for (int w = 1; w < workers; ++w) pool.Schedule([run, w] { run(w); });
+  run(0);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+int Workers(ffi::ThreadPool& pool, int64_t items) {
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  return static_cast<int>(std::min(threads, std::max<int64_t>(1, items)));
+}
+
+// Dense conv weight gradient, stride 1:
+//   dw[ky, kx, ci, co] = sum_{n, y, x} xp[n, y + ky, x + kx, ci] * gp[n, y, x, co]
+// xp: (N, Hp, Wp, Ci), gp: (N, Hp, Wp, Co), where Hp = Ho + kh and Wp = Wo + kw - 1, and gp is
+// zero outside [0, Ho) x [0, Wo). Flattening (n, y, x) into one row index k, tap (ky, kx) of xp
+// is the same matrix shifted by ky * Wp + kx rows, so each tap is one GEMM with transposed
+// operands over every row at once (the zero rows and columns of gp cancel the positions that
+// wrap across a row or an image). The last kh rows of the last image are zero in gp and are
+// left out, so no tap reads past the end of xp.
+//
+// Two schedules, chosen by the caller (`tile` rows, 0 for the second):
+//   tile > 0: each work item is a tile of `tile` rows for all taps, so the tile is read from
+//     memory once and reused by every tap from cache; workers accumulate privately and the
+//     sums are added at the end (for small Ci * Co: the wide, full-resolution layers).
+//   tile = 0: each work item is one tap and a block of output channels over all rows (for
+//     large Ci * Co, where private accumulators would not fit in cache).
+ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
+                          ffi::Buffer<ffi::F32> gp, ffi::ResultBuffer<ffi::F32> dw, int64_t kh,
+                          int64_t kw, int64_t tile) {
+  auto xd = xp.dimensions();
+  auto gd = gp.dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[1] != gd[1] || xd[2] != gd[2] ||
+      xd[1] <= kh || xd[2] < kw) {
+    return ffi::Error::InvalidArgument("conv_weight_grad: operands are not (N, Ho+kh, Wo+kw-1, C)");
+  }
+  const int64_t N = xd[0], Hp = xd[1], Wp = xd[2], Ci = xd[3], Co = gd[3];
+  const int64_t taps = kh * kw;
+  const int64_t rows = N * Hp * Wp - kh * Wp;
+  const float* X = xp.typed_data();
+  const float* G = gp.typed_data();
+  float* D = dw->typed_data();
+  static const bool single = (scipy_openblas_set_num_threads(1), true);  // ours: XLA's pool
+  (void)single;
+  if (tile > 0) {
+    const int64_t tiles = (rows + tile - 1) / tile;
+    const int workers = Workers(pool, tiles);
+    std::vector<float> acc(static_cast<size_t>(workers) * taps * Ci * Co, 0.f);
+    ParallelFor(pool, tiles, workers, [&](int64_t t, int w) {
+      const int64_t k0 = t * tile, k = std::min(tile, rows - k0);
+      float* out = acc.data() + static_cast<size_t>(w) * taps * Ci * Co;
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        const int64_t shift = (tap / kw) * Wp + tap % kw;
+        scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Ci, Co, k, 1.f,
+                          X + (k0 + shift) * Ci, Ci, G + k0 * Co, Co, 1.f,
+                          out + tap * Ci * Co, Co);
+      }
+    });
+    const int64_t size = taps * Ci * Co;
+    std::memcpy(D, acc.data(), size * sizeof(float));
+    for (int w = 1; w < workers; ++w) {
+      const float* a = acc.data() + static_cast<size_t>(w) * size;
+      for (int64_t i = 0; i < size; ++i) D[i] += a[i];
+    }
+  } else {
+    const int64_t block = Co >= 256 ? 128 : Co;
+    const int64_t blocks = (Co + block - 1) / block;
+    ParallelFor(pool, taps * blocks, Workers(pool, taps * blocks), [&](int64_t item, int) {
+      const int64_t tap = item / blocks, c0 = (item % blocks) * block;
+      const int64_t shift = (tap / kw) * Wp + tap % kw;
+      scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Ci, std::min(block, Co - c0),
+                        rows, 1.f, X + shift * Ci, Ci, G + c0, Co, 0.f,
+                        D + tap * Ci * Co + c0, Co);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+// Depthwise conv weight gradient, stride 1:
+//   dw[ky, kx, 0, c] = sum_{n, y, x} xp[n, y + ky, x + kx, c] * g[n, y, x, c]
+// xp: (N, Ho+kh-1, Wo+kw-1, C), g: (N, Ho, Wo, C). A work item is a block of output rows (n, y);
+// each worker accumulates kh * kw * C sums privately (in cache) over contiguous channels.
+ffi::Error DepthwiseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
+                               ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw,
+                               int64_t kh, int64_t kw) {
+  auto xd = xp.dimensions();
+  auto gd = g.dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[3] != gd[3] ||
+      xd[1] != gd[1] + kh - 1 || xd[2] != gd[2] + kw - 1) {
+    return ffi::Error::InvalidArgument("depthwise_weight_grad: operands are not (N, Ho+kh-1, Wo+kw-1, C) and (N, Ho, Wo, C)");
+  }
+  const int64_t N = gd[0], Ho = gd[1], Wo = gd[2], C = gd[3], Hp = xd[1], Wp = xd[2];
+  const int64_t taps = kh * kw;
+  const float* X = xp.typed_data();
+  const float* G = g.typed_data();
+  float* D = dw->typed_data();
+  const int64_t rows_per_item = std::max<int64_t>(1, N * Ho / 64);
+  const int64_t items = (N * Ho + rows_per_item - 1) / rows_per_item;
+  const int workers = Workers(pool, items);
+  std::vector<float> acc(static_cast<size_t>(workers) * taps * C, 0.f);
+  ParallelFor(pool, items, workers, [&](int64_t item, int w) {
+    float* out = acc.data() + static_cast<size_t>(w) * taps * C;
+    const int64_t r1 = std::min(N * Ho, (item + 1) * rows_per_item);
+    for (int64_t r = item * rows_per_item; r < r1; ++r) {
+      const int64_t n = r / Ho, y = r % Ho;
+      const float* grow = G + (n * Ho + y) * Wo * C;
+      for (int64_t ky = 0; ky < kh; ++ky) {
+        const float* xrow = X + (n * Hp + y + ky) * Wp * C;
+        for (int64_t kx = 0; kx < kw; ++kx) {
+          float* __restrict d = out + (ky * kw + kx) * C;
+          for (int64_t x = 0; x < Wo; ++x) {
+            const float* __restrict a = xrow + (x + kx) * C;
+            const float* __restrict b = grow + x * C;
+            for (int64_t c = 0; c < C; ++c) d[c] += a[c] * b[c];
+          }
+        }
+      }
+    }
+  });
+  const int64_t size = taps * C;
+  std::memcpy(D, acc.data(), size * sizeof(float));
+  for (int w = 1; w < workers; ++w) {
+    const float* a = acc.data() + static_cast<size_t>(w) * size;
+    for (int64_t i = 0; i < size; ++i) D[i] += a[i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_conv_weight_grad, ConvWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("tile"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_depthwise_weight_grad, DepthwiseWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw"));
