@@ -3,6 +3,7 @@ r"""Training and inference throughput of xrayjax models against their Keras twin
   python -m xrayjax.bench                       # every model, 224 px, batch 16, Nadam
   python -m xrayjax.bench --models=resnet50 --rounds=5 --image_size=128
   python -m xrayjax.bench --gradcam             # Grad-CAM of a batch against a train step
+  python -m xrayjax.bench --pipeline            # the input pipeline against the model's step
 
 For each model, one run alternates rounds of xrayjax training steps (the jitted,
 donating `train.make_train_step` that experiments use) and Keras training steps
@@ -10,9 +11,20 @@ donating `train.make_train_step` that experiments use) and Keras training steps
 sequence) with the same architecture, input, batch and optimizer, so both see
 the same machine state. It prints the median images/s of each and their ratio,
 inference images/s, the first-step (compile) time, the model's FLOPs per image
-(XLA's cost analysis of the forward pass) and the fraction of this machine's
-measured float32 matmul peak that xrayjax's training reaches (training taken as
-3x the forward FLOPs). The last lines are a Markdown table for the README.
+(XLA's cost analysis of the forward pass), the fraction of this machine's float32
+matmul peak that xrayjax's training reaches (training taken as 3x the forward
+FLOPs; the peak is measured in every round, between the steps, and the highest
+reading is used, since one reading alone varies by 2x here), and the peak memory of a
+process that trains the model for two steps in each framework (each in a fresh
+subprocess, so neither sees the other's allocations). The last lines are a Markdown
+table for the README, and the line that says which convolution gradients ran
+(`xrayjax.kernels.status`).
+
+`--pipeline` times the tf.data input pipeline (`pipeline.train_batches` on cached,
+resized images, with the configs' augmentation and TensorFlow's threads as runs set
+them) against the images/s each model's training step consumes: at demo scale (128 px
+synthetic images at 96 px, 1/8 width, batch 32) and at 224 px from decoded 256 px
+images (full width, batch 16).
 
 Keras runs on TensorFlow with its defaults (`jit_compile="auto"`); it is the
 reference only here and in the parity tests, never a dependency of training.
@@ -20,8 +32,12 @@ reference only here and in the parity tests, never a dependency of training.
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 from absl import app, flags
@@ -34,7 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from xrayjax import models, train  # noqa: E402
+from xrayjax import kernels, models, train  # noqa: E402
 
 BENCH_MODELS = ("vgg16", "resnet50", "resnet50v2", "xception", "concat")
 FLAGS = flags.DEFINE_list("models", list(BENCH_MODELS), f"models to measure, of {BENCH_MODELS}")
@@ -45,6 +61,12 @@ STEPS = flags.DEFINE_integer("steps", 3, "timed training steps per round and fra
 GRADCAM = flags.DEFINE_bool("gradcam", False,
                             "measure Grad-CAM of a batch (one jitted call, gradcam and "
                             "gradcam++) against one training step instead of Keras")
+PIPELINE = flags.DEFINE_bool("pipeline", False,
+                              "time the input pipeline against each model's training step")
+MEMORY = flags.DEFINE_bool("memory", True, "measure each framework's peak memory per model "
+                           "(two fresh subprocesses per model)")
+_PROBE = flags.DEFINE_string("probe_memory", None, "internal: FRAMEWORK:MODEL, print the peak "
+                             "memory of two training steps as JSON")
 CLASSES = 3
 LR = 1e-4  # paper 2's Nadam
 
@@ -80,8 +102,8 @@ class KerasRunner:
 
 
 class JaxRunner:
-  def __init__(self, name, x, y):
-    self.model = models.build(name, CLASSES, {"width": 1.0})
+  def __init__(self, name, x, y, width: float = 1.0):
+    self.model = models.build(name, CLASSES, {"width": width})
     variables = self.model.init(jax.random.PRNGKey(0), x[:1], train=False)
     tx = optax.nadam(LR)
     self.state = jax.jit(lambda v: train.TrainState.create(v, tx))(variables)
@@ -114,7 +136,7 @@ def _rate(fn, steps: int, batch: int) -> float:
   return steps * batch / (time.perf_counter() - t)
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+def matmul_peak(n: int = 2048, repeats: int = 3) -> float:
   """Best measured float32 FLOP/s of an n x n matmul on this machine's JAX CPU backend."""
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
@@ -127,7 +149,36 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n**3 / best
 
 
-def measure(name: str, size: int, batch: int, rounds: int, steps: int) -> dict:
+def _max_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def probe_memory(framework: str, name: str, size: int, batch: int) -> dict:
+  """Peak resident memory (MB) of this process: after importing and making the batch, and
+  after building `name` and two training steps in `framework` (run in a fresh process)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+  y = rng.integers(0, CLASSES, batch).astype(np.int32)
+  if framework == "keras":
+    import keras  # noqa: F401  (its import is part of the baseline)
+  before = _max_rss_mb()
+  runner = (KerasRunner if framework == "keras" else JaxRunner)(name, x, y)
+  runner.train_step()
+  runner.train_step()
+  return {"baseline_mb": before, "peak_mb": _max_rss_mb()}
+
+
+def peak_memory(framework: str, name: str, size: int, batch: int) -> dict:
+  cmd = [sys.executable, "-m", "xrayjax.bench", f"--probe_memory={framework}:{name}",
+         f"--image_size={size}", f"--batch_size={batch}"]
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if done.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(name: str, size: int, batch: int, rounds: int, steps: int, peaks: list) -> dict:
+  """`peaks` gets a matmul peak reading per round (between the steps of the two frameworks)."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
   y = rng.integers(0, CLASSES, batch).astype(np.int32)
@@ -139,16 +190,22 @@ def measure(name: str, size: int, batch: int, rounds: int, steps: int) -> dict:
   train_j, train_k, infer_j, infer_k = [], [], [], []
   for r in range(rounds):
     train_j.append(_rate(mine.train_step, steps, batch))
+    peaks.append(matmul_peak())
     train_k.append(_rate(theirs.train_step, steps, batch))
     infer_j.append(_rate(mine.infer, steps, batch))
     infer_k.append(_rate(theirs.infer, steps, batch))
     print(f"  {name} round {r + 1}/{rounds}: train xrayjax {train_j[-1]:.2f} img/s, "
           f"keras {train_k[-1]:.2f} img/s", flush=True)
   med = statistics.median
-  return {"model": name, "train_jax": med(train_j), "train_keras": med(train_k),
-          "infer_jax": med(infer_j), "infer_keras": med(infer_k),
-          "compile_jax": mine.compile_seconds, "compile_keras": keras_compile,
-          "gflops_per_image": mine.forward_flops / batch / 1e9}
+  out = {"model": name, "train_jax": med(train_j), "train_keras": med(train_k),
+         "infer_jax": med(infer_j), "infer_keras": med(infer_k),
+         "compile_jax": mine.compile_seconds, "compile_keras": keras_compile,
+         "gflops_per_image": mine.forward_flops / batch / 1e9}
+  del mine, theirs
+  if MEMORY.value:
+    for framework in ("jax", "keras"):
+      out[f"memory_{framework}"] = peak_memory(framework, name, size, batch)
+  return out
 
 
 def measure_gradcam(name: str, size: int, batch: int, rounds: int, steps: int) -> dict:
@@ -192,19 +249,66 @@ def gradcam_table(rows: list[dict], size: int, batch: int) -> str:
 
 def table(rows: list[dict], peak: float, size: int, batch: int) -> str:
   lines = [f"Training and inference throughput, {size} px, batch {batch}, Nadam, float32; "
-           f"{jax.device_count()} CPU device(s), {os.cpu_count()} cores, measured matmul peak "
-           f"{peak / 1e9:.1f} GFLOP/s.", "",
+           f"{jax.device_count()} CPU device(s), {os.cpu_count()} cores, matmul peak "
+           f"{peak / 1e9:.1f} GFLOP/s (highest reading).", "",
            "| model | train img/s xrayjax | train img/s Keras | ratio | infer img/s xrayjax | "
            "infer img/s Keras | first step s xrayjax / Keras | GFLOPs/img (fwd) | "
-           "% of matmul peak (train) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "% of matmul peak (train) | peak memory GB xrayjax / Keras (added by the model) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     achieved = 3 * r["gflops_per_image"] * 1e9 * r["train_jax"] / peak
+    memory = "n/a"
+    if "memory_jax" in r:
+      mj, mk = r["memory_jax"], r["memory_keras"]
+      memory = (f"{mj['peak_mb'] / 1024:.1f} / {mk['peak_mb'] / 1024:.1f} "
+                f"({(mj['peak_mb'] - mj['baseline_mb']) / 1024:.1f} / "
+                f"{(mk['peak_mb'] - mk['baseline_mb']) / 1024:.1f})")
     lines.append(
         f"| {r['model']} | {r['train_jax']:.2f} | {r['train_keras']:.2f} | "
         f"{r['train_jax'] / r['train_keras']:.2f}x | {r['infer_jax']:.2f} | "
         f"{r['infer_keras']:.2f} | {r['compile_jax']:.1f} / {r['compile_keras']:.1f} | "
-        f"{r['gflops_per_image']:.2f} | {100 * achieved:.0f}% |")
+        f"{r['gflops_per_image']:.2f} | {100 * achieved:.0f}% | {memory} |")
+  return "\n".join(lines)
+
+
+# (label, stored size, model input, width, batch, augmentation): the demo's and paper scale's.
+PIPELINE_SCALES = (
+    ("demo: 128 px synthetic at 96 px, DETL augmentation", 128, 96, 0.125, 32,
+     ("rotate(10)", "zoom(0.1)", "flip_lr")),
+    ("224 px from decoded 256 px, paper 2's augmentation", 256, 224, 1.0, 16,
+     ("flip_lr", "flip_ud", "rotate(360)", "zoom_xy(0.05)", "shift(0.05)", "shear(0.05)")),
+)
+
+
+def pipeline_rate(stored: int, size: int, batch: int, ops, images: int = 512) -> float:
+  """Images/s of one epoch of `pipeline.train_batches` once the resized images are cached (as
+  in runs: `pipeline.select` resizes before its cache); the first epoch fills the cache."""
+  from xrayjax.data import pipeline
+  rng = np.random.default_rng(0)
+  ds = pipeline.from_arrays(rng.integers(0, 256, (images, stored, stored, 1), np.uint8))
+  ds = ds.map(lambda ex: {**ex, "image": pipeline.to_model_size(ex["image"], size)}).cache()
+  for _ in pipeline.train_batches(ds, images, batch, seed=0, epoch=0, augment_ops=ops):
+    pass
+  t = time.perf_counter()
+  n = sum(len(b["label"]) for b in pipeline.train_batches(ds, images, batch, seed=0, epoch=1,
+                                                          augment_ops=ops))
+  return n / (time.perf_counter() - t)
+
+
+def measure_pipeline(names, rounds: int, steps: int) -> str:
+  lines = ["| scale | pipeline img/s | model | model consumes img/s | pipeline / model |",
+           "|---|---|---|---|---|"]
+  for label, stored, size, width, batch, ops in PIPELINE_SCALES:
+    supply = statistics.median(pipeline_rate(stored, size, batch, ops) for _ in range(rounds))
+    print(f"  {label}: pipeline {supply:.0f} img/s", flush=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, size, size, 1)).astype(np.float32)
+    y = rng.integers(0, CLASSES, batch).astype(np.int32)
+    for name in names:
+      runner = JaxRunner(name, x, y, width)
+      demand = statistics.median(_rate(runner.train_step, steps, batch) for _ in range(rounds))
+      print(f"  {label}: {name} trains at {demand:.1f} img/s", flush=True)
+      lines.append(f"| {label} | {supply:.0f} | {name} | {demand:.1f} | {supply / demand:.1f}x |")
   return "\n".join(lines)
 
 
@@ -213,18 +317,30 @@ def main(argv):
   unknown = set(FLAGS.value) - set(BENCH_MODELS)
   if unknown:
     raise app.UsageError(f"unknown models {sorted(unknown)}; choose from {BENCH_MODELS}")
+  if _PROBE.value:
+    framework, name = _PROBE.value.split(":")
+    print(json.dumps(probe_memory(framework, name, IMAGE_SIZE.value, BATCH_SIZE.value)))
+    return
   print(f"jax {jax.__version__} on {jax.devices()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True)
+  print(f"convolution gradients: {kernels.status()}", flush=True)
+  if PIPELINE.value:
+    from xrayjax.data import pipeline
+    pipeline.configure_tensorflow(jax.default_backend())  # TF's threads as in runs
+    print(measure_pipeline(FLAGS.value, ROUNDS.value, STEPS.value))
+    return
   if GRADCAM.value:
     rows = [measure_gradcam(n, IMAGE_SIZE.value, BATCH_SIZE.value, ROUNDS.value, STEPS.value)
             for n in FLAGS.value]
     print(gradcam_table(rows, IMAGE_SIZE.value, BATCH_SIZE.value))
     return
-  peak = matmul_peak()
+  peaks = [matmul_peak()]
   rows = []
   for name in FLAGS.value:
-    rows.append(measure(name, IMAGE_SIZE.value, BATCH_SIZE.value, ROUNDS.value, STEPS.value))
-  print(table(rows, peak, IMAGE_SIZE.value, BATCH_SIZE.value))
+    rows.append(measure(name, IMAGE_SIZE.value, BATCH_SIZE.value, ROUNDS.value, STEPS.value,
+                        peaks))
+  print(f"matmul peak readings (GFLOP/s): {', '.join(f'{p / 1e9:.0f}' for p in peaks)}")
+  print(table(rows, max(peaks), IMAGE_SIZE.value, BATCH_SIZE.value))
 
 
 if __name__ == "__main__":
