@@ -1,8 +1,10 @@
-"""The native CPU weight-gradient kernels (xrayjax/kernels) against lax: values and gradients."""
+"""The CPU fast paths against the reference ops, values and gradients: the native weight-gradient
+kernels (xrayjax/kernels) against lax, max pooling as slices against nn.max_pool."""
 
 import os
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,24 +37,25 @@ def _operands(rng, n, h, w, cin, cout, kernel, padding):
 
 
 # (batch, height, width, cin, cout, kernel, padding): SAME and VALID 3x3, asymmetric and
-# rectangular windows, one input channel (VGG's first layer on grey films), and channel counts
-# that take the tap-by-tap schedule (9 * cin * cout above the tiled one's limit) with a partial
-# last block of output channels.
+# rectangular windows, one input channel (VGG's first layer on grey films), more rows than
+# one tile, and output channels in blocks of 128 with a partial last one (tap by tap).
 DENSE = [
     (2, 9, 7, 5, 6, (3, 3), ((1, 1), (1, 1))),
     (3, 8, 8, 4, 3, (3, 3), ((0, 0), (0, 0))),
     (1, 6, 11, 3, 8, (2, 4), ((0, 1), (2, 1))),
     (2, 10, 10, 1, 4, (5, 5), ((2, 2), (2, 2))),
     (2, 12, 12, 3, 8, (7, 7), ((3, 3), (3, 3))),
-    (2, 5, 4, 160, 160, (3, 3), ((1, 1), (1, 1))),
+    (2, 16, 16, 96, 160, (3, 3), ((1, 1), (1, 1))),  # 630 rows: two tiles of 384
     (1, 4, 6, 64, 300, (3, 3), ((1, 1), (1, 1))),
 ]
 
 
+@pytest.mark.parametrize("private_bytes", [64 << 20, 0], ids=["tiles", "taps"])
 @pytest.mark.parametrize("n,h,w,cin,cout,kernel,padding", DENSE)
-def test_conv_weight_grad_matches_lax(n, h, w, cin, cout, kernel, padding):
+def test_conv_weight_grad_matches_lax(n, h, w, cin, cout, kernel, padding, private_bytes):
   x, g = _operands(np.random.default_rng(0), n, h, w, cin, cout, kernel, padding)
-  got = jax.jit(kernels.conv_weight_grad, static_argnums=(2, 3))(x, g, kernel, padding)
+  got = jax.jit(kernels.conv_weight_grad, static_argnums=(2, 3, 4))(x, g, kernel, padding,
+                                                                     private_bytes)
   want = _lax_weight_grad(x, g, (*kernel, cin, cout), padding)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
@@ -123,3 +126,20 @@ def test_without_a_compiler_the_models_fall_back_and_say_so(monkeypatch, tmp_pat
     kernels._load.cache_clear()
     monkeypatch.undo()
     assert kernels.native()  # registers again from the cache: later tests see the kernels
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),
+    ((2, 9, 7, 3), (2, 2), (2, 2), "VALID"),  # odd sizes: the last row and column are dropped
+    ((2, 11, 11, 4), (3, 3), (2, 2), "VALID"),
+    ((2, 9, 9, 3), (2, 2), (2, 2), "SAME"),  # non-overlapping, padded with -inf
+    ((2, 10, 9, 4), (3, 3), (2, 2), "SAME"),
+    ((1, 7, 7, 2), (3, 3), (1, 1), ((1, 1), (1, 1))),
+])
+def test_max_pool_matches_flax(shape, window, strides, padding):
+  x = jnp.asarray(np.random.default_rng(3).standard_normal(shape, np.float32))
+  ours = lambda x: common.max_pool(x, window, strides, padding)
+  ref = lambda x: nn.max_pool(x, window, strides=strides, padding=padding)
+  np.testing.assert_array_equal(ours(x), ref(x))
+  loss = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) ** 2))(x)
+  np.testing.assert_allclose(loss(ours), loss(ref), rtol=1e-6)

@@ -129,19 +129,22 @@ def _rows_per_tile(cin: int, cout: int) -> int:
   return max(256, (96 * 1024) // (cin + cout))
 
 
-def conv_weight_grad(x, g, kernel_hw: tuple[int, int], padding: Padding):
-  """The native weight gradient of a stride-1 NHWC conv: (kh, kw, Ci, Co), float32."""
+def conv_weight_grad(x, g, kernel_hw: tuple[int, int], padding: Padding,
+                     private_bytes: int = 64 << 20):
+  """The native weight gradient of a stride-1 NHWC conv: (kh, kw, Ci, Co), float32.
+
+  Workers sum tiles of rows privately (all taps per tile) unless their sums would take more
+  than `private_bytes`; then each takes whole taps (see cpu_kernels.cc)."""
   kh, kw = kernel_hw
   (pt, pb), (pl, pr) = padding
   ci, co = x.shape[-1], g.shape[-1]
   xp = jnp.pad(x, ((0, 0), (pt, pb + 1), (pl, pr), (0, 0)))  # one extra row: see the kernel
   gp = jnp.pad(g, ((0, 0), (0, kh), (0, kw - 1), (0, 0)))
-  # Private per-worker sums of every tap fit in cache for the wide, full-resolution layers.
-  tile = _rows_per_tile(ci, co) if kh * kw * ci * co <= 9 * 128 * 128 else 0
+  tile = _rows_per_tile(ci, co)
   call = jax.ffi.ffi_call("xrayjax_conv_weight_grad",
                           jax.ShapeDtypeStruct((kh, kw, ci, co), jnp.float32),
                           vmap_method="sequential")
-  return call(xp, gp, kh=kh, kw=kw, tile=tile)
+  return call(xp, gp, kh=kh, kw=kw, tile=tile, private_bytes=private_bytes)
 
 
 def depthwise_weight_grad(x, g, kernel_hw: tuple[int, int], padding: Padding):

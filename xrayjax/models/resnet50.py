@@ -15,8 +15,8 @@ from typing import Any
 
 import flax.linen as nn
 
-from xrayjax.models.common import (BN_MOMENTUM, batch_norm, conv, pooled_top, record, scaled,
-                                   zero_pad)
+from xrayjax.models.common import (BN_MOMENTUM, batch_norm, conv, max_pool, pooled_top, record,
+                                   scaled, zero_pad)
 
 STAGES = (("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2))
 EPSILON = 1.001e-5
@@ -45,7 +45,7 @@ class ResNet50(nn.Module):
     k = self.stem_kernel
     x = cv(c(64), (k, k), strides=2, padding=k // 2, name="conv1_conv")(images)
     x = nn.relu(bn("conv1_bn")(x))
-    x = nn.max_pool(zero_pad(x, 1), (3, 3), strides=(2, 2))
+    x = max_pool(zero_pad(x, 1), (3, 3), (2, 2))
     for stage, filters, blocks, stride in STAGES:
       for b in range(1, blocks + 1):
         name = f"{stage}_block{b}"

@@ -14,8 +14,8 @@ from typing import Any
 
 import flax.linen as nn
 
-from xrayjax.models.common import (BN_MOMENTUM, batch_norm, conv, pooled_top, record, scaled,
-                                   zero_pad)
+from xrayjax.models.common import (BN_MOMENTUM, batch_norm, conv, max_pool, pooled_top, record,
+                                   scaled, zero_pad)
 
 STAGES = (("conv2", 64, 3, 2), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 1))
 EPSILON = 1.001e-5
@@ -41,7 +41,7 @@ class ResNet50V2(nn.Module):
     cv = functools.partial(conv, dtype=self.dtype)
     out = {}
     x = cv(c(64), (7, 7), strides=2, padding=3, name="conv1_conv")(images)
-    x = nn.max_pool(zero_pad(x, 1), (3, 3), strides=(2, 2))
+    x = max_pool(zero_pad(x, 1), (3, 3), (2, 2))
     for stage, filters, blocks, stride in STAGES:
       for b in range(1, blocks + 1):
         name = f"{stage}_block{b}"

@@ -12,7 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from xrayjax.models.common import HE_INIT, record, scaled
+from xrayjax.models.common import HE_INIT, conv, max_pool, record, scaled
 
 BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 
@@ -37,13 +37,12 @@ class VGG16(nn.Module):
     x = images
     for b, (convs, channels) in enumerate(BLOCKS, start=1):
       for c in range(1, convs + 1):
-        x = nn.relu(nn.Conv(scaled(channels, self.width), (3, 3), padding="SAME",
-                            kernel_init=HE_INIT, dtype=self.dtype,
-                            name=f"block{b}_conv{c}")(x))
+        x = nn.relu(conv(scaled(channels, self.width), (3, 3), padding="SAME",
+                         dtype=self.dtype, name=f"block{b}_conv{c}")(x))
       x = record(self, out, f"block{b}", x)
       if b == len(BLOCKS):  # last conv block output, before its pooling (Grad-CAM target)
         x = record(self, out, "features", x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x, (2, 2), (2, 2))
     x = x.reshape((x.shape[0], -1))
     for name in ("fc1", "fc2"):
       x = nn.relu(nn.Dense(scaled(4096, self.width), kernel_init=HE_INIT, dtype=self.dtype,

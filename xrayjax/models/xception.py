@@ -15,8 +15,8 @@ from typing import Any
 
 import flax.linen as nn
 
-from xrayjax.models.common import (BN_MOMENTUM, SeparableConv, batch_norm, conv, pooled_top,
-                                   record, scaled)
+from xrayjax.models.common import (BN_MOMENTUM, SeparableConv, batch_norm, conv, max_pool,
+                                   pooled_top, record, scaled)
 
 EPSILON = 1e-3
 RESIDUAL_BLOCKS = (2, 3, 4, 13)
@@ -64,7 +64,7 @@ class Xception(nn.Module):
       x = nn.relu(x)
       x = bn(f"block{block}_sepconv2_bn")(
           sep(c(filters2 or filters), name=f"block{block}_sepconv2")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+      x = max_pool(x, (3, 3), (2, 2), "SAME")
       return x + residual
 
     x = entry(x, 2, 128, first_relu=False)
