@@ -54,7 +54,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_library_info)
   import jax
 
-  from xrayjax import checkpoint, experiment, files, rundir, sharding, train
+  from xrayjax import checkpoint, experiment, files, kernels, rundir, sharding, train
   from xrayjax.data import pipeline, tasks
   from xrayjax.data.sources import native
 
@@ -81,6 +81,8 @@ def main(argv):
   if _MODE.value == "eval" and _RETRAIN.value:
     raise app.UsageError("--retrain goes with --mode=train")
   logging.info("workdir: %s", workdir)
+  if jax.default_backend() == "cpu":
+    logging.info("convolution gradients: %s", kernels.status())
   try:
     if _EVAL_DATA.value:
       experiment.evaluate_external(config, workdir, _EVAL_DATA.value, _EVAL_DIR.value)
