@@ -1,9 +1,19 @@
 """Shared fixtures: tiny configs and a synthetic data set built once per session."""
 
 import os
+import shutil
+import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # Keras is the parity reference
+# One BLAS thread per test process (read when numpy loads; subprocesses inherit it): xdist
+# runs a process per core, and OpenBLAS threads spinning on a busy core made the pixel
+# probes (sklearn's logistic regression) 20 times slower.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+if "numpy" in sys.modules:  # loaded before this file (by a plugin): limit it now
+  import threadpoolctl
+  threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")
 
 import jax
 import pytest
@@ -12,6 +22,21 @@ from configs import detl
 
 # Tests run tiny models for a few steps: compile time dominates, so skip most of XLA's work.
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+def pytest_configure(config):
+  """Every run builds its jitted functions anew, so runs of one config compile the same
+  programs again: a persistent compilation cache, fresh each session and one per process
+  (xdist worker: no two processes write one file), compiles each of them once. Set before
+  anything compiles: JAX decides at its first compilation whether the cache is used."""
+  config.xrayjax_jax_cache = tempfile.mkdtemp(prefix="xrayjax-test-jax-cache-")
+  jax.config.update("jax_compilation_cache_dir", config.xrayjax_jax_cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  shutil.rmtree(getattr(config, "xrayjax_jax_cache", ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
