@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny configs and a synthetic data set built once per session."""
+"""Shared fixtures: tiny configs, a synthetic data set and a tiny run built once per session."""
 
 import os
 import shutil
@@ -18,7 +18,7 @@ if "numpy" in sys.modules:  # loaded before this file (by a plugin): limit it no
 import jax
 import pytest
 
-from configs import detl
+import tiny
 
 # Tests run tiny models for a few steps: compile time dominates, so skip most of XLA's work.
 jax.config.update("jax_disable_most_optimizations", True)
@@ -46,7 +46,22 @@ def tfds_dir(tmp_path_factory):
 
 @pytest.fixture
 def tiny_config(tfds_dir):
-  """The `runlocal` config, reading the session's synthetic data."""
-  c = detl.get_config("runlocal")
-  c.data.tfds_dir = tfds_dir
-  return c
+  """The `runlocal` config, lean (tiny.lean), reading the session's synthetic data."""
+  return tiny.detl_config(tfds_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tfds_dir, tmp_path_factory):
+  """(workdir, results) of one `tiny_config` run, made once per session for the tests that
+  only read it; a test that writes to a run directory takes `tiny_run_copy`."""
+  from xrayjax import experiment
+  workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+  return workdir, experiment.run(tiny.detl_config(tfds_dir), workdir)
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run, tmp_path):
+  """A copy of the session's tiny run directory (files, checkpoints, mtimes) to write to."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run[0], workdir)
+  return workdir

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny
 from xrayjax import checkpoint, experiment, files, rundir
 
 
@@ -16,9 +17,8 @@ def _predictions(workdir, name="results"):
     return list(csv.DictReader(f))
 
 
-def test_tiny_run_trains_evaluates_and_reports(tiny_config, tmp_path):
-  workdir = str(tmp_path / "run")
-  results = experiment.run(tiny_config, workdir)
+def test_tiny_run_trains_evaluates_and_reports(tiny_config, tiny_run, tiny_run_copy):
+  workdir, results = tiny_run
   assert results["protocol"] == "corrected" and len(results["fold_metrics"]) == 2
   for name in ("config.json", "splits.json", "results.json", "results_folds.csv",
                "results_predictions.csv", "results_summary.txt"):
@@ -33,10 +33,10 @@ def test_tiny_run_trains_evaluates_and_reports(tiny_config, tmp_path):
   for name in ("results_table3.csv", "results_table4.csv", "plan.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
   # Eval mode restores the best checkpoints and recomputes the same metrics.
-  again = experiment.run(tiny_config, workdir, mode="eval")
+  again = experiment.run(tiny_config, tiny_run_copy, mode="eval")
   np.testing.assert_equal(again["fold_metrics"], results["fold_metrics"])  # NaN == NaN here
   # A second train run skips every finished stage and changes nothing.
-  third = experiment.run(tiny_config, workdir)
+  third = experiment.run(tiny_config, tiny_run_copy)
   np.testing.assert_equal(third["fold_metrics"], results["fold_metrics"])
 
 
@@ -52,7 +52,6 @@ class _Killed(Exception):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path, monkeypatch):
-  tiny_config.eval.gradcam.enabled = False  # resuming is under test (test_report: Grad-CAM)
   tiny_config.stage_a.epochs = 2
   tiny_config.stage_b.epochs = 2
   straight = str(tmp_path / "straight")
@@ -126,7 +125,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path
 
 
 def test_paper_protocol_runs_image_level_with_alexnet(tiny_config, tmp_path):
-  tiny_config.eval.gradcam.enabled = False
   tiny_config.protocol = "paper"
   tiny_config.model_name = "alexnet"  # with dropout, on the data-parallel mesh
   results = experiment.run(tiny_config, str(tmp_path / "run"))
@@ -135,10 +133,7 @@ def test_paper_protocol_runs_image_level_with_alexnet(tiny_config, tmp_path):
 
 
 def test_resnet50_run_restores_batch_norm_statistics(tfds_dir, tmp_path):
-  from configs import detl
-  c = detl.get_config("model=resnet50,runlocal")
-  c.eval.gradcam.enabled = False
-  c.data.tfds_dir = tfds_dir
+  c = tiny.detl_config(tfds_dir, "model=resnet50,runlocal")
   workdir = str(tmp_path / "run")
   results = experiment.run(c, workdir)
   state = _latest_state(os.path.join(workdir, "fold0", "stage_b"))
@@ -152,13 +147,10 @@ def test_resnet50_run_restores_batch_norm_statistics(tfds_dir, tmp_path):
 
 
 def test_scratch_run_and_bad_scratch_config(tfds_dir, tmp_path):
-  from configs import detl
-  c = detl.get_config("runlocal,init=scratch")
-  c.eval.gradcam.enabled = False
-  c.data.tfds_dir = tfds_dir
+  c = tiny.detl_config(tfds_dir, "runlocal,init=scratch")
   results = experiment.run(c, str(tmp_path / "scratch"))
   assert [s["name"] for s in results["stages"]] == ["fold0/stage_b", "fold1/stage_b"]
-  c = detl.get_config("runlocal")
+  c = tiny.detl_config(tfds_dir)
   c.stage_a.enabled = False
   with pytest.raises(ValueError, match="init=scratch"):
     experiment.run(c, str(tmp_path / "bad"))
@@ -204,8 +196,7 @@ def _tiny_concat(tfds_dir, arg="runlocal"):
   c.model_name = "alexnet"
   c.model = {"width": 1 / 16, "dropout": 0.0, "init_from": None}
   c.phases.epochs = 2
-  c.eval.gradcam.enabled = False
-  return c
+  return tiny.lean(c)
 
 
 def test_phased_run_killed_inside_phase_two_resumes_to_the_same_result(tfds_dir, tmp_path,
@@ -298,3 +289,4 @@ def test_best_checkpoint_is_the_epoch_of_highest_validation_accuracy(tmp_path):
     last.save({"params": {"w": jnp.zeros(2)}}, step, {"select_metric": float(step)})
   assert last.best_step() == last.latest_step() == 6
   last.close()
+

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import shared_data
+import tiny
 from configs import detl
 from xrayjax import experiment, files
 from xrayjax.data import pipeline, sources, splits
@@ -111,8 +112,7 @@ def test_detl_runs_on_a_manifest_and_flags_source_confounding(tmp_path):
       Image.fromarray(out["image"]).save(tmp_path / name)
       rows.append({"path": name, "label": label, "patient_id": f"{label}-{p}",
                    "source": "covid_site" if label == "covid" else "hospital", "view": "PA"})
-  c = detl.get_config("data=manifest,runlocal")
-  c.data.tfds_dir = str(tmp_path / "tfds")
+  c = tiny.detl_config(str(tmp_path / "tfds"), "data=manifest,runlocal")
   c.data.manifest.update(path=_write_manifest(tmp_path, rows), label_column="label",
                          image_size=32)
   results = experiment.run(c, str(tmp_path / "run"))
@@ -143,8 +143,7 @@ def test_detl_three_classes_with_data_a_from_another_collection(tmp_path):
       if label in ("normal", "other_disease"):  # the small copy: the same patients' images
         Image.fromarray(out["image"]).resize((32, 32)).save(small / name)
         rows_a.append(row)
-  c = detl.get_config("data=manifest,classes=3,runlocal")
-  c.data.tfds_dir = str(tmp_path / "tfds")
+  c = tiny.detl_config(str(tmp_path / "tfds"), "data=manifest,classes=3,runlocal")
   c.data.manifest.update(path=_write_manifest(big, rows_b), label_column="label", image_size=64)
   c.data_a.data.tfds_dir = str(tmp_path / "tfds")
   c.data_a.data.manifest.update(path=_write_manifest(small, rows_a), label_column="label",

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import run_files
-from configs import detl
+import tiny
 from xrayjax import checkpoint, experiment, files, rundir, train
 from xrayjax.data.sources import phantom
 
@@ -63,11 +63,8 @@ def test_changed_data_or_split_fields_are_refused_and_scored_only_as_external(tm
       rows.append({"path": name, "label": label, "patient_id": f"{label}-{p}",
                    "source": "hospital"})
   _write(data, rows)
-  c = detl.get_config("data=manifest,runlocal,init=scratch")
-  c.data.tfds_dir = str(tmp_path / "tfds")
+  c = tiny.detl_config(str(tmp_path / "tfds"), "data=manifest,runlocal,init=scratch")
   c.data.manifest.update(path=str(data / "manifest.csv"), label_column="label", image_size=32)
-  c.eval.gradcam.enabled = False
-  c.eval.bootstrap = 0
   workdir = str(tmp_path / "run")
   experiment.run(c, workdir)
   before = run_files.snapshot(workdir)
@@ -118,12 +115,9 @@ def test_changed_data_or_split_fields_are_refused_and_scored_only_as_external(tm
   _same_predictions(_predictions(workdir), _predictions(str(tmp_path / "eval"), "eval"))
 
 
-def test_eval_of_a_read_only_run_writes_to_a_temporary_directory(tiny_config, tmp_path,
+def test_eval_of_a_read_only_run_writes_to_a_temporary_directory(tiny_config, tiny_run_copy,
                                                                  monkeypatch, capsys):
-  tiny_config.eval.gradcam.enabled = False
-  tiny_config.eval.bootstrap = 0
-  workdir = str(tmp_path / "run")
-  experiment.run(tiny_config, workdir)
+  workdir = tiny_run_copy
   before = run_files.snapshot(workdir)
   # Permission bits do not stop root (CI), so the probe is what is faked.
   monkeypatch.setattr(rundir, "writable", lambda path: path != workdir)
@@ -191,8 +185,6 @@ class _Killed(Exception):
 
 def test_kills_inside_epochs_and_sigterm_resume_bit_identically(tiny_config, tmp_path,
                                                                 monkeypatch):
-  tiny_config.eval.gradcam.enabled = False
-  tiny_config.eval.bootstrap = 0
   tiny_config.stage_b.epochs = 2
   tiny_config.stage_b.batch_size = 4  # a few steps per epoch, so some saves fall inside one
   tiny_config.checkpoint_every_steps = 2
@@ -254,6 +246,7 @@ def test_sigkill_of_the_real_command_inside_an_epoch_resumes_bit_identically(tfd
     return [sys.executable, "-m", "xrayjax.main", "--config=configs/detl.py:runlocal",
             f"--workdir={workdir}", f"--config.data.tfds_dir={tfds_dir}",
             "--config.eval.gradcam.enabled=False", "--config.eval.bootstrap=0",
+            "--config.audit.perturb=False", "--config.audit.probes=False",
             "--config.stage_b.epochs=2", "--config.stage_b.batch_size=4",
             "--config.checkpoint_every_steps=2"]
 
