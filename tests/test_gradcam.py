@@ -57,7 +57,8 @@ def test_the_map_points_at_the_only_region_the_class_score_reads(method):
 def test_unknown_target_lists_the_valid_ones():
   model = models.build("vgg16", 2, {"width": 1 / 16})
   x = np.zeros((1, 32, 32, 1), np.float32)
-  variables = train.variables_of(model.init(jax.random.PRNGKey(0), x, train=False))
+  variables = jax.jit(lambda k: train.variables_of(model.init(k, x, train=False)))(
+      jax.random.PRNGKey(0))
   assert gradcam.targets(model, variables, 32) == ["block1", "block2", "block3", "block4",
                                                    "block5", "features"]
   with pytest.raises(ValueError, match=r"no map 'nope'.*'features'"):

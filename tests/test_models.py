@@ -1,5 +1,7 @@
 """Every registered model: output contract, DETL-style training steps at runlocal scale."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +28,8 @@ def test_runlocal_training_steps(name):
   for _ in range(2):
     state, metrics = step(state, batch, jax.random.PRNGKey(0))
     assert np.isfinite(float(metrics["loss"]))
-  logits, out = model.apply(state.variables, batch["image"], train=False)
+  logits, out = jax.jit(functools.partial(model.apply, train=False))(state.variables,
+                                                                     batch["image"])
   assert logits.shape == (8, 4)
   assert out["features"].ndim == 4 and out["features"].shape[0] == 8
   if name == "concat":  # each branch's map and the joint map, for Grad-CAM
@@ -123,17 +126,21 @@ def test_bfloat16_model_is_close_to_float32(name):
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, size=(4, size, size, 1)).astype(np.float32)
   variables = experiment.init_variables(f32, size, 0)
-  a, _ = f32.apply(variables, images, train=False)
-  b, _ = bf16.apply(variables, images, train=False)
+  # Jitted, as training and evaluation run them (op by op, ResNet50V2 took several times longer).
+  infer = lambda m: jax.jit(functools.partial(m.apply, train=False))  # noqa: E731
+  fit = lambda m: jax.jit(functools.partial(m.apply, train=True,  # noqa: E731
+                                            mutable=["batch_stats"]))
+  a, _ = infer(f32)(variables, images)
+  b, _ = infer(bf16)(variables, images)
   assert a.dtype == jnp.float32 and b.dtype == jnp.bfloat16
   # bfloat16 keeps 8 significant bits (0.4%); through the network, 1-2% here.
   np.testing.assert_allclose(b.astype(jnp.float32), a, atol=0.05 * float(np.abs(a).max()))
-  (_, _), stats = bf16.apply(variables, images, train=True, mutable=["batch_stats"])
+  (_, _), stats = fit(bf16)(variables, images)
   assert all(x.dtype == jnp.float32 and np.isfinite(x).all()
              for x in jax.tree.leaves(stats["batch_stats"] if stats else {}))
   if name == "vgg16":  # no BatchNorm: training mode is as close
-    (a, _), _ = f32.apply(variables, images, train=True, mutable=["batch_stats"])
-    (b, _), _ = bf16.apply(variables, images, train=True, mutable=["batch_stats"])
+    (a, _), _ = fit(f32)(variables, images)
+    (b, _), _ = fit(bf16)(variables, images)
     np.testing.assert_allclose(b.astype(jnp.float32), a, atol=0.05 * float(np.abs(a).max()))
   # (Not compared in training mode with BatchNorm: a freshly initialised ResNet normalising
   # over 4 images of 1x1 maps is chaotic; a 0.4% change of the float32 input alone moves its
