@@ -4,6 +4,7 @@ r"""Training and inference throughput of xrayjax models against their Keras twin
   python -m xrayjax.bench --models=resnet50 --rounds=5 --image_size=128
   python -m xrayjax.bench --gradcam             # Grad-CAM of a batch against a train step
   python -m xrayjax.bench --pipeline            # the input pipeline against the model's step
+  python -m xrayjax.bench --memory              # peak memory of training, against Keras
 
 For each model, one run alternates rounds of xrayjax training steps (the jitted,
 donating `train.make_train_step` that experiments use) and Keras training steps
@@ -14,11 +15,14 @@ inference images/s, the first-step (compile) time, the model's FLOPs per image
 (XLA's cost analysis of the forward pass), the fraction of this machine's float32
 matmul peak that xrayjax's training reaches (training taken as 3x the forward
 FLOPs; the peak is measured in every round, between the steps, and the highest
-reading is used, since one reading alone varies by 2x here), and the peak memory of a
-process that trains the model for two steps in each framework (each in a fresh
-subprocess, so neither sees the other's allocations). The last lines are a Markdown
-table for the README, and the line that says which convolution gradients ran
+reading is used, since one reading alone varies by 2x here). The last lines are a
+Markdown table for the README; the first say which convolution gradients ran
 (`xrayjax.kernels.status`).
+
+`--memory` prints instead the peak resident memory of a process that builds the model
+and trains it for two steps, in each framework (each in a fresh subprocess, so neither
+sees the other's allocations), and how much of it the model and its steps added to the
+process after its imports.
 
 `--pipeline` times the tf.data input pipeline (`pipeline.train_batches` on cached,
 resized images, with the configs' augmentation and TensorFlow's threads as runs set
@@ -63,8 +67,8 @@ GRADCAM = flags.DEFINE_bool("gradcam", False,
                             "gradcam++) against one training step instead of Keras")
 PIPELINE = flags.DEFINE_bool("pipeline", False,
                               "time the input pipeline against each model's training step")
-MEMORY = flags.DEFINE_bool("memory", True, "measure each framework's peak memory per model "
-                           "(two fresh subprocesses per model)")
+MEMORY = flags.DEFINE_bool("memory", False, "measure each framework's peak memory per model "
+                           "(two fresh subprocesses per model) instead of the throughput")
 _PROBE = flags.DEFINE_string("probe_memory", None, "internal: FRAMEWORK:MODEL, print the peak "
                              "memory of two training steps as JSON")
 CLASSES = 3
@@ -150,6 +154,14 @@ def matmul_peak(n: int = 2048, repeats: int = 3) -> float:
 
 
 def _max_rss_mb() -> float:
+  """This process's peak resident memory. Linux's VmHWM starts afresh at exec; ru_maxrss
+  would carry the high-water mark of the (large) benchmark process that forked it."""
+  try:
+    for line in open("/proc/self/status"):
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024  # kB
+  except OSError:
+    pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -197,15 +209,10 @@ def measure(name: str, size: int, batch: int, rounds: int, steps: int, peaks: li
     print(f"  {name} round {r + 1}/{rounds}: train xrayjax {train_j[-1]:.2f} img/s, "
           f"keras {train_k[-1]:.2f} img/s", flush=True)
   med = statistics.median
-  out = {"model": name, "train_jax": med(train_j), "train_keras": med(train_k),
-         "infer_jax": med(infer_j), "infer_keras": med(infer_k),
-         "compile_jax": mine.compile_seconds, "compile_keras": keras_compile,
-         "gflops_per_image": mine.forward_flops / batch / 1e9}
-  del mine, theirs
-  if MEMORY.value:
-    for framework in ("jax", "keras"):
-      out[f"memory_{framework}"] = peak_memory(framework, name, size, batch)
-  return out
+  return {"model": name, "train_jax": med(train_j), "train_keras": med(train_k),
+          "infer_jax": med(infer_j), "infer_keras": med(infer_k),
+          "compile_jax": mine.compile_seconds, "compile_keras": keras_compile,
+          "gflops_per_image": mine.forward_flops / batch / 1e9}
 
 
 def measure_gradcam(name: str, size: int, batch: int, rounds: int, steps: int) -> dict:
@@ -253,21 +260,28 @@ def table(rows: list[dict], peak: float, size: int, batch: int) -> str:
            f"{peak / 1e9:.1f} GFLOP/s (highest reading).", "",
            "| model | train img/s xrayjax | train img/s Keras | ratio | infer img/s xrayjax | "
            "infer img/s Keras | first step s xrayjax / Keras | GFLOPs/img (fwd) | "
-           "% of matmul peak (train) | peak memory GB xrayjax / Keras (added by the model) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "% of matmul peak (train) |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     achieved = 3 * r["gflops_per_image"] * 1e9 * r["train_jax"] / peak
-    memory = "n/a"
-    if "memory_jax" in r:
-      mj, mk = r["memory_jax"], r["memory_keras"]
-      memory = (f"{mj['peak_mb'] / 1024:.1f} / {mk['peak_mb'] / 1024:.1f} "
-                f"({(mj['peak_mb'] - mj['baseline_mb']) / 1024:.1f} / "
-                f"{(mk['peak_mb'] - mk['baseline_mb']) / 1024:.1f})")
     lines.append(
         f"| {r['model']} | {r['train_jax']:.2f} | {r['train_keras']:.2f} | "
         f"{r['train_jax'] / r['train_keras']:.2f}x | {r['infer_jax']:.2f} | "
         f"{r['infer_keras']:.2f} | {r['compile_jax']:.1f} / {r['compile_keras']:.1f} | "
-        f"{r['gflops_per_image']:.2f} | {100 * achieved:.0f}% | {memory} |")
+        f"{r['gflops_per_image']:.2f} | {100 * achieved:.0f}% |")
+  return "\n".join(lines)
+
+
+def memory_table(names, size: int, batch: int) -> str:
+  lines = [f"Peak resident memory of a process that trains for two steps, {size} px, batch "
+           f"{batch}, Nadam, float32 (GB; in brackets: added after the imports).", "",
+           "| model | xrayjax | Keras | xrayjax / Keras |", "|---|---|---|---|"]
+  for name in names:
+    m = {f: peak_memory(f, name, size, batch) for f in ("jax", "keras")}
+    print(f"  {name}: {m}", flush=True)
+    gb = lambda r: f"{r['peak_mb'] / 1024:.2f} ({(r['peak_mb'] - r['baseline_mb']) / 1024:.2f})"
+    lines.append(f"| {name} | {gb(m['jax'])} | {gb(m['keras'])} | "
+                 f"{m['jax']['peak_mb'] / m['keras']['peak_mb']:.2f}x |")
   return "\n".join(lines)
 
 
@@ -324,6 +338,9 @@ def main(argv):
   print(f"jax {jax.__version__} on {jax.devices()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True)
   print(f"convolution gradients: {kernels.status()}", flush=True)
+  if MEMORY.value:
+    print(memory_table(FLAGS.value, IMAGE_SIZE.value, BATCH_SIZE.value))
+    return
   if PIPELINE.value:
     from xrayjax.data import pipeline
     pipeline.configure_tensorflow(jax.default_backend())  # TF's threads as in runs
