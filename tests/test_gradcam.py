@@ -121,6 +121,7 @@ def _tf_gradcam(kmodel, layer, images, classes, method):
   return np.maximum(np.einsum("bhwk,bk->bhw", a, w), 0)
 
 
+@pytest.mark.slow  # full-width networks in both frameworks
 @pytest.mark.parametrize("name,make,size,layer", [
     ("vgg16", lambda **k: keras.applications.VGG16(**k), 64, "block5_conv3"),
     ("resnet50", lambda **k: keras.applications.ResNet50(**k), 96, "conv5_block3_out")])

@@ -1,4 +1,7 @@
-"""Flax models against keras.applications: same outputs from the same (imported) weights."""
+"""Flax models against keras.applications: same outputs from the same (imported) weights.
+
+The parity checks build full-width networks in both frameworks: they are `slow` (CI runs them).
+"""
 
 import jax
 import numpy as np
@@ -58,6 +61,7 @@ def _keras_outputs(kmodel, feature_layers, x):
   return [np.asarray(o) for o in probe(x, training=False)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_flax_matches_keras_applications(name, tmp_path):
   make, size, feature_layer, fmt = CASES[name]
@@ -88,6 +92,7 @@ def _keras_concat(size, classes):
   return keras.Model(inp, keras.layers.Dense(classes)(x))
 
 
+@pytest.mark.slow
 def test_concat_matches_the_authors_keras_network(tmp_path):
   size = 71
   kmodel = _keras_concat(size, CLASSES)
@@ -107,6 +112,7 @@ def test_concat_matches_the_authors_keras_network(tmp_path):
     assert _relative_error(mine, theirs) < 1e-4
 
 
+@pytest.mark.slow
 def test_concat_branches_from_two_files_head_kept(tmp_path):
   """The ImageNet recipe: each branch from its own no-top file; the new head stays random."""
   size = 71
@@ -130,6 +136,7 @@ def test_concat_branches_from_two_files_head_kept(tmp_path):
                             init["batch_stats"]["resnet50v2"]["post_bn"]["var"])
 
 
+@pytest.mark.slow
 def test_rgb_weights_into_grey_model_and_new_head(tmp_path):
   """An ImageNet-style file (3 channels, 1000 classes) into a 1-channel 4-class model."""
   kmodel = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=1000,

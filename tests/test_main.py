@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _main(*args, env):
   return subprocess.run([sys.executable, "-m", "xrayjax.main", *args], env=env,
@@ -12,13 +14,14 @@ def _main(*args, env):
                         cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
+@pytest.mark.slow
 def test_cli_trains_then_evaluates_on_eight_devices(tfds_dir, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   workdir = str(tmp_path / "run")
   proc = _main("--config=configs/detl.py:runlocal", f"--workdir={workdir}",
                f"--config.data.tfds_dir={tfds_dir}", "--config.eval.gradcam.enabled=False",
-               env=env)
+               "--config.audit.perturb=False", "--config.audit.probes=False", env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "2-fold evaluation" in proc.stdout
   assert "confusion matrix summed over folds" in proc.stdout

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from xrayjax import models, optim, sharding, train
@@ -83,6 +85,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 8 simulated devices in a subprocess: about 90 s of compiling on one core
 def test_eight_devices_match_one():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")

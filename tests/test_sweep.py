@@ -171,7 +171,8 @@ def test_a_signal_stops_the_running_trials_and_starts_no_more(tmp_path, monkeypa
 
 # --- real sweeps: every trial a tiny xrayjax.main run ---
 
-TINY = ("--config.eval.gradcam.enabled=False", "--config.eval.bootstrap=0")
+TINY = ("--config.eval.gradcam.enabled=False", "--config.eval.bootstrap=0",
+        "--config.audit.perturb=False", "--config.audit.probes=False")
 
 
 @pytest.fixture
@@ -218,10 +219,11 @@ def _check_ranked(sweep_dir, finished_names, metric="pooled.accuracy"):
   return rows
 
 
+@pytest.mark.slow
 def test_local_sweep_ranks_skips_finished_and_reports_a_failure(built_tfds, tmp_path):
   sweep_file = tmp_path / "lr_and_bad.py"
   # Four trials: three real ones (about 20 s each on 2 cores; the demo sweep file runs in the
-  # slow Ray test) and one whose value the run refuses.
+  # Ray test) and one whose value the run refuses.
   sweep_file.write_text(
       "from launch import hyper\n"
       "def get_sweep():\n"
