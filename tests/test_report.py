@@ -35,17 +35,25 @@ def test_the_run_writes_metrics_with_intervals_and_a_gradcam_audit(run):
     rows = {r["metric"]: r for r in csv.DictReader(f)}
   assert rows["covid/ppv@0.05"]["ci_low"] != "" and rows["accuracy"]["fold_sd"] != ""
   g = results["gradcam"]
-  # Synthetic data have lung masks for every image and lesion masks for every diseased one.
-  lungs = g["energy_in_lungs"]
-  assert lungs["images"] + lungs["undefined"] == results["num_images"] and lungs["images"] > 0
-  assert 0 <= g["energy_in_lungs"]["mean"] <= 1 and "pointing_game" in g
-  assert -1 <= g["randomisation_spearman"]["mean"] <= 1
+  rows = list(csv.DictReader(open(os.path.join(workdir, "results_predictions.csv"))))
+  # Synthetic data have lung masks for every image and lesion masks for every diseased one;
+  # the randomisation check runs on the first fold (sanity_folds=1). Every score counts each
+  # of its images once, as defined or as undefined (an all-zero map).
+  diseased = sum(r["label"] != "normal" for r in rows)
+  first_fold = sum(r["fold"] == "0" for r in rows)
+  for key, images in (("energy_in_lungs", results["num_images"]),
+                      ("lung_area", results["num_images"]), ("pointing_game", diseased),
+                      ("energy_in_lesion", diseased), ("lesion_area", diseased),
+                      ("randomisation_spearman", first_fold)):
+    assert g[key]["images"] + g[key]["undefined"] == images, key
+  assert g["energy_in_lungs"]["images"] > 0 and g["randomisation_spearman"]["images"] > 0
+  # The chance levels are the masks' shares of the image: the lungs cover more than the
+  # lesions, and neither the whole film.
+  assert 0 < g["lesion_area"]["mean"] < g["lung_area"]["mean"] < 1
   shown = [im for r in results["gradcam_folds"] for im in r["per_image"]]
-  wrong = sum(r["label"] != r["prediction"] for r in
-              csv.DictReader(open(os.path.join(workdir, "results_predictions.csv"))))
+  wrong = sum(r["label"] != r["prediction"] for r in rows)
   assert sum(im["misclassified"] for im in shown) == wrong  # every misclassified image
   # ... and, per fold, a right prediction of every class the fold's model got right once.
-  rows = list(csv.DictReader(open(os.path.join(workdir, "results_predictions.csv"))))
   for r in results["gradcam_folds"]:
     got_right = {p["label"] for p in rows if p["fold"] == str(r["fold"])
                  and p["label"] == p["prediction"]}
