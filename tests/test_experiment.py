@@ -3,6 +3,7 @@
 import csv
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -290,3 +291,76 @@ def test_best_checkpoint_is_the_epoch_of_highest_validation_accuracy(tmp_path):
   assert last.best_step() == last.latest_step() == 6
   last.close()
 
+
+class _MeanIntensity(nn.Module):
+  """A two-class model of the image's mean intensity: trains in a few SGD steps."""
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    del train
+    return nn.Dense(2, name="head")(images.mean(axis=(1, 2))), {}
+
+
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_a_stage_keeps_the_epoch_of_highest_validation_accuracy(select, tmp_path, monkeypatch):
+  """train.train_stage with scripted validation accuracies 0.5, 0.75, 0.25, 0.5 at the ends
+  of its 4 epochs: select="best" returns and records the weights of epoch 2, though the
+  training loss is lower later and the last epoch is 4; select="last" keeps epoch 4."""
+  import ml_collections
+  from xrayjax import infer, methods, sharding, train
+  from xrayjax.data import pipeline
+  rng = np.random.default_rng(0)
+  labels = np.arange(16) % 2
+  images = np.clip(rng.normal(60 + 130 * labels, 20)[:, None, None, None]
+                   + rng.normal(0, 10, (16, 8, 8, 1)), 0, 255).astype(np.uint8)
+  ds = pipeline.from_arrays(images, label=labels)
+  val = pipeline.from_arrays(images[:4], label=labels[:4])
+  scripted = iter([0.5, 0.75, 0.25, 0.5])
+
+  def predict(predict_fn, variables, ds, num_examples, batch_size, mesh):
+    right = round(next(scripted) * num_examples)  # the first `right` predictions are right
+    truth = labels[:num_examples]
+    predicted = np.where(np.arange(num_examples) < right, truth, 1 - truth)
+    return np.eye(2)[predicted], truth, np.arange(num_examples)
+
+  monkeypatch.setattr(infer, "predict", predict)
+  real_save, saved = checkpoint.StageCheckpoints.save, {}
+
+  def save(self, state, step, metrics):  # every epoch's metrics and weights, as saved
+    saved[step] = (dict(metrics), jax.device_get(state.variables))
+    real_save(self, state, step, metrics)
+
+  monkeypatch.setattr(checkpoint.StageCheckpoints, "save", save)
+  stage = methods.Stage(
+      name="stage", classes=("dark", "bright"), labels=labels,
+      phases=[methods.Phase(np.arange(16), 4)],
+      optimizer=ml_collections.ConfigDict(dict(name="sgd", lr=0.5, momentum=0.0,
+                                               schedule="constant")),
+      param_rules=((".*", "train"),), batch_size=4, eval_batch_size=4, select=select,
+      init_seed=0, seed=0, augment=(), val=np.arange(4))
+  model = _MeanIntensity()
+  init = train.variables_of(model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1)),
+                                       train=False))
+  ckpt_dir = str(tmp_path / "stage")
+  variables, summary = train.train_stage(
+      stage=stage, model=model, init_variables=init, groups={},
+      data=train.StageData(phases=[(ds, 16)], val=val, num_val=4), ckpt_dir=ckpt_dir,
+      mesh=sharding.make_mesh(), log_every=100, tb_dir=None)
+  ends = [4, 8, 12, 16]  # 4 steps per epoch
+  assert sorted(saved) == ends  # (the stage keeps only the latest and the best on disk)
+  assert [saved[s][0]["val_accuracy"] for s in ends] == [0.5, 0.75, 0.25, 0.5]
+  # The premise: training went on lowering the loss after epoch 2.
+  assert min(saved[s][0]["train_loss"] for s in ends) < saved[8][0]["train_loss"]
+  chosen = 8 if select == "best" else 16
+  assert summary["selected_step"] == chosen
+  assert summary["selected_metrics"]["val_accuracy"] == saved[chosen][0]["val_accuracy"]
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(saved[chosen][1])):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  if select == "best":  # ... not the weights the stage ended with
+    assert not np.array_equal(np.asarray(variables["params"]["head"]["kernel"]),
+                              saved[16][1]["params"]["head"]["kernel"])
+  # A run directory read later (eval, predict) gets the same choice.
+  restored, restored_summary = infer.restore(ckpt_dir)
+  assert restored_summary["selected_step"] == chosen
+  np.testing.assert_array_equal(restored["params"]["head"]["kernel"],
+                                saved[chosen][1]["params"]["head"]["kernel"])

@@ -117,3 +117,24 @@ def test_across_folds_mean_sd_and_summed_confusion():
   # Fold 2 predicts pneumonia once, wrongly: PPV 1 and 0, defined in both folds.
   assert out["metrics"]["pneumonia/ppv"]["mean"] == pytest.approx(0.5)
   assert out["confusion_summed"] == [[2, 0, 0], [1, 1, 0], [0, 1, 3]]
+
+
+def test_across_folds_averages_a_metric_over_the_folds_that_define_it():
+  """A class never predicted in a fold has no PPV there: its mean and sd are over the other
+  folds, and folds_defined says how many; accuracy still counts every fold."""
+  labels = np.array([0, 1, 2, 2])
+  folds = []
+  for pred in ([0, 1, 2, 2], [0, 0, 2, 1], [0, 0, 2, 2]):  # accuracy 1.0, 0.5, 0.75
+    probs = np.full((4, 3), 0.1)
+    probs[np.arange(4), pred] = 0.8
+    folds.append(metrics.classification(labels, probs, CLASSES))
+  assert np.isnan(metrics.flat(folds[2])["pneumonia/ppv"])  # the third never says pneumonia
+  out = metrics.across_folds(folds)["metrics"]
+  assert out["accuracy"]["mean"] == pytest.approx(0.75) and out["accuracy"]["folds_defined"] == 3
+  assert out["accuracy"]["sd"] == pytest.approx(0.25)  # sample sd of 1.0, 0.5, 0.75
+  ppv = out["pneumonia/ppv"]
+  assert ppv["folds_defined"] == 2
+  assert ppv["mean"] == pytest.approx(0.5) and ppv["sd"] == pytest.approx(np.sqrt(0.5))
+  # Defined in one fold only: that fold's value, and no spread.
+  only = metrics.across_folds(folds[2:] + folds[:1])["metrics"]["pneumonia/ppv"]
+  assert (only["mean"], only["sd"], only["folds_defined"]) == (1.0, 0.0, 1)
