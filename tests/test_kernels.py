@@ -145,3 +145,18 @@ def test_max_pool_matches_flax(shape, window, strides, padding):
   np.testing.assert_array_equal(ours(x), ref(x))
   loss = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) ** 2))(x)
   np.testing.assert_allclose(loss(ours), loss(ref), rtol=1e-6)
+
+
+def test_weight_grads_are_bit_reproducible():
+  # Training must repeat exactly (a resumed run matches an uninterrupted one): the threads'
+  # shares of the sums are fixed, whichever thread runs them. Many tiles, several calls.
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((4, 40, 40, 96), np.float32))
+  g = jnp.asarray(rng.standard_normal((4, 40, 40, 160), np.float32))
+  pad = ((1, 1), (1, 1))
+  dense = jax.jit(lambda x, g: kernels.conv_weight_grad(x, g, (3, 3), pad))
+  depth = jax.jit(lambda x, g: kernels.depthwise_weight_grad(x, g[..., :96], (3, 3), pad))
+  for f in (dense, depth):
+    first = np.asarray(f(x, g))
+    for _ in range(5):
+      np.testing.assert_array_equal(np.asarray(f(x, g)), first)

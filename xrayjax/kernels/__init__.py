@@ -124,6 +124,11 @@ def _depthwise_xla(x, w, padding: Padding):
   return sum(x[:, i:i + out_h, j:j + out_w] * w[i, j, 0] for i in range(kh) for j in range(kw))
 
 
+def _require():
+  if not native():
+    raise RuntimeError(f"xrayjax.kernels: the native kernels are not available: {status()}")
+
+
 def _rows_per_tile(cin: int, cout: int) -> int:
   """Rows per tile so that a tile of both operands (~384 KiB) stays in a core's L2."""
   return max(256, (96 * 1024) // (cin + cout))
@@ -135,6 +140,7 @@ def conv_weight_grad(x, g, kernel_hw: tuple[int, int], padding: Padding,
 
   Workers sum tiles of rows privately (all taps per tile) unless their sums would take more
   than `private_bytes`; then each takes whole taps (see cpu_kernels.cc)."""
+  _require()  # registers the FFI targets in this process
   kh, kw = kernel_hw
   (pt, pb), (pl, pr) = padding
   ci, co = x.shape[-1], g.shape[-1]
@@ -149,6 +155,7 @@ def conv_weight_grad(x, g, kernel_hw: tuple[int, int], padding: Padding,
 
 def depthwise_weight_grad(x, g, kernel_hw: tuple[int, int], padding: Padding):
   """The native weight gradient of a stride-1 NHWC depthwise conv: (kh, kw, 1, C), float32."""
+  _require()
   kh, kw = kernel_hw
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   call = jax.ffi.ffi_call("xrayjax_depthwise_weight_grad",

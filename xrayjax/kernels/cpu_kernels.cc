@@ -6,7 +6,8 @@
 // Both take the input already padded by the caller (so any padding is one layout here) and run
 // on XLA's intra-op thread pool: work items are claimed from an atomic counter by the calling
 // thread and by tasks scheduled on the pool, so a task that starts late finds nothing to do and
-// the call never waits on a task that has not started.
+// the call never waits on a task that has not started. Each item's share of the sums is fixed
+// and sums are added in item order, so results are the same whichever thread ran what.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -93,15 +94,20 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
   const int64_t tiles = (rows + tile - 1) / tile;
   const int workers = Workers(pool, tiles);
   if (workers * taps * Ci * Co * int64_t{sizeof(float)} <= private_bytes) {
+    // Work item w sums a fixed, contiguous range of tiles into its own buffer, and the buffers
+    // are added in order: the result does not depend on which thread ran what, so training is
+    // bit-reproducible (resumed runs match uninterrupted ones).
     std::vector<float> acc(static_cast<size_t>(workers) * taps * Ci * Co, 0.f);
-    ParallelFor(pool, tiles, workers, [&](int64_t t, int w) {
-      const int64_t k0 = t * tile, k = std::min(tile, rows - k0);
+    ParallelFor(pool, workers, workers, [&](int64_t w, int) {
       float* out = acc.data() + static_cast<size_t>(w) * taps * Ci * Co;
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        const int64_t shift = (tap / kw) * Wp + tap % kw;
-        scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Ci, Co, k, 1.f,
-                          X + (k0 + shift) * Ci, Ci, G + k0 * Co, Co, 1.f,
-                          out + tap * Ci * Co, Co);
+      for (int64_t t = tiles * w / workers; t < tiles * (w + 1) / workers; ++t) {
+        const int64_t k0 = t * tile, k = std::min(tile, rows - k0);
+        for (int64_t tap = 0; tap < taps; ++tap) {
+          const int64_t shift = (tap / kw) * Wp + tap % kw;
+          scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Ci, Co, k, 1.f,
+                            X + (k0 + shift) * Ci, Ci, G + k0 * Co, Co, 1.f,
+                            out + tap * Ci * Co, Co);
+        }
       }
     });
     const int64_t size = taps * Ci * Co;
@@ -126,8 +132,8 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
 
 // Depthwise conv weight gradient, stride 1:
 //   dw[ky, kx, 0, c] = sum_{n, y, x} xp[n, y + ky, x + kx, c] * g[n, y, x, c]
-// xp: (N, Ho+kh-1, Wo+kw-1, C), g: (N, Ho, Wo, C). A work item is a block of output rows (n, y);
-// each worker accumulates kh * kw * C sums privately (in cache) over contiguous channels.
+// xp: (N, Ho+kh-1, Wo+kw-1, C), g: (N, Ho, Wo, C). A work item is a range of output rows (n, y)
+// with its own kh * kw * C sums (in cache) over contiguous channels.
 ffi::Error DepthwiseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
                                ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw,
                                int64_t kh, int64_t kw) {
@@ -142,14 +148,12 @@ ffi::Error DepthwiseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
   const float* X = xp.typed_data();
   const float* G = g.typed_data();
   float* D = dw->typed_data();
-  const int64_t rows_per_item = std::max<int64_t>(1, N * Ho / 64);
-  const int64_t items = (N * Ho + rows_per_item - 1) / rows_per_item;
-  const int workers = Workers(pool, items);
+  // As above: work item w sums a fixed range of rows into its own buffer (deterministic).
+  const int workers = Workers(pool, N * Ho);
   std::vector<float> acc(static_cast<size_t>(workers) * taps * C, 0.f);
-  ParallelFor(pool, items, workers, [&](int64_t item, int w) {
+  ParallelFor(pool, workers, workers, [&](int64_t w, int) {
     float* out = acc.data() + static_cast<size_t>(w) * taps * C;
-    const int64_t r1 = std::min(N * Ho, (item + 1) * rows_per_item);
-    for (int64_t r = item * rows_per_item; r < r1; ++r) {
+    for (int64_t r = N * Ho * w / workers; r < N * Ho * (w + 1) / workers; ++r) {
       const int64_t n = r / Ho, y = r % Ho;
       const float* grow = G + (n * Ho + y) * Wo * C;
       for (int64_t ky = 0; ky < kh; ++ky) {
