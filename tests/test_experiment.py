@@ -52,41 +52,6 @@ class _Killed(Exception):
   pass
 
 
-def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path, monkeypatch):
-  tiny_config.stage_a.epochs = 2
-  tiny_config.stage_b.epochs = 2
-  straight = str(tmp_path / "straight")
-  experiment.run(tiny_config, straight)
-
-  resumed = str(tmp_path / "resumed")
-  real_save, saves = checkpoint.StageCheckpoints.save, []
-
-  def save_then_die(self, state, step, metrics):
-    real_save(self, state, step, metrics)
-    saves.append(step)
-    if len(saves) == 3:  # stage A done (2 saves), fold 0 after its first epoch
-      raise _Killed()
-
-  monkeypatch.setattr(checkpoint.StageCheckpoints, "save", save_then_die)
-  with pytest.raises(_Killed):
-    experiment.run(tiny_config, resumed)
-  monkeypatch.setattr(checkpoint.StageCheckpoints, "save", real_save)
-  assert not os.path.exists(os.path.join(resumed, "results.json"))
-  experiment.run(tiny_config, resumed)
-  # Every stage ends with bit-identical parameters (and optimizer state).
-  for stage in ("stage_a", "fold0/stage_b", "fold1/stage_b"):
-    x, y = _latest_state(os.path.join(straight, stage)), _latest_state(os.path.join(resumed, stage))
-    assert jax.tree.structure(x) == jax.tree.structure(y)
-    for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
-      np.testing.assert_array_equal(u, v)
-  a, b = _predictions(straight), _predictions(resumed)
-  assert [r["image_id"] for r in a] == [r["image_id"] for r in b]
-  for ra, rb in zip(a, b):
-    for k in ra:
-      if k.startswith("p_"):
-        assert float(ra[k]) == float(rb[k]), (ra["image_id"], k)
-
-
 def test_workdir_with_other_config_is_refused(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)

@@ -183,8 +183,8 @@ class _Killed(Exception):
   pass
 
 
-def test_kills_inside_epochs_and_sigterm_resume_bit_identically(tiny_config, tmp_path,
-                                                                monkeypatch):
+def test_kills_inside_and_between_epochs_and_sigterm_resume_bit_identically(
+    tiny_config, tmp_path, monkeypatch):
   tiny_config.stage_b.epochs = 2
   tiny_config.stage_b.batch_size = 4  # a few steps per epoch, so some saves fall inside one
   tiny_config.checkpoint_every_steps = 2
@@ -203,15 +203,20 @@ def test_kills_inside_epochs_and_sigterm_resume_bit_identically(tiny_config, tmp
         raise _Killed()
     return save
 
-  # Killed (without warning) right after a save, three times over (cumulative save counts).
-  for kill_at in (2, 6, 9):
+  # Killed (without warning) right after a save, four times over (cumulative save counts):
+  # inside stage A's epoch, inside fold 0's first epoch, at its end (the next run starts
+  # epoch 2 of the stage) and inside its second epoch.
+  for kill_at in (2, 6, 7, 9):
     monkeypatch.setattr(checkpoint.StageCheckpoints, "save", save_then_die(kill_at))
     with pytest.raises(_Killed):
       experiment.run(tiny_config, resumed)
+    assert not os.path.exists(os.path.join(resumed, "results.json"))
   monkeypatch.setattr(checkpoint.StageCheckpoints, "save", real_save)
   print("killed after saving", kills)
-  assert {k[0] for k in kills} == {"stage_a", "fold0/stage_b"}
-  assert all(k[2] == train.MIDDLE for k in kills), kills  # each inside an epoch
+  assert [k[:2] for k in kills] == [("stage_a", 4), ("fold0/stage_b", 4), ("fold0/stage_b", 5),
+                                    ("fold0/stage_b", 8)]
+  # Inside an epoch but for the third: the end of fold 0's first (5 steps of 4 images).
+  assert [k[2] == train.MIDDLE for k in kills] == [True, True, False, True], kills
 
   # SIGTERM arrives during a step: the step finishes, a checkpoint is written, the run stops.
   real_step, calls = train._compiled_step, []
