@@ -53,6 +53,15 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int workers, const F& fn) {
   state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
 
+// out = the sum of `parts` buffers of `size` floats laid end to end, added in order.
+void SumInOrder(const std::vector<float>& acc, int parts, int64_t size, float* out) {
+  std::memcpy(out, acc.data(), size * sizeof(float));
+  for (int p = 1; p < parts; ++p) {
+    const float* a = acc.data() + static_cast<size_t>(p) * size;
+    for (int64_t i = 0; i < size; ++i) out[i] += a[i];
+  }
+}
+
 int Workers(ffi::ThreadPool& pool, int64_t items) {
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   return static_cast<int>(std::min(threads, std::max<int64_t>(1, items)));
@@ -110,12 +119,7 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
         }
       }
     });
-    const int64_t size = taps * Ci * Co;
-    std::memcpy(D, acc.data(), size * sizeof(float));
-    for (int w = 1; w < workers; ++w) {
-      const float* a = acc.data() + static_cast<size_t>(w) * size;
-      for (int64_t i = 0; i < size; ++i) D[i] += a[i];
-    }
+    SumInOrder(acc, workers, taps * Ci * Co, D);
   } else {
     const int64_t block = Co >= 256 ? 128 : Co;
     const int64_t blocks = (Co + block - 1) / block;
@@ -169,12 +173,7 @@ ffi::Error DepthwiseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
       }
     }
   });
-  const int64_t size = taps * C;
-  std::memcpy(D, acc.data(), size * sizeof(float));
-  for (int w = 1; w < workers; ++w) {
-    const float* a = acc.data() + static_cast<size_t>(w) * size;
-    for (int64_t i = 0; i < size; ++i) D[i] += a[i];
-  }
+  SumInOrder(acc, workers, taps * C, D);
   return ffi::Error::Success();
 }
 
