@@ -33,13 +33,13 @@ struct ForState {
   std::condition_variable cv;
 };
 
-// Runs fn(item, worker) for item in [0, n) on `workers` threads (the caller is worker 0).
+// Runs fn(item) for item in [0, n) on `workers` threads (the caller is one of them).
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, int workers, const F& fn) {
   auto state = std::make_shared<ForState>();
-  auto run = [state, n, &fn](int worker) {
+  auto run = [state, n, &fn] {
     for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      fn(i, worker);
+      fn(i);
       if (state->done.fetch_add(1) + 1 == n) {
         std::lock_guard<std::mutex> lock(state->mu);
         state->cv.notify_all();
@@ -47,8 +47,8 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int workers, const F& fn) {
     }
   };
   // A late task only reads `state` (kept alive by its own reference) and exits.
-  for (int w = 1; w < workers; ++w) pool.Schedule([run, w] { run(w); });
-  run(0);
+  for (int w = 1; w < workers; ++w) pool.Schedule([run] { run(); });
+  run();
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
@@ -107,7 +107,7 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
     // are added in order: the result does not depend on which thread ran what, so training is
     // bit-reproducible (resumed runs match uninterrupted ones).
     std::vector<float> acc(static_cast<size_t>(workers) * taps * Ci * Co, 0.f);
-    ParallelFor(pool, workers, workers, [&](int64_t w, int) {
+    ParallelFor(pool, workers, workers, [&](int64_t w) {
       float* out = acc.data() + static_cast<size_t>(w) * taps * Ci * Co;
       for (int64_t t = tiles * w / workers; t < tiles * (w + 1) / workers; ++t) {
         const int64_t k0 = t * tile, k = std::min(tile, rows - k0);
@@ -123,7 +123,7 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
   } else {
     const int64_t block = Co >= 256 ? 128 : Co;
     const int64_t blocks = (Co + block - 1) / block;
-    ParallelFor(pool, taps * blocks, Workers(pool, taps * blocks), [&](int64_t item, int) {
+    ParallelFor(pool, taps * blocks, Workers(pool, taps * blocks), [&](int64_t item) {
       const int64_t tap = item / blocks, c0 = (item % blocks) * block;
       const int64_t shift = (tap / kw) * Wp + tap % kw;
       scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Ci, std::min(block, Co - c0),
@@ -155,7 +155,7 @@ ffi::Error DepthwiseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
   // As above: work item w sums a fixed range of rows into its own buffer (deterministic).
   const int workers = Workers(pool, N * Ho);
   std::vector<float> acc(static_cast<size_t>(workers) * taps * C, 0.f);
-  ParallelFor(pool, workers, workers, [&](int64_t w, int) {
+  ParallelFor(pool, workers, workers, [&](int64_t w) {
     float* out = acc.data() + static_cast<size_t>(w) * taps * C;
     for (int64_t r = N * Ho * w / workers; r < N * Ho * (w + 1) / workers; ++r) {
       const int64_t n = r / Ho, y = r % Ho;
