@@ -3,6 +3,7 @@ import math
 import pytest
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.eager import context
 
 from xrayjax.data import pipeline
 
@@ -50,6 +51,27 @@ def test_train_epochs_are_deterministic_and_differ_between_epochs():
   order0 = np.concatenate([b["label"] for b in e0])
   assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(e0, e1))
   assert sorted(order0.tolist()) == sorted((np.arange(40) % 3).tolist())
+
+
+def test_the_epoch_order_ignores_tensorflows_global_seed():
+  # A caller's tf.random.set_seed (a notebook; Keras's set_random_seed in another test of this
+  # process) must not reorder a run's epochs: the order is Dataset.shuffle's without one.
+  ds = _ds(40)
+  first_pixels = lambda batches: np.concatenate([b["image"][:, 0, 0, 0] for b in batches])
+  ours = lambda: first_pixels(pipeline.train_batches(ds, 40, 8, seed=3, epoch=0))
+  tfs = lambda: first_pixels(
+      ds.shuffle(40, seed=pipeline._epoch_seed(3, 0), reshuffle_each_iteration=False)
+      .map(lambda ex: {"image": pipeline.normalise(ex["image"])}).batch(8).as_numpy_iterator())
+  previous = context.global_seed()
+  try:
+    tf.random.set_seed(None)
+    expected = tfs()
+    np.testing.assert_array_equal(ours(), expected)
+    tf.random.set_seed(7)
+    assert not np.array_equal(tfs(), expected)  # what Dataset.shuffle alone would do
+    np.testing.assert_array_equal(ours(), expected)
+  finally:
+    tf.random.set_seed(previous)
 
 
 def _aug(image, seed, *ops):

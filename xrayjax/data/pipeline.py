@@ -214,6 +214,26 @@ def _epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+# TF's seed pair for an op given `seed` when no global seed is set
+# (tensorflow/python/framework/random_seed.py, DEFAULT_GRAPH_SEED).
+_TF_DEFAULT_GLOBAL_SEED = 87654321
+
+
+def _shuffle(ds: tf.data.Dataset, buffer_size: int, seed: int) -> tf.data.Dataset:
+  """`ds.shuffle(buffer_size, seed, reshuffle_each_iteration=False)` as it runs in a process
+  that never set TensorFlow's global seed, whoever set it since: Dataset.shuffle takes its
+  seed pair from tf.random.set_seed as well as from `seed`, so a caller in the same process
+  (a notebook, Keras's set_random_seed) reordered every epoch of a run (a retrained stage then
+  differed from the first training). The same op with the pair spelled out."""
+  flat = tf.nest.flatten(ds.element_spec)
+  variant = tf.raw_ops.ShuffleDatasetV3(
+      input_dataset=tf.data.experimental.to_variant(ds), buffer_size=buffer_size,
+      seed=_TF_DEFAULT_GLOBAL_SEED, seed2=seed % (2**31 - 1),
+      seed_generator=tf.raw_ops.DummySeedGenerator(), reshuffle_each_iteration=False,
+      output_types=[s.dtype for s in flat], output_shapes=[s.shape for s in flat])
+  return tf.data.experimental.from_variant(variant, ds.element_spec)
+
+
 def train_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int, seed: int,
                   epoch: int, augment_ops=(), process_index: int = 0,
                   process_count: int = 1, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -232,7 +252,7 @@ def train_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int, see
       image = augment(image, key, ops)
     return {"image": image, "label": ex["label"]}
 
-  out = (ds.shuffle(num_examples, seed=epoch_seed, reshuffle_each_iteration=False)
+  out = (_shuffle(ds, num_examples, epoch_seed)
          .shard(process_count, process_index)
          .skip(start * local_batch)
          .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
