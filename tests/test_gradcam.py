@@ -54,6 +54,42 @@ def test_the_map_points_at_the_only_region_the_class_score_reads(method):
   assert np.array_equal(res["class"], np.asarray(res["probs"]).argmax(-1))
 
 
+class PositionalHead(nn.Module):
+  """One feature channel read by a dense head that weighs positions: +1 in the top-left
+  quadrant, -1/3 elsewhere (a flatten + dense head); `gap`: a global-average-pooling head."""
+  gap: bool = False
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    out = {}
+    x = common.record(self, out, "features", nn.relu(images) + 0.1)
+    if self.gap:
+      pooled = x.mean(axis=(1, 2))
+      return jnp.concatenate([pooled, -pooled], -1), out
+    h, w = x.shape[1] // 2, x.shape[2] // 2
+    weights = jnp.full(x.shape[1:3], -1 / 3).at[:h, :w].set(1.0)
+    score = (x[..., 0] * weights).sum(axis=(1, 2))
+    return jnp.stack([score, -score], -1), out
+
+
+def test_hirescam_finds_what_a_positional_head_reads_where_gradcam_cannot():
+  # Grad-CAM averages the gradient over positions (here +1 and -1/3: mean 0), so its map is
+  # flat; HiResCAM keeps it per position and shows the quadrant that raised the score. On a
+  # GAP + linear head the two are the same map.
+  images = np.random.default_rng(1).uniform(0, 1, (2, 8, 8, 1)).astype(np.float32)
+  batch = {"image": images, "class": jnp.zeros((2,), jnp.int32)}
+  maps = {m: np.asarray(gradcam.make_fn(PositionalHead(), "features", m)({}, batch)["map"])
+          for m in ("gradcam", "hirescam")}
+  np.testing.assert_allclose(maps["gradcam"], 0.0, atol=1e-6)
+  assert maps["hirescam"][:, :4, :4].min() > 0 and maps["hirescam"][:, 4:, :].max() == 0
+  np.testing.assert_allclose(maps["hirescam"][:, :4, :4], images[:, :4, :4, 0] + 0.1,
+                             rtol=1e-6)  # g * A with g = 1
+  gap = {m: np.asarray(gradcam.make_fn(PositionalHead(gap=True), "features", m)({}, batch)
+                       ["map"]) for m in ("gradcam", "hirescam")}
+  assert gap["gradcam"].max() > 0
+  np.testing.assert_allclose(gap["hirescam"], gap["gradcam"], rtol=1e-6)
+
+
 def test_unknown_target_lists_the_valid_ones():
   model = models.build("vgg16", 2, {"width": 1 / 16})
   x = np.zeros((1, 32, 32, 1), np.float32)
@@ -106,13 +142,16 @@ tf = pytest.importorskip("tensorflow")
 
 
 def _tf_gradcam(kmodel, layer, images, classes, method):
-  """Grad-CAM with tf.GradientTape on the Keras model: an independent implementation."""
+  """Grad-CAM, Grad-CAM++ or HiResCAM with tf.GradientTape on the Keras model: an independent
+  implementation."""
   probe = keras.Model(kmodel.input, [kmodel.get_layer(layer).output, kmodel.output])
   with tf.GradientTape() as tape:
     fmap, logits = probe(images, training=False)
     score = tf.reduce_sum(tf.gather(logits, classes, axis=1, batch_dims=1))
   g = tape.gradient(score, fmap).numpy()
   a = fmap.numpy()
+  if method == "hirescam":
+    return np.maximum((g * a).sum(-1), 0)
   if method == "gradcam":
     w = g.mean(axis=(1, 2))
   else:

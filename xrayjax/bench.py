@@ -63,8 +63,9 @@ BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "images per training step")
 ROUNDS = flags.DEFINE_integer("rounds", 3, "alternating rounds per model")
 STEPS = flags.DEFINE_integer("steps", 3, "timed training steps per round and framework")
 GRADCAM = flags.DEFINE_bool("gradcam", False,
-                            "measure Grad-CAM of a batch (one jitted call, gradcam and "
-                            "gradcam++) against one training step instead of Keras")
+                            "measure Grad-CAM of a batch (one jitted call per method: "
+                            "gradcam, gradcam++, hirescam) against one training step "
+                            "instead of Keras")
 PIPELINE = flags.DEFINE_bool("pipeline", False,
                               "time the input pipeline against each model's training step")
 MEMORY = flags.DEFINE_bool("memory", False, "measure each framework's peak memory per model "
@@ -227,14 +228,14 @@ def measure_gradcam(name: str, size: int, batch: int, rounds: int, steps: int) -
   fns = {m: gradcam.make_fn(mine.model, "features", m) for m in gradcam.METHODS}
   for m, fn in fns.items():
     t = time.perf_counter()
-    jax.block_until_ready(fn(mine.state.variables, images, classes))
+    jax.block_until_ready(fn(mine.state.variables, {"image": images, "class": classes}))
     out[f"compile_{m}"] = time.perf_counter() - t
   times = {"train": [], **{m: [] for m in fns}}
   for r in range(rounds):
     times["train"].append(batch / _rate(mine.train_step, steps, batch))
     for m, fn in fns.items():
       times[m].append(batch / _rate(lambda: jax.block_until_ready(
-          fn(mine.state.variables, images, classes)), steps, batch))
+          fn(mine.state.variables, {"image": images, "class": classes})), steps, batch))
     print(f"  {name} round {r + 1}/{rounds}: train step {times['train'][-1]:.3f} s, "
           + ", ".join(f"{m} {times[m][-1]:.3f} s" for m in fns), flush=True)
   out.update({k: statistics.median(v) for k, v in times.items()})
@@ -242,15 +243,15 @@ def measure_gradcam(name: str, size: int, batch: int, rounds: int, steps: int) -
 
 
 def gradcam_table(rows: list[dict], size: int, batch: int) -> str:
+  from xrayjax.evaluate import gradcam
   lines = [f"Grad-CAM of a batch in one jitted call against one training step, {size} px, "
            f"batch {batch}, float32, target `features`; {jax.device_count()} CPU device(s), "
            f"{os.cpu_count()} cores.", "",
-           "| model | train step s | Grad-CAM s | ratio | Grad-CAM++ s | ratio |",
-           "|---|---|---|---|---|---|"]
+           "| model | train step s | " + " | ".join(f"{m} s | ratio" for m in gradcam.METHODS)
+           + " |", "|---|---|" + "---|---|" * len(gradcam.METHODS)]
   for r in rows:
-    lines.append(f"| {r['model']} | {r['train']:.3f} | {r['gradcam']:.3f} | "
-                 f"{r['gradcam'] / r['train']:.2f}x | {r['gradcam++']:.3f} | "
-                 f"{r['gradcam++'] / r['train']:.2f}x |")
+    lines.append(f"| {r['model']} | {r['train']:.3f} | " + " | ".join(
+        f"{r[m]:.3f} | {r[m] / r['train']:.2f}x" for m in gradcam.METHODS) + " |")
   return "\n".join(lines)
 
 

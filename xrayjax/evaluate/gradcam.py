@@ -1,4 +1,5 @@
-"""Grad-CAM (Selvaraju et al. 2017) and Grad-CAM++ (Chattopadhay et al. 2018) in JAX.
+"""Grad-CAM (Selvaraju et al. 2017), Grad-CAM++ (Chattopadhay et al. 2018) and HiResCAM
+(Draelos & Carin 2020) in JAX.
 
 Any named entry of a model's `out` can be the target map (default `features`, the last conv
 block; for `concat` also `xception`, `resnet50v2` and `concat`). Every model records its
@@ -10,6 +11,10 @@ The class score is the pre-softmax logit, as in the paper. The map for image i a
   Grad-CAM:   w_k = mean_ij dy/dA_ijk,              cam = relu(sum_k w_k A_k)
   Grad-CAM++: a_ijk = g^2 / (2 g^2 + sum_ab A_abk g^3), w_k = sum_ij a_ijk relu(g_ijk)
               (g = dy/dA; the closed form for an exponential score, as the paper derives)
+  HiResCAM:   cam = relu(sum_k g_k * A_k)  (the gradient kept per position, not averaged:
+              for a flatten + dense head, Grad-CAM's average mixes the weights of every
+              position into every other, and the map need not show what raised the score;
+              for a global-average-pooling + linear head the two are the same)
 
 Maps are upsampled (bilinear) to the input size and scaled to [0, 1] per image (all zero if
 the map is all zero). One jitted call handles a batch; BatchNorm runs in inference mode.
@@ -25,7 +30,7 @@ import numpy as np
 
 from xrayjax.models.common import TAP
 
-METHODS = ("gradcam", "gradcam++")
+METHODS = ("gradcam", "gradcam++", "hirescam")
 
 
 def targets(model, variables, image_size: int) -> list[str]:
@@ -68,14 +73,17 @@ def make_fn(model, target: str = "features", method: str = "gradcam"):
     grads, (logits, fmap, chosen) = jax.grad(score, has_aux=True)(zeros)
     g = grads[TAP + target].astype(jnp.float32)
     a = fmap.astype(jnp.float32)
-    if method == "gradcam":
-      weights = g.mean(axis=(1, 2))
+    if method == "hirescam":
+      cam = jax.nn.relu((g * a).sum(-1))
     else:
-      g2, g3 = g * g, g * g * g
-      denom = 2 * g2 + a.sum(axis=(1, 2), keepdims=True) * g3
-      alpha = g2 / jnp.where(denom != 0, denom, 1.0)
-      weights = (alpha * jax.nn.relu(g)).sum(axis=(1, 2))
-    cam = jax.nn.relu(jnp.einsum("bhwk,bk->bhw", a, weights))
+      if method == "gradcam":
+        weights = g.mean(axis=(1, 2))
+      else:
+        g2, g3 = g * g, g * g * g
+        denom = 2 * g2 + a.sum(axis=(1, 2), keepdims=True) * g3
+        alpha = g2 / jnp.where(denom != 0, denom, 1.0)
+        weights = (alpha * jax.nn.relu(g)).sum(axis=(1, 2))
+      cam = jax.nn.relu(jnp.einsum("bhwk,bk->bhw", a, weights))
     up = jax.image.resize(cam, (cam.shape[0],) + images.shape[1:3], "bilinear")
     up = jax.nn.relu(up)
     top = up.max(axis=(1, 2), keepdims=True)

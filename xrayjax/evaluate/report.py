@@ -132,8 +132,8 @@ def summary_text(results: dict) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in r["skipped_by_reason"].items()) or "none"
     lines.append(f"  data {name}: {r['built']} images built, {r['skipped']} skipped ({reasons})")
   if results.get("gradcam"):
-    g = results["gradcam"]
-    lines.append("  Grad-CAM: " + "; ".join(f"{k} {v['mean']:.3f} ({v['images']} images)"
+    g, first = results["gradcam"], results["gradcam_folds"][0]
+    lines.append(f"  Grad-CAM ({first['method']} on {first['target']}): " + "; ".join(f"{k} {v['mean']:.3f} ({v['images']} images)"
                                              for k, v in g.items()) + " (report.html)")
   lines += audit_lines(results.get("shortcuts"))
   if results.get("duplicates"):
