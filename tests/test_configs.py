@@ -111,7 +111,11 @@ def test_every_concat_variant_builds(model, data, protocol, sampler, scale, runl
 
 def test_detl_presets_are_rows_of_one_table():
   demo, paper, tiny = (detl.get_config(a) for a in ("", "scale=paper", "runlocal"))
-  assert (demo.data.image_size, paper.data.image_size, tiny.data.image_size) == (96, 224, 32)
+  assert (demo.data.image_size, paper.data.image_size, tiny.data.image_size) == (128, 224, 32)
+  # A demo recipe is a row of DEMO_RECIPES over the demo's row: VGG16 at 128 px, the rest 96.
+  assert detl.get_config("model=alexnet").data.image_size == 96
+  assert (demo.eval.gradcam.method, demo.eval.gradcam.target) == ("hirescam", "block3")
+  assert (paper.eval.gradcam.method, paper.eval.gradcam.target) == ("gradcam", "features")
   assert detl.get_config("runlocal,scale=paper").data.image_size == 32  # runlocal wins
   assert detl.get_config("data=manifest").data.image_size == 64
   assert detl.get_config("data=manifest,classes=3").data.image_size == 128
