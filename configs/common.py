@@ -56,10 +56,10 @@ def eval_config(bootstrap: int = 1000, per_class: int = 3) -> ml_collections.Con
   prevalences: PPV and NPV are also reported as they would be at these prevalences.
   bootstrap: patient-clustered resamples for the 95% intervals (0: none).
   gradcam: maps of `target` (any entry of the model's `out`; concat also has xception,
-  resnet50v2, concat) by `method` (gradcam | gradcam++): overlays (the lesion outlined) of
-  per_class right and per_class wrong predictions of every class, and of every misclassified
-  image when `misclassified`; localisation scores; the model-randomisation check on the first
-  sanity_folds folds.
+  resnet50v2, concat) by `method` (gradcam | gradcam++ | hirescam): overlays (the lesion
+  outlined) of per_class right and per_class wrong predictions of every class, and of every
+  misclassified image when `misclassified`; localisation scores; the model-randomisation
+  check on the first sanity_folds folds.
   """
   return ml_collections.ConfigDict(dict(
       prevalences=(0.01, 0.05, 0.2), bootstrap=bootstrap,
