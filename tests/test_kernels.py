@@ -1,5 +1,6 @@
 """The CPU fast paths against the reference ops, values and gradients: the native weight-gradient
-kernels (xrayjax/kernels) against lax, max pooling as slices against nn.max_pool."""
+kernels (xrayjax/kernels, 3x3, depthwise and 1x1) against lax, max pooling as slices against
+nn.max_pool."""
 
 import os
 
@@ -47,6 +48,9 @@ DENSE = [
     (2, 12, 12, 3, 8, (7, 7), ((3, 3), (3, 3))),
     (2, 16, 16, 96, 160, (3, 3), ((1, 1), (1, 1))),  # 630 rows: two tiles of 384
     (1, 4, 6, 64, 300, (3, 3), ((1, 1), (1, 1))),
+    (2, 5, 7, 8, 3, (1, 1), ((0, 0), (0, 0))),  # 1x1: unpadded operands, every row
+    (2, 24, 24, 96, 160, (1, 1), ((0, 0), (0, 0))),  # 1x1 over several tiles
+    (2, 5, 7, 8, 3, (1, 1), ((1, 0), (0, 1))),  # 1x1 with padding: the shifted layout
 ]
 
 
@@ -73,20 +77,23 @@ def test_depthwise_weight_grad_matches_lax(n, h, w, c, kernel, padding):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
-@pytest.mark.parametrize("depthwise", [False, True])
-def test_model_convs_match_lax_in_value_and_both_gradients(depthwise):
+@pytest.mark.parametrize("kind,strides", [
+    ("dense", (1, 1)), ("depthwise", (1, 1)), ("pointwise", (1, 1)), ("pointwise", (2, 2))])
+def test_model_convs_match_lax_in_value_and_both_gradients(kind, strides):
   # Through models/common.py (what the models call), under jit and grad, with a loss that
   # weights every output differently.
   rng = np.random.default_rng(2)
   c = 6
   x = jnp.asarray(rng.standard_normal((2, 32, 28, c), np.float32))  # native from 28x28 maps
-  w = jnp.asarray(rng.standard_normal((3, 3, 1 if depthwise else c, c), np.float32))
-  weights = jnp.asarray(rng.standard_normal((2, 32, 28, c), np.float32))
-  groups = c if depthwise else 1
+  kernel = (1, 1) if kind == "pointwise" else (3, 3)
+  w = jnp.asarray(rng.standard_normal((*kernel, 1 if kind == "depthwise" else c, c), np.float32))
+  weights = jnp.asarray(rng.standard_normal((2, 32 // strides[0], 28 // strides[1], c),
+                                            np.float32))
+  groups = c if kind == "depthwise" else 1
   dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
 
   def loss(conv, x, w):
-    y = conv(x, w, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=groups)
+    y = conv(x, w, strides, "SAME", dimension_numbers=dn, feature_group_count=groups)
     return jnp.sum(jnp.tanh(y) * weights)
 
   ours = jax.jit(jax.value_and_grad(lambda x, w: loss(common.conv_general_dilated, x, w), (0, 1)))
@@ -107,6 +114,9 @@ def test_other_dtypes_and_small_maps_keep_xlas_gradient(dtype, size, native):
   w = jnp.ones((3, 3, 3, 4), dtype)
   f = lambda w: jnp.sum(kernels.conv(x, w, ((1, 1), (1, 1))).astype(jnp.float32))
   assert ("xrayjax_" in jax.jit(jax.grad(f)).lower(w).as_text()) == native
+  # 1x1 convs take the native gradient at every size, in float32 only.
+  f = lambda w: jnp.sum(kernels.pointwise(x, w[:1, :1]).astype(jnp.float32))
+  assert ("xrayjax_" in jax.jit(jax.grad(f)).lower(w).as_text()) == (dtype == jnp.float32)
 
 
 def test_without_a_compiler_the_models_fall_back_and_say_so(monkeypatch, tmp_path):

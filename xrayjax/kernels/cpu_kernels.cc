@@ -74,7 +74,8 @@ int Workers(ffi::ThreadPool& pool, int64_t items) {
 // is the same matrix shifted by ky * Wp + kx rows, so each tap is one GEMM with transposed
 // operands over every row at once (the zero rows and columns of gp cancel the positions that
 // wrap across a row or an image). The last kh rows of the last image are zero in gp and are
-// left out, so no tap reads past the end of xp.
+// left out, so no tap reads past the end of xp. A 1x1 conv (`pointwise`) needs no shift and
+// so no padding: Hp = Ho, Wp = Wo, and every row counts.
 //
 // Two schedules:
 //   tiles of `tile` rows for all taps (each tile is read from memory once and reused by every
@@ -88,13 +89,14 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
                           int64_t kw, int64_t tile, int64_t private_bytes) {
   auto xd = xp.dimensions();
   auto gd = gp.dimensions();
+  const bool pointwise = kh == 1 && kw == 1;
   if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[1] != gd[1] || xd[2] != gd[2] ||
-      xd[1] <= kh || xd[2] < kw || tile <= 0) {
-    return ffi::Error::InvalidArgument("conv_weight_grad: operands are not (N, Ho+kh, Wo+kw-1, C)");
+      (!pointwise && (xd[1] <= kh || xd[2] < kw)) || tile <= 0) {
+    return ffi::Error::InvalidArgument("conv_weight_grad: operands are not (N, Ho+kh, Wo+kw-1, C), or (N, Ho, Wo, C) for 1x1");
   }
   const int64_t N = xd[0], Hp = xd[1], Wp = xd[2], Ci = xd[3], Co = gd[3];
   const int64_t taps = kh * kw;
-  const int64_t rows = N * Hp * Wp - kh * Wp;
+  const int64_t rows = N * Hp * Wp - (pointwise ? 0 : kh * Wp);
   const float* X = xp.typed_data();
   const float* G = gp.typed_data();
   float* D = dw->typed_data();

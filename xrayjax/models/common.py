@@ -51,7 +51,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """lax.conv_general_dilated, with three kinds of conv computed another way (same result).
 
   XLA's CPU backend is slow at all three (xrayjax.bench, README "Benchmark"):
-    - a plain 1x1 conv is one matrix product (1.4-2x faster, forward and backward);
+    - a plain 1x1 conv is one matrix product (1.4-2x faster, forward and backward), with a
+      native weight gradient on the CPU (xrayjax/kernels);
     - a depthwise conv at stride 1 is a sum of shifted, channel-scaled copies of the input,
       which XLA fuses into one loop (grouped convolutions run far below peak there), with a
       native weight gradient on the CPU (xrayjax/kernels);
@@ -63,6 +64,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   kh, kw, cin, cout = rhs.shape
   if plain and (kh, kw) == (1, 1) and feature_group_count == 1 and _no_padding(padding):
     x = lhs[:, ::window_strides[0], ::window_strides[1]]
+    if precision is None:
+      return kernels.pointwise(x, rhs)
     return lax.dot_general(x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
   if plain and tuple(window_strides) == (1, 1):
     if isinstance(padding, str):
