@@ -19,10 +19,10 @@ compiler, no OpenBLAS wheel) or `XRAYJAX_NATIVE=0` is set, the models use the pu
 
 `conv`, `pointwise` and `depthwise` are the convolutions with these gradients
 (`jax.custom_vjp`): the forward pass and the input gradient stay XLA's; the weight gradient is
-the native kernel on the CPU backend only (`lax.platform_dependent`: a program lowered for an accelerator keeps XLA's), for
-float32 operands (other dtypes, and machines without the kernels, take XLA's gradient). They
-cover stride 1 and non-negative padding (`pointwise`: none; a strided 1x1 conv is the strided
-input's); models/common.py sends them only such convs.
+the native kernel on the CPU backend only (`lax.platform_dependent`: a program lowered for an
+accelerator keeps XLA's), for float32 operands (other dtypes, and machines without the
+kernels, take XLA's gradient). They cover stride 1 and non-negative padding (`pointwise`:
+none; a strided 1x1 conv is the strided input's); models/common.py sends them only such convs.
 """
 
 from __future__ import annotations
