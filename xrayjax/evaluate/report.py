@@ -133,8 +133,8 @@ def summary_text(results: dict) -> str:
     lines.append(f"  data {name}: {r['built']} images built, {r['skipped']} skipped ({reasons})")
   if results.get("gradcam"):
     g, first = results["gradcam"], results["gradcam_folds"][0]
-    lines.append(f"  Grad-CAM ({first['method']} on {first['target']}): " + "; ".join(f"{k} {v['mean']:.3f} ({v['images']} images)"
-                                             for k, v in g.items()) + " (report.html)")
+    scores = "; ".join(f"{k} {v['mean']:.3f} ({v['images']} images)" for k, v in g.items())
+    lines.append(f"  Grad-CAM ({first['method']} on {first['target']}): {scores} (report.html)")
   lines += audit_lines(results.get("shortcuts"))
   if results.get("duplicates"):
     d = results["duplicates"]

@@ -195,10 +195,14 @@ def _with_native_weight_grad(forward, native_grad):
   return f
 
 
-def _pointwise_xla(x, w, padding: Padding):
+def pointwise_product(x, w, precision=None):
   """A 1x1 conv (w: 1, 1, Ci, Co) as one matrix product over the channels."""
+  return lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+
+
+def _pointwise_xla(x, w, padding: Padding):
   del padding  # none: models/common.py sends only unpadded 1x1 convs
-  return lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())))
+  return pointwise_product(x, w)
 
 
 _conv_native = _with_native_weight_grad(_conv_lax, conv_weight_grad)

@@ -66,7 +66,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     x = lhs[:, ::window_strides[0], ::window_strides[1]]
     if precision is None:
       return kernels.pointwise(x, rhs)
-    return lax.dot_general(x, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+    return kernels.pointwise_product(x, rhs, precision)
   if plain and tuple(window_strides) == (1, 1):
     if isinstance(padding, str):
       padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding)
