@@ -1,6 +1,6 @@
 """The CPU fast paths against the reference ops, values and gradients: the native weight-gradient
-kernels (xrayjax/kernels, 3x3, depthwise and 1x1) against lax, max pooling as slices against
-nn.max_pool."""
+kernels (xrayjax/kernels, 3x3, depthwise and 1x1) and max pooling's native input gradient
+against lax, max pooling (native or as slices) against nn.max_pool."""
 
 import os
 
@@ -155,6 +155,29 @@ def test_max_pool_matches_flax(shape, window, strides, padding):
   np.testing.assert_array_equal(ours(x), ref(x))
   loss = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) ** 2))(x)
   np.testing.assert_allclose(loss(ours), loss(ref), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 9, 11, 5), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((1, 10, 7, 4), (3, 2), (1, 2), ((2, 0), (0, 1))),  # asymmetric, a window in the padding
+    ((2, 8, 8, 3), (2, 2), (2, 2), ((0, 0), (0, 0))),
+])
+def test_native_max_pool_gradient_picks_the_maxima_xla_picks(shape, window, strides, padding):
+  # Integer values, so most windows hold tied maxima: the gradient must go where XLA's
+  # select-and-scatter puts it (the first maximum), and integer sums are exact in any order.
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.integers(0, 3, shape).astype(np.float32))
+  ref = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1),
+                                    ((0, 0), *padding, (0, 0)))
+  ours = lambda x: kernels.max_pool(x, window, strides, padding)
+  np.testing.assert_array_equal(ours(x), ref(x))
+  g = jnp.asarray(rng.integers(-3, 4, ref(x).shape).astype(np.float32))
+  grad = lambda pool: jax.vjp(pool, x)[1](g)[0]
+  np.testing.assert_array_equal(grad(ours), grad(ref))
+  hlo = lambda dtype: jax.jit(jax.grad(lambda x: jnp.sum(ours(x).astype(jnp.float32)))).lower(
+      x.astype(dtype)).as_text()
+  assert "xrayjax_max_pool_grad" in hlo(jnp.float32)
+  assert "xrayjax_" not in hlo(jnp.bfloat16)  # other dtypes keep XLA's gradient
 
 
 def test_weight_grads_are_bit_reproducible():

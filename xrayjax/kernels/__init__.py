@@ -1,4 +1,5 @@
-"""Native CPU kernels for the two convolution weight gradients XLA's CPU backend runs slowly.
+"""Native CPU kernels for the gradients XLA's CPU backend runs slowly: convolution weight
+gradients and max pooling's input gradient.
 
 XLA computes the weight gradient of a 3x3 convolution at 12-55 GFLOP/s on this 2-core machine
 (TensorFlow's oneDNN: ~200), and that of a depthwise convolution as reductions at about
@@ -9,7 +10,10 @@ The dense kernel also takes the weight gradient of 1x1 convolutions (one `sgemm`
 no padding): XLA computes it as a matrix product after copying both operands into transposed
 layouts, and fuses the producers' gradients (BatchNorm's, a max pool's) into those copies
 (training step, 224 px, batch 16, medians of 4 alternating steps: Xception 5.94 -> 5.05 s,
-concat 8.50 -> 7.56 s, ResNet50V2 3.22 -> 2.99 s, ResNet50 3.62 -> 3.46 s).
+concat 8.50 -> 7.56 s, ResNet50V2 3.22 -> 2.99 s, ResNet50 3.62 -> 3.46 s). Max pooling's
+input gradient is a loop that sends each window's gradient to its first maximum: XLA
+differentiates reduce-window through four index arrays and a scatter (3x3/2 windows,
+16x147x147x128: 766 against 229 ms forward + backward; Xception's step 5.55 -> 5.07 s).
 
 The library is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) into
 `$XRAYJAX_CACHE/kernels` (default `~/.cache/xrayjax/kernels`), keyed by the source, the compiler
@@ -17,12 +21,14 @@ flags, jax's version and the CPU, and registered through `jax.ffi`. Where it can
 compiler, no OpenBLAS wheel) or `XRAYJAX_NATIVE=0` is set, the models use the pure-JAX forms:
 `status()` says which ran and why, and runs write it into their log.
 
-`conv`, `pointwise` and `depthwise` are the convolutions with these gradients
-(`jax.custom_vjp`): the forward pass and the input gradient stay XLA's; the weight gradient is
-the native kernel on the CPU backend only (`lax.platform_dependent`: a program lowered for an
-accelerator keeps XLA's), for float32 operands (other dtypes, and machines without the
-kernels, take XLA's gradient). They cover stride 1 and non-negative padding (`pointwise`:
-none; a strided 1x1 conv is the strided input's); models/common.py sends them only such convs.
+`conv`, `pointwise`, `depthwise` and `max_pool` are the ops with these gradients
+(`jax.custom_vjp`). The convolutions keep XLA's forward pass and input gradient, and take the
+native weight gradient; `max_pool` keeps XLA's forward pass and takes the native input
+gradient. The native kernels run on the CPU backend only (`lax.platform_dependent`: a program
+lowered for an accelerator keeps XLA's), for float32 operands (other dtypes, and machines
+without the kernels, take XLA's gradient). The convolutions cover stride 1 and non-negative
+padding (`pointwise`: none; a strided 1x1 conv is the strided input's); models/common.py sends
+them only such convs.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 _SOURCE = "cpu_kernels.cc"
-_TARGETS = ("xrayjax_conv_weight_grad", "xrayjax_depthwise_weight_grad")
+_TARGETS = ("xrayjax_conv_weight_grad", "xrayjax_depthwise_weight_grad",
+            "xrayjax_max_pool_grad")
 
 
 def _cpu_identity() -> str:
@@ -237,3 +244,45 @@ def pointwise(x, w):
 def depthwise(x, w, padding: Padding):
   """A stride-1 NHWC depthwise conv, w: (kh, kw, 1, C) (padding as for `conv`)."""
   return (_depthwise_native if _use_native(x, w) else _depthwise_xla)(x, w, padding)
+
+
+def _max_pool_xla(x, window: tuple[int, int], strides: tuple[int, int], padding: Padding):
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1),
+                           ((0, 0), *padding, (0, 0)))
+
+
+def max_pool_grad(x, g, window: tuple[int, int], strides: tuple[int, int], padding: Padding):
+  """The native input gradient of `_max_pool_xla`: float32 (N, H, W, C), ties as XLA's."""
+  _require()
+  (kh, kw), (sh, sw) = window, strides
+  call = jax.ffi.ffi_call("xrayjax_max_pool_grad", jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                          vmap_method="sequential")
+  return call(x, g, kh=kh, kw=kw, sh=sh, sw=sw, pt=padding[0][0], pl=padding[1][0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_native(x, window, strides, padding):
+  return _max_pool_xla(x, window, strides, padding)
+
+
+def _max_pool_fwd(x, window, strides, padding):
+  return _max_pool_xla(x, window, strides, padding), x
+
+
+def _max_pool_bwd(window, strides, padding, x, g):
+  xla = lambda x, g: jax.vjp(lambda x: _max_pool_xla(x, window, strides, padding), x)[1](g)[0]
+  native = lambda x, g: max_pool_grad(x, g, window, strides, padding)
+  return (lax.platform_dependent(x, g, cpu=native, default=xla),)
+
+
+_max_pool_native.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x, window: tuple[int, int], strides: tuple[int, int], padding: Padding):
+  """NHWC max pooling (padding: ((top, bottom), (left, right)), never chosen), whose input
+  gradient on the CPU backend is the native kernel for float32: XLA's CPU backend
+  differentiates reduce-window through four index arrays and a scatter."""
+  padding = tuple(map(tuple, padding))
+  if x.dtype == jnp.float32 and native():
+    return _max_pool_native(x, tuple(window), tuple(strides), padding)
+  return _max_pool_xla(x, tuple(window), tuple(strides), padding)

@@ -102,20 +102,22 @@ class SeparableConv(nn.Module):
 
 
 def max_pool(x, window: tuple[int, int], strides: tuple[int, int], padding="VALID"):
-  """nn.max_pool (NHWC); non-overlapping windows as the maximum of strided slices.
+  """Max pooling (NHWC, padding a string or pairs); padded positions are never chosen.
 
-  XLA's CPU backend differentiates reduce-window through index arrays and a reduce-window
-  with five outputs: 16x224x224x64 in 2x2 windows took 1,059 ms forward + backward against
-  258 ms as slices (same values and, but for ties, gradients), and the VGG16 training step
-  (224 px, batch 16) went from 20.98 to 19.11 s. Overlapping windows keep nn.max_pool: as
-  slices, the ResNet50 step was no faster (6.93 against 6.92 s) and Xception's slower (12.73
-  against 9.76 s), though 3x3/2 alone was faster (66 against 380 ms; all measured here).
+  XLA's CPU backend differentiates reduce-window through four index arrays and a scatter
+  (a reduce-window with five outputs). Overlapping windows (ResNets' stem, Xception) take
+  `kernels.max_pool`, whose input gradient is native on the CPU: 16x147x147x128 in 3x3/2
+  windows took 766 against 229 ms forward + backward, 16x114x114x64 201 against 65 ms.
+  Non-overlapping ones (VGG16) are the maximum of strided slices, faster still there
+  (16x224x224x64 in 2x2: 75-87 ms, native 180-188, XLA's reduce-window 657; the VGG16
+  training step, 224 px, batch 16, 20.98 -> 19.11 s against reduce-window). Same values and,
+  but for ties between slices, gradients (all measured here).
   """
-  if tuple(window) != tuple(strides):
-    return nn.max_pool(x, window, strides=strides, padding=padding)
-  (kh, kw), (sh, sw) = window, strides
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
+  if tuple(window) != tuple(strides):
+    return kernels.max_pool(x, window, strides, padding)
+  (kh, kw), (sh, sw) = window, strides
   if any(p for pair in padding for p in pair):
     x = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
   out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
