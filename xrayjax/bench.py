@@ -5,6 +5,7 @@ r"""Training and inference throughput of xrayjax models against their Keras twin
   python -m xrayjax.bench --gradcam             # Grad-CAM of a batch against a train step
   python -m xrayjax.bench --pipeline            # the input pipeline against the model's step
   python -m xrayjax.bench --memory              # peak memory of training, against Keras
+  python -m xrayjax.bench --profile             # where the training step's time goes
 
 For each model, one run alternates rounds of xrayjax training steps (the jitted,
 donating `train.make_train_step` that experiments use) and Keras training steps
@@ -30,18 +31,30 @@ them) against the images/s each model's training step consumes: at demo scale (1
 synthetic images at 96 px, 1/8 width, batch 32) and at 224 px from decoded 256 px
 images (full width, batch 16).
 
+`--profile` traces `--steps` training steps of each model with `jax.profiler` and sums the
+time of XLA's ops per kind (convolutions, the native kernels, BatchNorm, pooling, layout
+copies, the optimizer) and per pass: forward, backward (the transposed jvp) or update. Each op
+of the compiled step is named in the trace; its kind and pass come from the JAX source it was
+lowered from (`op_name` in the compiled HLO; a fusion counts under the op at its root, so a
+ReLU fused into BatchNorm's normalisation counts as BatchNorm). The two threads' op times are
+summed, so the seconds are CPU seconds, not wall time.
+
 Keras runs on TensorFlow with its defaults (`jit_compile="auto"`); it is the
 reference only here and in the parity tests, never a dependency of training.
 """
 
 from __future__ import annotations
 
+import collections
+import glob
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -54,7 +67,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from xrayjax import kernels, models, train  # noqa: E402
+from xrayjax import hugepages, kernels, models, train  # noqa: E402
 
 BENCH_MODELS = ("vgg16", "resnet50", "resnet50v2", "xception", "concat")
 FLAGS = flags.DEFINE_list("models", list(BENCH_MODELS), f"models to measure, of {BENCH_MODELS}")
@@ -68,6 +81,8 @@ GRADCAM = flags.DEFINE_bool("gradcam", False,
                             "instead of Keras")
 PIPELINE = flags.DEFINE_bool("pipeline", False,
                               "time the input pipeline against each model's training step")
+PROFILE = flags.DEFINE_bool("profile", False, "where a training step's time goes: XLA's ops "
+                            "traced with jax.profiler, summed per kind of op, forward and backward")
 MEMORY = flags.DEFINE_bool("memory", False, "measure each framework's peak memory per model "
                            "(two fresh subprocesses per model) instead of the throughput")
 _PROBE = flags.DEFINE_string("probe_memory", None, "internal: FRAMEWORK:MODEL, print the peak "
@@ -255,6 +270,93 @@ def gradcam_table(rows: list[dict], size: int, batch: int) -> str:
   return "\n".join(lines)
 
 
+# The kind of an op of the compiled step, from its JAX primitive and the modules it came from.
+def _op_kind(opcode: str, op_name: str, target: str) -> str:
+  if target:
+    return {"xrayjax_conv_weight_grad": "conv weight gradient (native)",
+            "xrayjax_depthwise_weight_grad": "depthwise weight gradient (native)",
+            "xrayjax_max_pool_grad": "max pooling (native gradient)"}.get(target, target)
+  parts = op_name.split("/")
+  prim, modules = parts[-1], parts[:-1]
+  if opcode in ("copy", "transpose") or prim in ("transpose", "copy"):
+    return "layout copies"
+  if "jvp(" not in op_name:
+    return "optimizer update and loss"
+  if any("depthwise" in m for m in modules):
+    return "depthwise conv (XLA's fused shifts)"
+  if prim in ("conv_general_dilated", "dot_general"):
+    return "conv and matmul (XLA)"
+  if prim.startswith(("reduce_window", "select_and_scatter")) or any("pool" in m for m in modules):
+    return "max pooling (XLA)"
+  if any(m.endswith("bn") or "batch_norm" in m or "relu" in m for m in modules):
+    return "BatchNorm and ReLU"
+  return "other elementwise"
+
+
+def _hlo_ops(hlo: str) -> dict[str, tuple[str, str, str]]:
+  """Instruction name -> (opcode, op_name, custom-call target) for the entry computation; an
+  instruction without op_name (XLA's wrapped fusions) takes the first one its body names."""
+  first_name = {}
+  for comp in re.finditer(r"^%?([\w.-]+) [^\n]*\{\n(.*?)^\}", hlo, re.M | re.S):
+    found = re.search(r'op_name="([^"]*)"', comp.group(2))
+    if found:
+      first_name[comp.group(1)] = found.group(1)
+  entry = hlo[hlo.index("\nENTRY"):]
+  ops = {}
+  for line in entry.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([\w.-]+) = .*?\s([a-z-]+)\(", line)
+    if not m:
+      continue
+    name = re.search(r'op_name="([^"]*)"', line)
+    calls = re.search(r"calls=%([\w.-]+)", line)
+    op_name = name.group(1) if name else first_name.get(calls.group(1), "") if calls else ""
+    target = re.search(r'custom_call_target="([^"]*)"', line)
+    ops[m.group(1)] = (m.group(2), op_name, target.group(1) if target else "")
+  return ops
+
+
+def profile(name: str, size: int, batch: int, steps: int) -> dict:
+  """CPU seconds per training step of each (kind, pass), from a jax.profiler trace."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+  y = rng.integers(0, CLASSES, batch).astype(np.int32)
+  mine = JaxRunner(name, x, y)
+  ops = _hlo_ops(mine.step_fn.lower(mine.state, mine.batch, mine.key).compile().as_text())
+  mine.train_step()
+  with tempfile.TemporaryDirectory() as tmp:
+    t = time.perf_counter()
+    with jax.profiler.trace(tmp):
+      for _ in range(steps):
+        mine.train_step()
+    wall = (time.perf_counter() - t) / steps
+    trace = jax.profiler.ProfileData.from_file(
+        glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+  seconds, unmatched = collections.Counter(), 0.0
+  for plane in trace.planes:
+    for line in plane.lines if plane.name == "/host:CPU" else ():
+      for event in line.events:
+        if event.name in ops:
+          opcode, op_name, target = ops[event.name]
+          stage = ("backward" if "transpose(" in op_name else
+                   "forward" if "jvp(" in op_name or target else "update")
+          seconds[_op_kind(opcode, op_name, target), stage] += event.duration_ns / 1e9 / steps
+  return {"model": name, "wall": wall, "seconds": seconds}
+
+
+def profile_table(result: dict) -> str:
+  seconds, total = result["seconds"], sum(result["seconds"].values())
+  kinds = sorted({k for k, _ in seconds}, key=lambda k: -sum(
+      v for (kind, _), v in seconds.items() if kind == k))
+  lines = [f"{result['model']}: training step {result['wall']:.2f} s wall, {total:.2f} s of "
+           "XLA ops (CPU seconds, both threads)", "",
+           "| op kind | forward s | backward s | update s | share |", "|---|---|---|---|---|"]
+  for kind in kinds:
+    row = [seconds.get((kind, stage), 0.0) for stage in ("forward", "backward", "update")]
+    lines.append(f"| {kind} | " + " | ".join(f"{v:.2f}" if v else "" for v in row)
+                 + f" | {100 * sum(row) / total:.0f}% |")
+  return "\n".join(lines)
+
+
 def table(rows: list[dict], peak: float, size: int, batch: int) -> str:
   lines = [f"Training and inference throughput, {size} px, batch {batch}, Nadam, float32; "
            f"{jax.device_count()} CPU device(s), {os.cpu_count()} cores, matmul peak "
@@ -339,6 +441,7 @@ def main(argv):
   print(f"jax {jax.__version__} on {jax.devices()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True)
   print(f"convolution gradients: {kernels.status()}", flush=True)
+  print(f"memory: {hugepages.status()}", flush=True)
   if MEMORY.value:
     print(memory_table(FLAGS.value, IMAGE_SIZE.value, BATCH_SIZE.value))
     return
@@ -346,6 +449,11 @@ def main(argv):
     from xrayjax.data import pipeline
     pipeline.configure_tensorflow(jax.default_backend())  # TF's threads as in runs
     print(measure_pipeline(FLAGS.value, ROUNDS.value, STEPS.value))
+    return
+  if PROFILE.value:
+    for name in FLAGS.value:
+      print(profile_table(profile(name, IMAGE_SIZE.value, BATCH_SIZE.value, STEPS.value)) + "\n",
+            flush=True)
     return
   if GRADCAM.value:
     rows = [measure_gradcam(n, IMAGE_SIZE.value, BATCH_SIZE.value, ROUNDS.value, STEPS.value)
@@ -362,4 +470,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.reexec()  # the command runs again with glibc's huge pages (once)
   app.run(main)

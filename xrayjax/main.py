@@ -19,6 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
+from xrayjax import hugepages
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (and args).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string(
@@ -83,6 +85,7 @@ def main(argv):
   logging.info("workdir: %s", workdir)
   if jax.default_backend() == "cpu":
     logging.info("convolution gradients: %s", kernels.status())
+    logging.info("memory: %s", hugepages.status())
   try:
     if _EVAL_DATA.value:
       experiment.evaluate_external(config, workdir, _EVAL_DATA.value, _EVAL_DIR.value)
@@ -99,4 +102,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.reexec()  # the command runs again with glibc's huge pages (once)
   app.run(main)

@@ -23,6 +23,8 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
+from xrayjax import hugepages
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run directory.", required=True)
 _FOLD = flags.DEFINE_string("fold", "all", "Fold whose model predicts, or `all` (ensemble).")
 _FORMAT = flags.DEFINE_enum("format", "table", ["table", "csv", "json"], "Output format.")
@@ -258,4 +260,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.reexec()  # the command runs again with glibc's huge pages (once)
   app.run(main)
