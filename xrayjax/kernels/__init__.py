@@ -27,8 +27,9 @@ native weight gradient; `max_pool` keeps XLA's forward pass and takes the native
 gradient. The native kernels run on the CPU backend only (`lax.platform_dependent`: a program
 lowered for an accelerator keeps XLA's), for float32 operands (other dtypes, and machines
 without the kernels, take XLA's gradient). The convolutions cover stride 1 and non-negative
-padding (`pointwise`: none; a strided 1x1 conv is the strided input's); models/common.py sends
-them only such convs.
+padding (`pointwise`: none; a strided 1x1 conv is the strided input's), and `strided_conv`
+strided stems (their weight gradient is that of a stride-1 conv on the input's s x s blocks);
+models/common.py sends them only such convs.
 """
 
 from __future__ import annotations
@@ -217,6 +218,35 @@ _pointwise_native = _with_native_weight_grad(_pointwise_xla, conv_weight_grad)
 _depthwise_native = _with_native_weight_grad(_depthwise_xla, depthwise_weight_grad)
 
 
+def _conv_lax_strided(stride: int, x, w, padding: Padding):
+  return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+
+
+def blocked_weight_grad(stride: int, x, g, kernel_hw: tuple[int, int], padding: Padding):
+  """The native weight gradient of a stride-s conv, as that of a stride-1 conv on s x s blocks.
+
+  Output (i, j) sums x[i*s + a, j*s + b] w[a, b] over the taps; with a = a2*s + a1 that is
+  block (i + a2, j + b2), channel (a1, b1, c) of the padded input cut into blocks, times tap
+  (a2, b2) of the kernel regrouped the same way (taps beyond kh, kw are zero, and dropped)."""
+  s, (kh, kw), (ho, wo) = stride, kernel_hw, g.shape[1:3]
+  n, h, wd, ci = x.shape
+  (pt, _), (pl, _) = padding
+  kh2, kw2 = -(-kh // s), -(-kw // s)  # taps per block
+  hp, wp = (ho + kh2 - 1) * s, (wo + kw2 - 1) * s  # rows and columns the blocks cover
+  x = jnp.pad(x, ((0, 0), (pt, max(hp - h - pt, 0)), (pl, max(wp - wd - pl, 0)), (0, 0)))
+  x = x[:, :hp, :wp].reshape(n, hp // s, s, wp // s, s, ci)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(n, hp // s, wp // s, s * s * ci)
+  dw = conv_weight_grad(x, g, (kh2, kw2), ((0, 0), (0, 0)))
+  dw = dw.reshape(kh2, kw2, s, s, ci, -1).transpose(0, 2, 1, 3, 4, 5)
+  return dw.reshape(kh2 * s, kw2 * s, ci, -1)[:kh, :kw]
+
+
+@functools.cache
+def _strided_native(stride: int):
+  return _with_native_weight_grad(functools.partial(_conv_lax_strided, stride),
+                                  functools.partial(blocked_weight_grad, stride))
+
+
 def _use_native(x, w) -> bool:
   return x.dtype == w.dtype == jnp.float32 and native()
 
@@ -234,6 +264,25 @@ def conv(x, w, padding: Padding):
   positions = (x.shape[1] + pt + pb - w.shape[0] + 1) * (x.shape[2] + pl + pr - w.shape[1] + 1)
   native_grad = _use_native(x, w) and positions >= MIN_NATIVE_POSITIONS
   return (_conv_native if native_grad else _conv_lax)(x, w, padding)
+
+
+# Strided convs whose input blocks have at most this many channels take the blocked native
+# weight gradient: the stems on the image (3 channels at stride 2: 12). XLA ran ResNet50V2's
+# 7x7/2 stem's at 14 GFLOP/s (0.14 s of a 3 s step). Wider strided convs (the ResNets' 3x3/2
+# on 56x56 maps and smaller) keep XLA's: their blocks' zero taps would cost more than they save.
+MAX_BLOCK_CHANNELS = 16
+
+
+def strided_conv(x, w, stride: int, padding: Padding):
+  """A stride-s NHWC/HWIO conv (s > 1, padding as for `conv`): XLA's forward pass and input
+  gradient; for stems (see MAX_BLOCK_CHANNELS), the native weight gradient on s x s blocks."""
+  (pt, pb), (pl, pr) = padding
+  ho = (x.shape[1] + pt + pb - w.shape[0]) // stride + 1
+  wo = (x.shape[2] + pl + pr - w.shape[1]) // stride + 1
+  if (_use_native(x, w) and ho * wo >= MIN_NATIVE_POSITIONS
+      and x.shape[-1] * stride * stride <= MAX_BLOCK_CHANNELS):
+    return _strided_native(stride)(x, w, padding)
+  return _conv_lax_strided(stride, x, w, padding)
 
 
 def pointwise(x, w):

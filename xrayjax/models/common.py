@@ -57,7 +57,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       which XLA fuses into one loop (grouped convolutions run far below peak there), with a
       native weight gradient on the CPU (xrayjax/kernels);
     - any other plain conv at stride 1 keeps XLA's forward pass and input gradient and takes
-      the native weight gradient on the CPU (xrayjax/kernels).
+      the native weight gradient on the CPU (xrayjax/kernels);
+    - a plain strided conv keeps XLA's forward pass and input gradient, and on the image stems
+      takes the native weight gradient on the input's s x s blocks (`kernels.strided_conv`).
   """
   nhwc = dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
   plain = nhwc and not kwargs and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
@@ -76,6 +78,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         return kernels.depthwise(lhs, rhs, pads)
       if feature_group_count == 1 and precision is None:
         return kernels.conv(lhs, rhs, pads)
+  stride = tuple(window_strides)
+  if plain and feature_group_count == 1 and precision is None and stride[0] == stride[1] > 1:
+    if isinstance(padding, str):
+      padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), stride, padding)
+    pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+    if min(min(pair) for pair in pads) >= 0:
+      return kernels.strided_conv(lhs, rhs, stride[0], pads)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                   dimension_numbers, feature_group_count, precision=precision,
                                   **kwargs)
