@@ -69,22 +69,19 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if precision is None:
       return kernels.pointwise(x, rhs)
     return kernels.pointwise_product(x, rhs, precision)
-  if plain and tuple(window_strides) == (1, 1):
-    if isinstance(padding, str):
-      padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding)
-    pads = tuple(tuple(int(p) for p in pair) for pair in padding)
-    if min(min(pair) for pair in pads) >= 0:
-      if cin == 1 and feature_group_count == lhs.shape[3] == cout:
-        return kernels.depthwise(lhs, rhs, pads)
-      if feature_group_count == 1 and precision is None:
-        return kernels.conv(lhs, rhs, pads)
   stride = tuple(window_strides)
-  if plain and feature_group_count == 1 and precision is None and stride[0] == stride[1] > 1:
+  if plain and stride[0] == stride[1]:
     if isinstance(padding, str):
       padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), stride, padding)
     pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+    dense = feature_group_count == 1 and precision is None
     if min(min(pair) for pair in pads) >= 0:
-      return kernels.strided_conv(lhs, rhs, stride[0], pads)
+      if stride == (1, 1) and cin == 1 and feature_group_count == lhs.shape[3] == cout:
+        return kernels.depthwise(lhs, rhs, pads)
+      if stride == (1, 1) and dense:
+        return kernels.conv(lhs, rhs, pads)
+      if dense:
+        return kernels.strided_conv(lhs, rhs, stride[0], pads)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                   dimension_numbers, feature_group_count, precision=precision,
                                   **kwargs)
