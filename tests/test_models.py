@@ -83,7 +83,6 @@ def test_conv_rewrites_match_lax_values_and_gradients(kernel, groups, strides, p
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-
 @pytest.mark.parametrize("shape,kernel,strides,padding", [
     ((2, 57, 57, 3), 7, 2, ((3, 3), (3, 3))),  # the ResNets' stem: 29x29 outputs
     ((2, 60, 60, 3), 3, 2, "VALID"),  # Xception's stem
@@ -107,6 +106,7 @@ def test_strided_stems_take_the_blocked_native_weight_gradient(shape, kernel, st
   if kernels.native():
     hlo = jax.jit(jax.grad(lambda w: mine(x, w).sum())).lower(w).as_text()
     assert "xrayjax_conv_weight_grad" in hlo
+
 
 # --- bfloat16 compute ---------------------------------------------------------------------------
 

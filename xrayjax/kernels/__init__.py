@@ -125,8 +125,11 @@ def status() -> str:
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _conv_lax(x, w, padding: Padding):
-  return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)
+def _conv_lax_strided(stride: int, x, w, padding: Padding):
+  return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+
+
+_conv_lax = functools.partial(_conv_lax_strided, 1)
 
 
 def _depthwise_xla(x, w, padding: Padding):
@@ -218,10 +221,6 @@ _pointwise_native = _with_native_weight_grad(_pointwise_xla, conv_weight_grad)
 _depthwise_native = _with_native_weight_grad(_depthwise_xla, depthwise_weight_grad)
 
 
-def _conv_lax_strided(stride: int, x, w, padding: Padding):
-  return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC)
-
-
 def blocked_weight_grad(stride: int, x, g, kernel_hw: tuple[int, int], padding: Padding):
   """The native weight gradient of a stride-s conv, as that of a stride-1 conv on s x s blocks.
 
@@ -258,11 +257,16 @@ def _use_native(x, w) -> bool:
 MIN_NATIVE_POSITIONS = 28 * 28
 
 
+def _positions(x, w, padding: Padding, stride: int = 1) -> int:
+  """Output positions (rows x columns) of an NHWC/HWIO conv."""
+  (pt, pb), (pl, pr) = padding
+  return (((x.shape[1] + pt + pb - w.shape[0]) // stride + 1)
+          * ((x.shape[2] + pl + pr - w.shape[1]) // stride + 1))
+
+
 def conv(x, w, padding: Padding):
   """A stride-1 NHWC/HWIO conv (padding: ((top, bottom), (left, right)), non-negative)."""
-  (pt, pb), (pl, pr) = padding
-  positions = (x.shape[1] + pt + pb - w.shape[0] + 1) * (x.shape[2] + pl + pr - w.shape[1] + 1)
-  native_grad = _use_native(x, w) and positions >= MIN_NATIVE_POSITIONS
+  native_grad = _use_native(x, w) and _positions(x, w, padding) >= MIN_NATIVE_POSITIONS
   return (_conv_native if native_grad else _conv_lax)(x, w, padding)
 
 
@@ -276,10 +280,7 @@ MAX_BLOCK_CHANNELS = 16
 def strided_conv(x, w, stride: int, padding: Padding):
   """A stride-s NHWC/HWIO conv (s > 1, padding as for `conv`): XLA's forward pass and input
   gradient; for stems (see MAX_BLOCK_CHANNELS), the native weight gradient on s x s blocks."""
-  (pt, pb), (pl, pr) = padding
-  ho = (x.shape[1] + pt + pb - w.shape[0]) // stride + 1
-  wo = (x.shape[2] + pl + pr - w.shape[1]) // stride + 1
-  if (_use_native(x, w) and ho * wo >= MIN_NATIVE_POSITIONS
+  if (_use_native(x, w) and _positions(x, w, padding, stride) >= MIN_NATIVE_POSITIONS
       and x.shape[-1] * stride * stride <= MAX_BLOCK_CHANNELS):
     return _strided_native(stride)(x, w, padding)
   return _conv_lax_strided(stride, x, w, padding)
