@@ -79,8 +79,8 @@ DATA = {"synthetic": "synthetic", "manifest": "manifest", "nih": "nih",
 SCALES = {
     # The paper: 300 px, full width, 8 phases x 100 epochs of 149 COVID-19 (all), 250 normal
     # and 200 + 34 pneumonia.
-    "paper": dict(image_size=300, synthetic_size=320, patients=(6000, 4000, 0, 120), width=1.0,
-                  bn_momentum=0.99, lr=1e-4,
+    "paper": dict(image_size=300, synthetic_size=320, patients=(6000, 4000, 3000, 120), width=1.0,
+                  bn_momentum=0.99, lr=1e-4, pretrain_epochs=20,
                   count=8, epochs=100, fresh={"normal": 250, "pneumonia": 200},
                   shared={"covid": -1, "pneumonia": 34}, folds=5, bootstrap=1000, gallery=3,
                   log_every=50),
@@ -90,12 +90,12 @@ SCALES = {
     # loss above ln 3 for 24 epochs, measured), BatchNorm momentum 0.9 (Keras's 0.99 keeps
     # 28% of the initial statistics after 128 steps and the validation predictions were
     # near chance, measured) and DETL's mild augmentation (see AUGMENT).
-    "demo": dict(image_size=96, synthetic_size=128, patients=(400, 300, 0, 45), width=0.125,
-                 bn_momentum=0.9, lr=1e-3, count=4, epochs=2,
+    "demo": dict(image_size=96, synthetic_size=128, patients=(400, 300, 500, 45), width=0.125,
+                 bn_momentum=0.9, lr=1e-3, pretrain_epochs=6, count=4, epochs=2,
                  fresh={"normal": 120, "pneumonia": 80}, shared={"covid": -1, "pneumonia": 20},
                  folds=5, bootstrap=1000, gallery=3, log_every=20),
-    "runlocal": dict(image_size=32, synthetic_size=64, patients=(24, 16, 0, 8), width=1 / 16,
-                     bn_momentum=0.9, lr=1e-3,
+    "runlocal": dict(image_size=32, synthetic_size=64, patients=(24, 16, 20, 8), width=1 / 16,
+                     bn_momentum=0.9, lr=1e-3, pretrain_epochs=1,
                      count=2, epochs=1, fresh={"normal": 6, "pneumonia": 4},
                      shared={"covid": -1, "pneumonia": 2}, folds=2, bootstrap=50, gallery=1,
                      log_every=1),
@@ -118,9 +118,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(
       arg,
       defaults={"model": "concat", "data": "synthetic", "protocol": "corrected",
-                "sampler": "phased", "scale": "demo"},
+                "sampler": "phased", "scale": "demo", "init": ""},
       choices={"model": MODELS, "data": tuple(DATA), "protocol": ("corrected", "paper", "both"),
-               "sampler": ("phased", "all"), "scale": ("demo", "paper")},
+               "sampler": ("phased", "all"), "scale": ("demo", "paper"),
+               "init": ("random", "pretrain", "keras")},
       flags=("runlocal",))
   scale = "runlocal" if args["runlocal"] else args["scale"]
   p = SCALES[scale]
@@ -152,6 +153,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.phases = dict(sampler=args["sampler"], count=p["count"], epochs=p["epochs"], fresh=fresh,
                   shared=p["shared"])
   c.augment = AUGMENT["paper" if scale == "paper" else "demo"]
+
+  # --- where the weights start (methods/concat.py): keras (ImageNet files, the paper's and
+  # scale=paper's), pretrain (the demo's: a stage on another task of synthetic films, our
+  # stand-in for ImageNet) or random (a control) ---
+  c.init = args["init"] or ("keras" if scale == "paper" else "pretrain")
+  c.pretrain = dict(task="other_findings", val_fraction=0.2, epochs=p["pretrain_epochs"],
+                    optimizer=dict(name="nadam", lr=p["lr"], schedule="constant", momentum=0.0))
+  if args["data"] != "synthetic":  # the films come from a synthetic build of their own
+    c.pretrain.data = common.data_config("synthetic")
+    c.pretrain.data.synthetic.update(image_size=p["synthetic_size"],
+                                     patients=(0, 0, p["patients"][2], 0))
 
   # --- model ---
   c.model_name = args["model"]

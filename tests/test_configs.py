@@ -98,7 +98,12 @@ def test_every_concat_variant_builds(model, data, protocol, sampler, scale, runl
   assert tasks.get(c.task).classes == ("normal", "pneumonia", "covid")
   sources.names(c.data)
   pipeline.parse_ops(c.augment)
+  assert c.init == ("keras" if scale == "paper" and not runlocal else "pretrain")
   if protocol != "both":
+    if c.init == "keras":  # ImageNet from files: refused without them, named
+      with pytest.raises(ValueError, match="init=keras needs the ImageNet Keras files"):
+        methods.get(c.method).check(c)
+      c.model.init_from = "xception_notop.h5,resnet50v2_notop.h5"
     methods.get(c.method).check(c)
   if scale == "paper" and not runlocal:  # the published recipe (Table 2 of the paper)
     assert c.data.image_size == 300 and c.model.width == 1.0

@@ -11,6 +11,7 @@ import pytest
 
 import tiny
 from xrayjax import checkpoint, experiment, files, rundir
+from xrayjax.data import tasks as tasks_lib
 
 
 def _predictions(workdir, name="results"):
@@ -153,7 +154,7 @@ def test_paper_protocol_plan_draws_cohorts_independently(tfds_dir):
   assert [s.init_from for s in paper.stages] == [None, "stage_a", "stage_a"]
 
 
-def _tiny_concat(tfds_dir, arg="runlocal"):
+def _tiny_concat(tfds_dir, arg="runlocal,init=random"):
   """Paper 2's method at runlocal scale on the fastest network (the runner is under test
   here; tests/test_models.py covers the concatenated network itself)."""
   from configs import concat
@@ -163,6 +164,20 @@ def _tiny_concat(tfds_dir, arg="runlocal"):
   c.model = {"width": 1 / 16, "dropout": 0.0, "init_from": None}
   c.phases.epochs = 2
   return tiny.lean(c)
+
+
+def test_pretrain_stage_trains_once_and_starts_every_fold(tfds_dir, tmp_path):
+  c = _tiny_concat(tfds_dir, "runlocal,init=pretrain")
+  results = experiment.run(c, str(tmp_path))
+  assert [s["name"] for s in results["stages"]] == ["pretrain", "fold0/alexnet", "fold1/alexnet"]
+  assert results["initialisation"] == ("pretrain: random; fold0/alexnet .. fold1/alexnet: "
+                                       "pretrain's weights, head swapped")
+  plan = files.read_json(os.path.join(str(tmp_path), "plan.json"))
+  assert [(s["init"], s["init_from"]) for s in plan["stages"]] == [
+      ("random", None), ("stage", "pretrain"), ("stage", "pretrain")]
+  assert set(plan["stages"][0]["phases"][0]) == {"epochs", *tasks_lib.OTHER_FINDINGS}
+  summary = open(os.path.join(str(tmp_path), "results_summary.txt")).read()
+  assert "pretrain's weights, head swapped" in summary
 
 
 def test_phased_run_killed_inside_phase_two_resumes_to_the_same_result(tfds_dir, tmp_path,

@@ -144,12 +144,19 @@ def init_variables(model, image_size: int, seed: int, init_from: str | None = No
 
 
 def initialisation(config, plan: methods.Plan) -> str:
-  """How the first stage's weights start, for reports."""
-  first = plan.stages[0]
+  """Where every stage's weights start, for reports (stages with one start named together)."""
   files_ = config.model.get(models.INIT_FROM)
-  if first.keras_init and files_:
-    return f"{first.name}: Keras weights {files_}"
-  return f"{first.name}: random (no config.model.init_from)"
+  starts: dict[str, list[str]] = {}
+  for s in plan.stages:
+    if s.init == "stage":
+      how = f"{s.init_from}'s weights, head swapped"
+    elif s.keras_init and files_:
+      how = f"Keras weights {files_}"
+    else:
+      how = "random"
+    starts.setdefault(how, []).append(s.name)
+  return "; ".join(f"{names[0] if len(names) == 1 else f'{names[0]} .. {names[-1]}'}: {how}"
+                   for how, names in starts.items())
 
 
 # --- shortcut audit: retrained variants -------------------------------------------------------

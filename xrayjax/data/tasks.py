@@ -91,6 +91,16 @@ def _three_class(label: str, found: frozenset, source: str) -> tuple[str | None,
   return None, ""
 
 
+OTHER_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Mass", "Nodule")
+
+
+def _other_findings(label: str, found: frozenset, source: str) -> tuple[str | None, str]:
+  del label, source
+  if len(found) == 1 and next(iter(found)) in OTHER_FINDINGS:
+    return next(iter(found)), ""
+  return None, ""
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """A label space and the rule that maps a source's labels into it."""
@@ -121,6 +131,7 @@ TASKS = {
     "data_a": Task("data_a", ("normal", "disease"), _data_a),
     "data_b": Task("data_b", ("normal", "pneumonia", "other_disease", "covid"), _data_b),
     "three_class": Task("three_class", ("normal", "pneumonia", "covid"), _three_class),
+    "other_findings": Task("other_findings", OTHER_FINDINGS, _other_findings),
 }
 
 

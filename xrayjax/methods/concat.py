@@ -1,8 +1,18 @@
 """Rahimzadeh & Attar 2020: Xception + ResNet50V2 concatenated, trained in phases.
 
-One stage per fold: the network (or Xception / ResNet50V2 alone) starts from ImageNet weights
-(config.model.init_from; random when none is given, and the report says so) and trains on
-`phases.count` phases of `phases.epochs` epochs on one optimizer state. Every phase shows the
+One stage per fold: the network (or Xception / ResNet50V2 alone) trains on `phases.count`
+phases of `phases.epochs` epochs on one optimizer state, from the start `config.init` names:
+
+  keras: ImageNet weights from Keras files (config.model.init_from), as the paper;
+  pretrain: our stand-in for ImageNet where no weight file can be had. A stage `pretrain`,
+    trained once per run (not per fold), learns a larger related task (config.pretrain.task,
+    by default which of five other findings a synthetic film shows) on images that no fold
+    uses (patients of other classes; patients shared with the folds are left out); every
+    fold's network starts from its weights with the head swapped. Its images are the
+    synthetic films of the run's own build (data=synthetic) or of a synthetic build of their
+    own (config.pretrain.data, the `pretrain` role). With config.model.init_from given it is
+    skipped: the Keras weights start every fold.
+  random: random weights (a control: how much the start matters). Every phase shows the
 same minority images (`phases.shared`, -1: all of the class's training images; the paper's
 149 COVID-19 and 34 pneumonia) and fresh, disjoint majority images (`phases.fresh`; the
 paper's 250 normal and 200 pneumonia), whole patients at a time.
@@ -37,16 +47,24 @@ from xrayjax.methods import Evaluation, Phase, Plan, Stage, seed
 NAME = "Concat (Rahimzadeh & Attar)"
 PROTOCOLS = ("corrected", "paper")
 SAMPLERS = ("phased", "all")
+INITS = ("random", "pretrain", "keras")
+PRETRAIN = "pretrain"  # the stage's name and its data's cohort role
 
 # Config fields (beyond the runner's: method, protocol, seed, folds, data, dedup) that decide
 # which images land in which partition (phase epochs do not).
 SPLIT_FIELDS = ("task", "val_fraction", "phases.sampler", "phases.count", "phases.fresh",
-                "phases.shared")
+                "phases.shared", "init", "pretrain.task", "pretrain.data", "pretrain.val_fraction")
+
+
+def pretrains(config) -> bool:
+  """Whether the plan has the pretraining stage (init=pretrain without Keras files)."""
+  return config.init == "pretrain" and not config.model.get("init_from")
 
 
 def extra_data(config) -> dict:
-  del config
-  return {}
+  """The pretraining films' own synthetic build (config.pretrain.data), when they have one."""
+  data = config.pretrain.get("data")
+  return {PRETRAIN: data} if pretrains(config) and data else {}
 
 
 def check(config) -> None:
@@ -55,6 +73,16 @@ def check(config) -> None:
                      f"{PROTOCOLS}")
   if config.phases.sampler not in SAMPLERS:
     raise ValueError(f"unknown phases.sampler {config.phases.sampler!r}; valid: {SAMPLERS}")
+  if config.init not in INITS:
+    raise ValueError(f"unknown init {config.init!r}; valid: {INITS} (config arg init=)")
+  if config.init == "keras" and not config.model.get("init_from"):
+    raise ValueError("init=keras needs the ImageNet Keras files: --config.model.init_from="
+                     "PATH/xception_..._notop.h5,PATH/resnet50v2_..._notop.h5 (for one "
+                     "backbone, its file); without them use init=pretrain (our stand-in) or "
+                     "init=random")
+  if config.init == "random" and config.model.get("init_from"):
+    raise ValueError("init=random with config.model.init_from: the Keras files would be "
+                     "ignored; use init=keras to start from them")
   if config.phases.count < 1 or config.phases.epochs < 1:
     raise ValueError(f"phases.count ({config.phases.count}) and phases.epochs "
                      f"({config.phases.epochs}) must be >= 1")
@@ -150,6 +178,19 @@ def plan(meta: dict[str, np.ndarray], config) -> Plan:
 
   stages, evaluations = [], []
   t = config.train
+  if pretrains(config):
+    used = np.unique(np.concatenate([np.concatenate([*f["phased"], f["test"], f["val"]])
+                                     for f in folds]))
+    stages.append(_pretrain_stage(meta, config, used))
+    notes.append(f"every fold starts from the weights of stage {PRETRAIN} (task "
+                 f"{config.pretrain.task}, {len(stages[0].phases[0].train)} training images of "
+                 "patients no fold uses; our stand-in for ImageNet) with the head swapped")
+  elif config.model.get("init_from"):
+    notes.append("every fold starts from the ImageNet Keras weights in config.model.init_from"
+                 + (" (init=pretrain: with Keras files, no pretraining stage)"
+                    if config.init == "pretrain" else ""))
+  else:
+    notes.append("every fold starts from random weights (init=random)")
   for k, f in enumerate(folds):
     every = f.get("train", np.unique(np.concatenate(f["phased"])))
     name = f"fold{k}/{config.model_name}"
@@ -158,10 +199,45 @@ def plan(meta: dict[str, np.ndarray], config) -> Plan:
         phases=_stage_phases(f["phased"], every, config), val=f["val"],
         optimizer=t.optimizer, param_rules=((".*", "train"),), batch_size=t.batch_size,
         eval_batch_size=t.eval_batch_size, select="best" if grouped else "last",
-        init="random", keras_init=True, init_seed=seed(config.seed, 20, k),
+        init="stage" if stages and stages[0].name == PRETRAIN else "random",
+        init_from=PRETRAIN if stages and stages[0].name == PRETRAIN else None,
+        keras_init=not pretrains(config), init_seed=seed(config.seed, 20, k),
         seed=seed(config.seed, 21, k), augment=config.augment,
         description=f"{config.model_name}, sampler {config.phases.sampler}"))
     evaluations.append(Evaluation(fold=k, stage=name, test=f["test"], protocol=config.protocol))
   return Plan(method=NAME, protocol=config.protocol, task=task.name, classes=task.classes,
               labels=labels,
               stages=stages, evaluations=evaluations, notes=notes)
+
+
+def _pretrain_stage(meta: dict[str, np.ndarray], config, used: np.ndarray) -> Stage:
+  """The stand-in for ImageNet: config.pretrain.task on the pretraining films, without any
+  patient (or duplicate group) of the folds' rows `used`; a patient-grouped validation split
+  selects its weights."""
+  p = config.pretrain
+  task = tasks.get(p.task)
+  labels, _ = task.assign(meta)
+  scope = meta["role"] == (PRETRAIN if p.get("data") else "")
+  labels[~scope] = -1
+  where = (f"pretrain.data.source={p.data.source!r}" if p.get("data") else
+           f"data.source={config.data.source!r}")
+  tasks.check_classes(task, meta, scope, f"the {PRETRAIN} stage's films ({where})",
+                      "Give the synthetic build other_disease patients (the third entry of "
+                      "data.synthetic.patients or pretrain.data.synthetic.patients), or use "
+                      "init=random.")
+  groups = meta["group"]
+  shared = np.isin(groups, groups[used]) | np.isin(meta["patient_id"], meta["patient_id"][used])
+  rows = np.flatnonzero((labels >= 0) & ~shared)
+  train, val = splits.carve(rows, labels, groups, p.val_fraction, seed(config.seed, 5),
+                            grouped=True)
+  for ids in (groups, meta["patient_id"]):
+    splits.check_disjoint_patients({f"{PRETRAIN}/train": train, f"{PRETRAIN}/val": val,
+                                    "folds": used}, ids)
+  t = config.train
+  return Stage(
+      name=PRETRAIN, classes=task.classes, labels=labels, phases=[Phase(train, p.epochs)],
+      val=val, optimizer=p.optimizer, param_rules=((".*", "train"),), batch_size=t.batch_size,
+      eval_batch_size=t.eval_batch_size, select="best", init="random", keras_init=False,
+      init_seed=seed(config.seed, 10), seed=seed(config.seed, 11), augment=config.augment,
+      description=f"{config.model_name} from random weights on task {p.task} (the stand-in "
+                  "for ImageNet)")
