@@ -3,9 +3,18 @@ r"""Rahimzadeh & Attar 2020: Xception + ResNet50V2 concatenated, phased training
 Commands (from the project root):
 
   # Demo (default): synthetic 3-class data (few COVID-19 patients, as in the paper), a
-  # 1/8-width concatenated network from random weights, 4 phases of 2 epochs; at most 15
-  # minutes on a 2-core CPU, data generation and evaluation included.
+  # 1/8-width concatenated network started from the pretraining stand-in for ImageNet
+  # (init=pretrain, below), 4 phases of 2 epochs; at most 15 minutes on a 2-core CPU, data
+  # generation and evaluation included.
   python -m xrayjax.main --config=configs/concat.py
+
+  # Where the weights start: random (the control), or ImageNet Keras files (the paper):
+  python -m xrayjax.main --config=configs/concat.py:init=random
+  python -m xrayjax.main --config=configs/concat.py:init=keras \
+      --config.model.init_from=PATH/xception_..._notop.h5,PATH/resnet50v2_..._notop.h5
+
+  # Two of these runs (same seed and data: the same test images), paired:
+  python -m xrayjax.compare checkpoints/RUN_A checkpoints/RUN_B
 
   # The control for phasing: one phase on every training image, as many images shown.
   python -m xrayjax.main --config=configs/concat.py:sampler=all
@@ -36,7 +45,8 @@ Commands (from the project root):
   # Tiny (tests, smoke runs; seconds):
   python -m xrayjax.main --config=configs/concat.py:runlocal --workdir=/tmp/concat_tiny
 
-Config args (comma separated): model=concat|xception|resnet50v2,
+Config args (comma separated): model=concat|xception|resnet50v2, init=pretrain|random|keras
+(default pretrain, keras at scale=paper),
 data=synthetic|manifest|rsna|covidx|nih (rsna: the paper's RSNA + ieee8023; nih: NIH
 ChestX-ray14 + ieee8023), protocol=corrected|paper|both, sampler=phased|all,
 scale=demo|paper, runlocal.
@@ -52,8 +62,10 @@ recipe learns, not how it does on patients.
 Where we follow the paper and where we differ:
   - Nadam as Keras defines it (its momentum schedule, epsilon 1e-7; optim.scale_by_keras_nadam),
     lr 1e-4, batch 20 (30 for one backbone), categorical cross-entropy, phases with one
-    optimizer state, ImageNet initialisation from config.model.init_from (random without
-    it, and the report says so).
+    optimizer state, ImageNet initialisation from config.model.init_from (init=keras).
+  - Without ImageNet files (offline) the demo starts from a stand-in: a stage `pretrain`
+    (methods/concat.py) on which of five other findings a synthetic film shows, on
+    patients no fold uses, trained once per run; each fold swaps its head.
   - Augmentation as the authors' Keras ImageDataGenerator: flips both ways, rotation up to
     360 degrees, zoom (x and y independently), shift 5%, shear 0.05 (Keras reads shear_range
     in degrees). Keras fills uncovered pixels with the nearest edge pixel; we fill black.

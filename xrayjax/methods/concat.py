@@ -12,8 +12,9 @@ phases of `phases.epochs` epochs on one optimizer state, from the start `config.
     synthetic films of the run's own build (data=synthetic) or of a synthetic build of their
     own (config.pretrain.data, the `pretrain` role). With config.model.init_from given it is
     skipped: the Keras weights start every fold.
-  random: random weights (a control: how much the start matters). Every phase shows the
-same minority images (`phases.shared`, -1: all of the class's training images; the paper's
+  random: random weights (a control: how much the start matters).
+
+Every phase shows the same minority images (`phases.shared`, -1: all of the class's training images; the paper's
 149 COVID-19 and 34 pneumonia) and fresh, disjoint majority images (`phases.fresh`; the
 paper's 250 normal and 200 pneumonia), whole patients at a time.
 
@@ -199,8 +200,8 @@ def plan(meta: dict[str, np.ndarray], config) -> Plan:
         phases=_stage_phases(f["phased"], every, config), val=f["val"],
         optimizer=t.optimizer, param_rules=((".*", "train"),), batch_size=t.batch_size,
         eval_batch_size=t.eval_batch_size, select="best" if grouped else "last",
-        init="stage" if stages and stages[0].name == PRETRAIN else "random",
-        init_from=PRETRAIN if stages and stages[0].name == PRETRAIN else None,
+        init="stage" if pretrains(config) else "random",
+        init_from=PRETRAIN if pretrains(config) else None,
         keras_init=not pretrains(config), init_seed=seed(config.seed, 20, k),
         seed=seed(config.seed, 21, k), augment=config.augment,
         description=f"{config.model_name}, sampler {config.phases.sampler}"))
