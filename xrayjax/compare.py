@@ -55,19 +55,18 @@ def load(run_dir: str) -> dict:
   results = files.read_json(need[0])
   classes = list(results["classes"])
   with open(need[1], newline="") as f:
-    rows = list(csv.DictReader(f))
-  by_image: dict[str, list[dict]] = {}
-  for r in rows:  # the paper protocol may test an image in several folds: average them
-    by_image.setdefault(f"{r['source']}/{r['image_id']}", []).append(r)
-  images = sorted(by_image)
-  probs = np.array([np.mean([[float(r[f"p_{c}"]) for c in classes] for r in by_image[k]], 0)
-                    for k in images])
+    rows = [{**r, **{f"p_{c}": float(r[f"p_{c}"]) for c in classes}}
+            for r in csv.DictReader(f)]
+  # (the paper protocol may test an image in several folds: its probabilities are averaged)
+  pooled = sorted(metrics_lib.per_image(rows, classes),
+                  key=lambda r: (r["source"], r["image_id"]))
   index = {c: i for i, c in enumerate(classes)}
   splits = files.read_json(need[2])
   return {"dir": run_dir, "name": os.path.basename(os.path.normpath(run_dir)),
-          "classes": classes, "images": images, "probs": probs,
-          "labels": np.array([index[by_image[k][0]["label"]] for k in images]),
-          "patients": np.array([by_image[k][0]["patient_id"] for k in images]),
+          "classes": classes, "images": [f"{r['source']}/{r['image_id']}" for r in pooled],
+          "probs": np.array([[r[f"p_{c}"] for c in classes] for r in pooled]),
+          "labels": np.array([index[r["label"]] for r in pooled]),
+          "patients": np.array([r["patient_id"] for r in pooled]),
           "evaluated_patients": sorted({p for e in splits["evaluations"] for p in e["patients"]}),
           "protocol": results.get("protocol"), "model": results.get("model"),
           "initialisation": results.get("initialisation"),

@@ -507,7 +507,7 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
                           **{f"p_{c}": float(probs[i, j]) for j, c in enumerate(classes)}})
 
   # --- aggregate and report ---
-  pooled = per_image(predictions, classes)
+  pooled = metrics_lib.per_image(predictions, classes)
   if len(pooled) < len(predictions):
     plan.notes.append(f"test sets overlap across folds ({len(predictions)} predictions of "
                       f"{len(pooled)} images): pooled metrics average each image's "
@@ -690,26 +690,6 @@ def _model_cache(config, mesh):
       built[num_classes] = (m, infer.make_predict_fn(m, mesh))
     return built[num_classes]
   return model_for
-
-
-def per_image(predictions: list[dict], classes) -> list[dict]:
-  """One row per image: where several folds tested an image (the paper protocol's
-  overlapping folds), its class probabilities averaged over them, so that pooled metrics
-  count every image once. Rows of images tested once are returned as they are."""
-  rows: dict[tuple, list[dict]] = {}
-  for r in predictions:
-    rows.setdefault((r["source"], r["image_id"]), []).append(r)
-  out = []
-  for group in rows.values():
-    if len(group) == 1:
-      out.append(group[0])
-      continue
-    probs = np.mean([[r[f"p_{c}"] for c in classes] for r in group], axis=0)
-    out.append({**{k: v for k, v in group[0].items() if k != "fold"},
-                "folds": " ".join(str(r["fold"]) for r in group),
-                "prediction": classes[int(probs.argmax())],
-                **{f"p_{c}": float(p) for c, p in zip(classes, probs)}})
-  return out
 
 
 def pooled_metrics(config, predictions: list[dict], classes, prevalences) -> dict:

@@ -114,7 +114,7 @@ def write(workdir: str, results: dict, predictions: list[dict], config: dict,
   """Writes `{name}.html` and its figures (in plots/, or {name}_plots/ for other reports
   than the run's, so an evaluation never replaces the run's figures) into `workdir`;
   returns the path. `predictions`: the pooled test predictions, one row per image
-  (experiment.per_image)."""
+  (metrics.per_image)."""
   figs = _figures(workdir, results, predictions, PLOTS if name == "report" else f"{name}_{PLOTS}")
   classes = results["classes"]
   agg = results["across_folds"]["metrics"]

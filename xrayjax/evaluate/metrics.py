@@ -154,9 +154,29 @@ def across_folds(fold_metrics: list[dict]) -> dict:
   return {"folds": len(fold_metrics), "metrics": summary, "confusion_summed": confusion.tolist()}
 
 
+def per_image(predictions: list[dict], classes) -> list[dict]:
+  """One row per image: where several folds tested an image (the paper protocol's
+  overlapping folds), its class probabilities averaged over them, so that pooled metrics
+  count every image once. Rows of images tested once are returned as they are."""
+  rows: dict[tuple, list[dict]] = {}
+  for r in predictions:
+    rows.setdefault((r["source"], r["image_id"]), []).append(r)
+  out = []
+  for group in rows.values():
+    if len(group) == 1:
+      out.append(group[0])
+      continue
+    probs = np.mean([[r[f"p_{c}"] for c in classes] for r in group], axis=0)
+    out.append({**{k: v for k, v in group[0].items() if k != "fold"},
+                "folds": " ".join(str(r["fold"]) for r in group),
+                "prediction": classes[int(probs.argmax())],
+                **{f"p_{c}": float(p) for c, p in zip(classes, probs)}})
+  return out
+
+
 def per_group(predictions: list[dict], key: str, classes) -> dict:
   """Accuracy and confusion per value of `key` (e.g. source), over pooled test predictions
-  (one row per image: experiment.per_image)."""
+  (one row per image: per_image)."""
   index = {c: i for i, c in enumerate(classes)}
   out = {}
   for value in sorted({str(p[key]) for p in predictions}):

@@ -345,7 +345,7 @@ def audit(config, cohort, plan, pooled: list[dict], whole: dict, scored: dict,
   Args:
     config: the run's config (config.audit, config.seed, config.data.image_size).
     cohort, plan: the run's.
-    pooled: the pooled test predictions, one row per image (experiment.per_image), and
+    pooled: the pooled test predictions, one row per image (metrics.per_image), and
       `whole` their metrics (metrics.classification).
     scored: {"labels": [n], "none": [n, C] probs, op: [n, C] probs of the perturbed images,
       "has_lung": [n]} over every evaluation's test images (or {} when not perturbed).
