@@ -59,12 +59,13 @@ def eval_config(bootstrap: int = 1000, per_class: int = 3) -> ml_collections.Con
   resnet50v2, concat) by `method` (gradcam | gradcam++ | hirescam): overlays (the lesion
   outlined) of per_class right and per_class wrong predictions of every class, and of every
   misclassified image when `misclassified`; localisation scores; the model-randomisation
-  check on the first sanity_folds folds.
+  check on the first sanity_folds folds. also_score: further maps scored for localisation
+  only (concat: each branch's).
   """
   return ml_collections.ConfigDict(dict(
       prevalences=(0.01, 0.05, 0.2), bootstrap=bootstrap,
       gradcam=dict(enabled=True, target="features", method="gradcam", per_class=per_class,
-                   misclassified=True, sanity_folds=1, batch_size=16)))
+                   misclassified=True, sanity_folds=1, batch_size=16, also_score=())))
 
 
 def audit_config() -> ml_collections.ConfigDict:

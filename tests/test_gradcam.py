@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xrayjax import models, train
+from xrayjax import models, sharding, train
 from xrayjax.data import pipeline
 from xrayjax.evaluate import gradcam
 from xrayjax.models import common
@@ -99,6 +99,57 @@ def test_unknown_target_lists_the_valid_ones():
                                                    "block5", "features"]
   with pytest.raises(ValueError, match=r"no map 'nope'.*'features'"):
     gradcam.make_fn(model, "nope")(variables, {"image": x, "class": jnp.array([0])})
+
+
+class TwoMaps(nn.Module):
+  """Two recorded maps that class 1's score reads: `left` (its top-left quadrant only) and
+  `right` (its bottom-right quadrant only)."""
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    out = {}
+    x = nn.relu(nn.Conv(2, (3, 3), padding="SAME", name="conv")(images))
+    h, w = x.shape[1] // 2, x.shape[2] // 2
+    left = common.record(self, out, "left", x * jnp.zeros(x.shape[1:]).at[:h, :w].set(1.0))
+    right = common.record(self, out, "right", x * jnp.zeros(x.shape[1:]).at[h:, w:].set(1.0))
+    score = left.sum(axis=(1, 2, 3)) + right.sum(axis=(1, 2, 3))
+    return jnp.stack([-score, score], -1), out
+
+
+def test_audit_scores_each_map_it_is_asked_for_against_the_same_lesions(tmp_path):
+  """also_score: the branch maps of one network (concat's xception and resnet50v2) are
+  scored beside the gallery's target; here the lesion is where `left` reads and `right`
+  never does."""
+  import ml_collections
+  from xrayjax.evaluate import audit
+  model = TwoMaps()
+  rng = np.random.default_rng(0)
+  n = 4
+  images = rng.integers(30, 255, (n, 16, 16, 1)).astype(np.uint8)
+  variables = model.init(jax.random.PRNGKey(0), images.astype(np.float32), train=False)
+  variables = {"params": jax.tree.map(jnp.abs, variables["params"])}  # positive activations
+  lesion = np.zeros((n, 16, 16), bool)
+  lesion[:, :8, :8] = True
+  masks = {"lesion": lesion, "has_lesion": np.ones(n, bool),
+           "lung": np.ones((n, 16, 16), bool), "has_lung": np.ones(n, bool)}
+  cfg = ml_collections.ConfigDict(dict(target="left", method="gradcam", per_class=1,
+                                       misclassified=False, batch_size=2,
+                                       also_score=("left", "right")))
+  labels = np.ones(n, np.int64)
+  result = audit.explain_fold(
+      model=model, variables=variables, ds=pipeline.from_arrays(images, label=labels),
+      num_examples=n, labels=labels, masks=masks, classes=("a", "b"), cfg=cfg, groups={},
+      out_dir=str(tmp_path), names=np.array([f"i{k}" for k in range(n)]), fold=0, seed=0,
+      sanity=False, mesh=sharding.make_mesh())
+  assert list(result["targets"]) == ["right"]  # the gallery's target is scored once
+  assert result["pointing_game"].tolist() == [1.0] * n
+  assert np.all(result["energy_in_lesion"] > 0.9)
+  other = result["targets"]["right"]
+  assert other["pointing_game"].tolist() == [0.0] * n
+  np.testing.assert_allclose(other["energy_in_lesion"], 0.0, atol=1e-6)
+  np.testing.assert_allclose(other["lesion_area"], 0.25)
+  summary = audit.summarise([result["targets"]["right"]])
+  assert summary["pointing_game"] == {"mean": 0.0, "sd": 0.0, "images": n, "undefined": 0}
 
 
 def test_audit_measures_on_hand_made_maps():

@@ -34,16 +34,19 @@ from xrayjax.evaluate import metrics as metrics_lib
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
 PER_CLASS = ("sensitivity", "ppv")
-RESULTS, PREDICTIONS, SPLITS = "results.json", "results_predictions.csv", "splits.json"
+SPLITS = "splits.json"
 
 
 class NotComparable(ValueError):
   """The runs were not scored on the same test images, or a directory is not a run."""
 
 
-def load(run_dir: str) -> dict:
-  """A finished run's classes, per-image pooled test predictions and evaluated patients."""
-  need = [os.path.join(run_dir, n) for n in (RESULTS, PREDICTIONS, SPLITS)]
+def load(run_dir: str, name: str = "results", splits_dir: str | None = None) -> dict:
+  """A finished run's classes, per-image pooled test predictions and evaluated patients:
+  `name`.json and `name`_predictions.csv (results, or eval for --mode=eval's) in `run_dir`,
+  splits.json in `splits_dir` (default: `run_dir`)."""
+  need = [os.path.join(run_dir, f"{name}.json"), os.path.join(run_dir, f"{name}_predictions.csv"),
+          os.path.join(splits_dir or run_dir, SPLITS)]
   missing = [p for p in need if not os.path.exists(p)]
   if missing:
     hint = ""
@@ -104,6 +107,21 @@ def _scalars(labels, probs, classes, prevalences) -> dict[str, float]:
   return out
 
 
+def on_shared_images(a: dict, b: dict) -> tuple[dict, dict]:
+  """Both runs restricted to the test images both scored (e.g. the two protocols of a
+  protocol=both run, whose test sets differ), for a paired comparison on them."""
+  shared = sorted(set(a["images"]) & set(b["images"]))
+  if not shared:
+    raise NotComparable(f"{a['dir']} and {b['dir']} share no test image")
+  out = []
+  for run in (a, b):
+    keep = np.flatnonzero(np.isin(run["images"], shared))  # (both sorted the same way)
+    out.append({**run, "images": [run["images"][i] for i in keep], "probs": run["probs"][keep],
+                "labels": run["labels"][keep], "patients": run["patients"][keep],
+                "evaluated_patients": sorted(set(run["patients"][keep].tolist()))})
+  return out[0], out[1]
+
+
 def mcnemar(reference_right: np.ndarray, other_right: np.ndarray) -> dict:
   """Exact McNemar test: discordant images and the two-sided binomial p-value."""
   only_ref = int(np.sum(reference_right & ~other_right))
@@ -129,7 +147,8 @@ def paired(reference: dict, other: dict, n_boot: int = 2000, seed: int = 0) -> d
 
   ci = metrics_lib.cluster_bootstrap(difference, reference["patients"], n_boot, seed)
   rows = [{"metric": k, "reference": a[k], "other": b[k], "difference": b[k] - a[k],
-           "ci_low": ci[k]["low"], "ci_high": ci[k]["high"]} for k in a]
+           "ci_low": ci.get(k, {}).get("low", np.nan),
+           "ci_high": ci.get(k, {}).get("high", np.nan)} for k in a]  # (no draws: no interval)
   test = mcnemar(reference["probs"].argmax(-1) == labels, other["probs"].argmax(-1) == labels)
   return {"reference": reference["dir"], "other": other["dir"], "images": len(labels),
           "patients": int(len(set(reference["patients"]))), "bootstrap": n_boot,

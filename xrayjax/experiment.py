@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from xrayjax import files, infer, methods, models, rundir, sharding, train
+from xrayjax import compare, files, infer, methods, models, rundir, sharding, train
 from xrayjax.data import regions, sources, tasks
 from xrayjax.data.cohort import Cohort
 from xrayjax.evaluate import audit, html, shortcuts
@@ -264,12 +264,21 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
   table = report.compare_protocols(results["paper"], results["corrected"])
   name = "compare" if mode == "train" else "eval_compare"
   text = report.compare_text(table, results["paper"], results["corrected"])
-  if jax.process_index() == 0:
-    files.write_json(os.path.join(out_dir, f"{name}.json"), {"rows": table})
+  paired = None
+  if jax.process_index() == 0:  # (it reads the predictions process 0 wrote)
+    # The same images under both protocols, paired (python -m xrayjax.compare's test): what
+    # training by the published scheme changes, apart from which images each one tests.
+    runs = [compare.load(os.path.join(out_dir, p), "results" if mode == "train" else "eval",
+                         os.path.join(workdir, p)) for p in ("corrected", "paper")]
+    paired = compare.paired(*compare.on_shared_images(*runs), n_boot=config.eval.bootstrap,
+                            seed=config.seed)
+    text += ("\nOn the test images both protocols scored, paired (paper - corrected):\n" +
+             compare.text([paired]))
+    files.write_json(os.path.join(out_dir, f"{name}.json"), {"rows": table, "paired": paired})
     files.write_csv(os.path.join(out_dir, f"{name}.csv"), table)
     files.write_text(os.path.join(out_dir, f"{name}_summary.txt"), text + "\n")
   print(text, flush=True)
-  return {"protocols": results, "compare": table}
+  return {"protocols": results, "compare": table, "paired": paired}
 
 
 def prepare(config, mesh=None) -> tuple[Cohort, methods.Plan]:
@@ -530,7 +539,10 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
       **pooled_results,
       "shortcuts": shortcut_audit,
       "gradcam": audit.summarise(explained) if explained else None,
-      "gradcam_folds": [{k: v for k, v in r.items() if not isinstance(v, np.ndarray)}
+      "gradcam_targets": {t: audit.summarise([r["targets"][t] for r in explained])
+                          for t in (explained[0]["targets"] if explained else {})},
+      "gradcam_folds": [{k: v for k, v in r.items()
+                         if k != "targets" and not isinstance(v, np.ndarray)}
                         for r in explained],
       "fold_metrics": fold_metrics, "across_folds": metrics_lib.across_folds(fold_metrics),
       "seconds": time.time() - start, "devices": jax.device_count(),

@@ -60,17 +60,14 @@ def explain_fold(*, model, variables, ds, num_examples: int, labels: np.ndarray,
   pred = maps(cam_fn, variables, ds, num_examples, np.full(num_examples, -1), cfg.batch_size,
               mesh)
   true = maps(cam_fn, variables, ds, num_examples, labels, cfg.batch_size, mesh)
-  result = {"fold": fold, "target": cfg.target, "method": cfg.method, "per_image": []}
-  lesion, lung = masks["has_lesion"], masks["has_lung"]
-  # Each score's chance level: what a uniform map would get (the mask's share of the image).
-  if lesion.any():
-    result["pointing_game"] = gradcam.pointing_game(true["cam"][lesion], masks["lesion"][lesion])
-    result["energy_in_lesion"] = gradcam.energy_inside(true["cam"][lesion],
-                                                       masks["lesion"][lesion])
-    result["lesion_area"] = masks["lesion"][lesion].mean(axis=(1, 2))
-  if lung.any():
-    result["energy_in_lungs"] = gradcam.energy_inside(true["cam"][lung], masks["lung"][lung])
-    result["lung_area"] = masks["lung"][lung].mean(axis=(1, 2))
+  result = {"fold": fold, "target": cfg.target, "method": cfg.method, "per_image": [],
+            **localisation(true["cam"], masks)}
+  # Other maps of the same network (concat: each branch), scored the same way.
+  result["targets"] = {
+      t: localisation(maps(gradcam.make_fn(model, t, cfg.method), variables, ds, num_examples,
+                           labels, cfg.batch_size, mesh)["cam"], masks)
+      for t in cfg.get("also_score", ()) if t != cfg.target}
+  lesion = masks["has_lesion"]
   if sanity:
     size = int(ds.element_spec["image"].shape[0])
     rand = randomised_top(model, variables, size, groups, seed)
@@ -102,6 +99,23 @@ def explain_fold(*, model, variables, ds, num_examples: int, labels: np.ndarray,
                                 "prediction": classes[pred["class"][i]], "probability": p,
                                 "misclassified": kind == "wrong"})
   return result
+
+
+def localisation(cams: np.ndarray, masks: dict) -> dict:
+  """Per-image localisation scores of the true class's maps `cams` (one per test image):
+  pointing game and energy in the lesion (images with a lesion), energy in the lungs
+  (images with a lung mask), and each mask's share of the image (the chance level: what a
+  uniform map would score)."""
+  out = {}
+  lesion, lung = masks["has_lesion"], masks["has_lung"]
+  if lesion.any():
+    out["pointing_game"] = gradcam.pointing_game(cams[lesion], masks["lesion"][lesion])
+    out["energy_in_lesion"] = gradcam.energy_inside(cams[lesion], masks["lesion"][lesion])
+    out["lesion_area"] = masks["lesion"][lesion].mean(axis=(1, 2))
+  if lung.any():
+    out["energy_in_lungs"] = gradcam.energy_inside(cams[lung], masks["lung"][lung])
+    out["lung_area"] = masks["lung"][lung].mean(axis=(1, 2))
+  return out
 
 
 def summarise(fold_results: list[dict]) -> dict:

@@ -198,6 +198,13 @@ def write(workdir: str, results: dict, predictions: list[dict], config: dict,
     s.append(_table(["score", "mean", "sd", "images", "all-zero maps (no score)"],
                     [[labels[k], f"{v['mean']:.3f}", f"{v['sd']:.3f}", v["images"],
                       v["undefined"]] for k, v in g.items()]))
+    others = results.get("gradcam_targets") or {}
+    if others:
+      keys = [k for k in labels if k in g and k != "randomisation_spearman"]
+      s.append("<p>The same network's other maps, scored the same way (true class):</p>")
+      s.append(_table(["map"] + [labels[k] for k in keys],
+                      [[html.escape(t)] + [f"{v[k]['mean']:.3f}" if k in v else "" for k in keys]
+                       for t, v in {first["target"]: g, **others}.items()]))
     s.append("<div class='gallery'>")
     for r in results["gradcam_folds"]:
       for im in r["per_image"]:

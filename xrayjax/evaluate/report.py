@@ -135,6 +135,9 @@ def summary_text(results: dict) -> str:
     g, first = results["gradcam"], results["gradcam_folds"][0]
     scores = "; ".join(f"{k} {v['mean']:.3f} ({v['images']} images)" for k, v in g.items())
     lines.append(f"  Grad-CAM ({first['method']} on {first['target']}): {scores} (report.html)")
+    for target, t in (results.get("gradcam_targets") or {}).items():
+      scores = "; ".join(f"{k} {v['mean']:.3f}" for k, v in t.items())
+      lines.append(f"    on {target}: {scores}")
   lines += audit_lines(results.get("shortcuts"))
   if results.get("duplicates"):
     d = results["duplicates"]
