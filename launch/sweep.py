@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 from absl import app, flags
 
-from xrayjax import files  # atomic writes; imports neither JAX nor TensorFlow
+from xrayjax import compare, files  # neither imports JAX nor TensorFlow
 
 RESULTS, COMPARE = "results.json", "compare.json"  # what a finished run (protocol=both) wrote
 PROTOCOLS = ("corrected", "paper")  # the sub-directories of a protocol=both run
@@ -449,7 +449,48 @@ def collect(trials: list[Trial], sweep_dir: str, metric: str, minimize: bool) ->
   rows.sort(key=order)
   for rank, row in enumerate((r for r in rows if order(r)[0] == 0), start=1):
     row["rank"] = rank
+  paired_with_best(rows, sweep_dir, metric)
   return rows
+
+
+def _run_dir(trial_dir: str, metric: str) -> str:
+  """The run directory `metric` is read from (a protocol=both run's protocol)."""
+  if not os.path.exists(os.path.join(trial_dir, COMPARE)):
+    return trial_dir
+  first = metric.split(".")[0]
+  return os.path.join(trial_dir, first if first in PROTOCOLS else PROTOCOLS[0])
+
+
+def paired_with_best(rows: list[dict], sweep_dir: str, metric: str, n_boot: int = 1000
+                     ) -> None:
+  """Each ranked trial's difference from the first, paired on the same test images
+  (python -m xrayjax.compare's bootstrap), in `vs_best` and its interval; where the trials
+  were scored on other images, or `metric` is none of compare's metrics, a note says so."""
+  ranked = [r for r in rows if r["rank"] is not None]
+  for r in rows:
+    r.update(vs_best=None, vs_best_low=None, vs_best_high=None)
+  parts = metric.split(".")
+  if parts[0] in PROTOCOLS:
+    parts = parts[1:]
+  key = (parts[1] if parts[:1] == ["pooled"] and len(parts) == 2 else
+         f"{parts[2]}/{parts[3]}" if parts[:2] == ["pooled", "per_class"] and len(parts) == 4
+         else None)
+  if len(ranked) < 2 or key is None:
+    return
+  try:
+    best = compare.load(_run_dir(os.path.join(sweep_dir, ranked[0]["trial"]), metric))
+  except compare.NotComparable:
+    return
+  for r in ranked[1:]:
+    try:
+      other = compare.load(_run_dir(os.path.join(sweep_dir, r["trial"]), metric))
+      found = {x["metric"]: x for x in compare.paired(best, other, n_boot)["rows"]}.get(key)
+    except compare.NotComparable as e:
+      r["note"] = (r["note"] + " " if r["note"] else "") + f"not paired with rank 1: {e}"
+      continue
+    if found:
+      r.update(vs_best=found["difference"], vs_best_low=found["ci_low"],
+               vs_best_high=found["ci_high"])
 
 
 def write_table(rows: list[dict], sweep_dir: str, metric: str, minimize: bool,
@@ -473,6 +514,12 @@ def _cells(row: dict, metric: str) -> tuple[str, str, str]:
   return _fmt(row[metric]), ci, folds
 
 
+def _vs_best(row: dict) -> str:
+  if row.get("vs_best") is None:
+    return ""
+  return (f"{row['vs_best']:+.4f} [{row['vs_best_low']:+.3f}, {row['vs_best_high']:+.3f}]")
+
+
 def _summary(rows: list[dict], info: dict) -> str:
   counts = {}
   for r in rows:
@@ -490,12 +537,12 @@ def _text(rows, metric, minimize, info, sweep_dir) -> str:
   lines = [f"ranked by {metric} ({'lower' if minimize else 'higher'} is better), "
            f"{os.path.join(sweep_dir, TABLE_CSV)}:",
            f"{'rank':>4}  {metric:>{width}}  {'95% CI':<16}  {'folds mean ± sd':<15}  "
-           f"{'seconds':>8}  trial"]
+           f"{'- rank 1, paired [95%]':<26}  {'seconds':>8}  trial"]
   for r in rows:
     if r["rank"] is not None:
       value, ci, folds = _cells(r, metric)
       lines.append(f"{r['rank']:>4}  {value:>{width}}  {ci:<16}  {folds:<15}  "
-                   f"{_fmt(r['seconds'], '.0f'):>8}  {r['trial']}")
+                   f"{_vs_best(r):<26}  {_fmt(r['seconds'], '.0f'):>8}  {r['trial']}")
   others = [r for r in rows if r["rank"] is None]
   if others:
     lines.append("not ranked:")
@@ -515,9 +562,10 @@ def _link(path: str, text: str) -> str:
 def _html(rows, metric, minimize, info) -> str:
   labels = [k for k in rows[0] if k not in ("rank", "trial", "status", metric, "ci_low",
                                               "ci_high", "fold_mean", "fold_sd", "seconds",
-                                              "exit_code", "report", "log", "note")]
-  head = ["rank", "trial", *labels, metric, "95% CI", "folds mean ± sd", "seconds", "status",
-          "log"]
+                                              "exit_code", "report", "log", "note", "vs_best",
+                                              "vs_best_low", "vs_best_high")]
+  head = ["rank", "trial", *labels, metric, "95% CI", "folds mean ± sd",
+          "- rank 1, paired [95%]", "seconds", "status", "log"]
   body = []
   for r in rows:
     value, ci, folds = _cells(r, metric)
@@ -529,7 +577,7 @@ def _html(rows, metric, minimize, info) -> str:
           " " + _link(p, p.split("/")[-2]) for p in reports)
     status = r["status"] + (f": {r['note']}" if r["note"] else "")
     cells = [_fmt(r["rank"]), trial, *[html.escape(_fmt(r[k], "g")) for k in labels],
-             value, ci, folds, _fmt(r["seconds"], ".0f"), html.escape(status),
+             value, ci, folds, _vs_best(r), _fmt(r["seconds"], ".0f"), html.escape(status),
              _link(r["log"], "log")]
     body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
   meta = "".join(f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>"

@@ -211,6 +211,10 @@ def _check_ranked(sweep_dir, finished_names, metric="pooled.accuracy"):
     with open(os.path.join(sweep_dir, r["trial"], "results.json")) as f:
       assert float(r[metric]) == pytest.approx(json.load(f)["pooled"]["accuracy"])
     assert float(r["seconds"]) > 0
+  # Trials of one data set and seed test the same images: each is paired with rank 1.
+  for r in ranked[1:]:
+    assert float(r["vs_best"]) == pytest.approx(float(r[metric]) - float(ranked[0][metric]))
+    assert float(r["vs_best_low"]) <= float(r["vs_best"]) <= float(r["vs_best_high"])
   with open(os.path.join(sweep_dir, "sweep.html")) as f:
     page = f.read()
   for name in finished_names:
