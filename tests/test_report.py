@@ -34,6 +34,11 @@ def test_the_run_writes_metrics_with_intervals_and_a_gradcam_audit(run):
   with open(os.path.join(workdir, "results_metrics.csv")) as f:
     rows = {r["metric"]: r for r in csv.DictReader(f)}
   assert rows["covid/ppv@0.05"]["ci_low"] != "" and rows["accuracy"]["fold_sd"] != ""
+  # The summary sets the run beside the pixel probe on the same images.
+  audit = results["shortcuts"]
+  text = open(os.path.join(workdir, "results_summary.txt")).read()
+  assert (f"macro {audit['macro_auroc']:.3f} vs "
+          f"{audit['probes']['label']['full']['macro_auroc']:.3f}") in text
   g = results["gradcam"]
   rows = list(csv.DictReader(open(os.path.join(workdir, "results_predictions.csv"))))
   # Synthetic data have lung masks for every image and lesion masks for every diseased one;

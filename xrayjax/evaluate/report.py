@@ -176,6 +176,12 @@ def audit_lines(audit: dict | None) -> list[str]:
     lines.append("  pixel probes (logistic regression on 32x32 pixels, patient-grouped 5-fold), "
                  "macro AUROC: " + ", ".join(f"{k} {m['macro_auroc']:.3f}"
                                              for k, m in p["label"].items()))
+    full = p["label"].get("full")
+    if full and audit.get("auroc"):  # "the network learned" means more than this probe does
+      lines.append(f"  this run against the full-image probe on the same images, AUROC: macro "
+                   f"{audit['macro_auroc']:.3f} vs {full['macro_auroc']:.3f}; " +
+                   ", ".join(f"{c} {audit['auroc'][c]:.3f} vs {full['auroc'][c]:.3f}"
+                             for c in full["auroc"]))
     b = p["source_baseline"]
     if b:
       lines.append(f"  {b['field']} baseline (the probe predicting the {b['field']}): accuracy "
