@@ -2,9 +2,11 @@
 training survives kills and SIGTERM bit for bit, and config errors stop before any write."""
 
 import csv
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -158,6 +160,64 @@ def test_eval_of_a_read_only_run_writes_to_a_temporary_directory(tiny_config, ti
   experiment.run(tiny_config, workdir)
   assert files.read_json(os.path.join(stage, checkpoint.SUMMARY))["selected_step"] == step
   _same_predictions(_predictions(workdir), _predictions(out, "eval"))
+
+
+def test_one_job_per_run_directory_lock(tiny_config, tiny_run_copy, tmp_path):
+  """A live job's lock refuses training and evaluation into the run directory (which stays
+  untouched), --mode=eval into another directory works beside it, and a lock whose holder
+  died is taken over with a warning."""
+  workdir = tiny_run_copy
+  before = run_files.snapshot(workdir)
+  held = rundir.RunLock(workdir).acquire()
+  try:
+    for mode in ("train", "eval"):
+      with pytest.raises(rundir.LockedError, match=rf"{workdir} is in use by another job "
+                         rf"\(host .+, PID {os.getpid()}, started .+\).*--eval_dir="):
+        experiment.run(tiny_config, workdir, mode)
+    out = str(tmp_path / "beside")
+    experiment.run(tiny_config, workdir, "eval", eval_dir=out)
+    _same_predictions(_predictions(workdir), _predictions(out, "eval"))
+  finally:
+    held.release()
+  assert run_files.snapshot(workdir) == before
+  # A holder killed with SIGKILL leaves its record (the kernel dropped its flock).
+  with open(os.path.join(workdir, rundir.LOCK), "w") as f:
+    json.dump({"host": "node7", "pid": 4242, "started": "2026-12-01T10:00:00+00:00",
+               "command": "python -m xrayjax.main"}, f)
+  lock = rundir.RunLock(workdir).acquire()
+  assert "ended without releasing it (host node7, PID 4242" in lock.stale
+  lock.release()
+  assert not os.path.exists(os.path.join(workdir, rundir.LOCK))
+  # A new directory the lock made is removed when the job stops before writing to it.
+  new = str(tmp_path / "new")
+  rundir.RunLock(new).acquire().release()
+  assert not os.path.exists(new)
+
+
+@pytest.mark.slow
+def test_a_second_command_on_a_live_run_directory_exits_2_lock(tfds_dir, tmp_path):
+  """Two real processes, the second started while the first trains: it exits 2 naming the
+  first's PID and writes nothing; the first ends normally and releases the directory."""
+  workdir = str(tmp_path / "run")
+  command = [sys.executable, "-m", "xrayjax.main", "--config=configs/detl.py:runlocal",
+             f"--workdir={workdir}", f"--config.data.tfds_dir={tfds_dir}",
+             "--config.eval.gradcam.enabled=False", "--config.eval.bootstrap=0",
+             "--config.audit.perturb=False", "--config.audit.probes=False"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  lock = os.path.join(workdir, rundir.LOCK)
+  deadline = time.time() + 300
+  while time.time() < deadline and first.poll() is None:
+    if os.path.exists(lock) and f'"pid": {first.pid}' in open(lock).read():
+      break
+    time.sleep(0.1)
+  assert first.poll() is None, "the first run ended before the second started"
+  second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+  assert second.returncode == 2, second.stderr[-2000:]
+  assert f"in use by another job (host {socket.gethostname()}, PID {first.pid}" in second.stderr
+  assert first.wait(timeout=900) == 0
+  assert not os.path.exists(lock) and os.path.exists(os.path.join(workdir, "results.json"))
 
 
 # --- preemption: kills and SIGTERM resume bit for bit -----------------------------------------

@@ -240,6 +240,34 @@ def run(config, workdir: str, mode: str = "train", allow_config_change: bool = F
     if note:
       logging.warning(note)
       print(note, flush=True)
+  # One job writes into a run directory at a time (evaluations elsewhere go beside it).
+  lock = hold(workdir) if out_dir == workdir else None
+  try:
+    return _run(config, workdir, mode, allow_config_change, retrain, out_dir)
+  finally:
+    if lock:
+      lock.release()
+
+
+def hold(workdir: str) -> rundir.RunLock:
+  """The run directory's lock, taken by process 0 for the whole job (every process raises
+  LockedError when another job holds it)."""
+  lock, error = rundir.RunLock(workdir), ""
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except rundir.LockedError as e:
+      error = str(e)
+  error = sharding.from_process_0(f"lock {workdir}", error)
+  if error:
+    raise rundir.LockedError(error)
+  if lock.stale:
+    logging.warning(lock.stale)
+  return lock
+
+
+def _run(config, workdir: str, mode: str, allow_config_change: bool, retrain: tuple[str, ...],
+         out_dir: str) -> dict:
   if config.protocol != BOTH:
     return run_protocol(config, workdir, mode, allow_config_change, retrain, out_dir)
   subs = {}

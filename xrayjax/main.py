@@ -2,9 +2,9 @@
 [--mode=eval [--eval_dir=DIR] [--eval_data=SOURCE:PATH]] [--retrain=STAGE,...]`
 (configs/detl.py, configs/concat.py).
 
-Exit status: 0 done; 2 refused (the run directory's data or splits changed, a damaged
-checkpoint); 128 + signal number when SIGTERM / SIGINT stopped training after a checkpoint
-(the same command resumes).
+Exit status: 0 done; 2 refused (the run directory's data or splits changed, another job
+holds it, a damaged checkpoint); 128 + signal number when SIGTERM / SIGINT stopped training
+after a checkpoint (the same command resumes).
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def main(argv):
   except train.Interrupted as e:
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(e.code)
-  except (rundir.ChangedError, checkpoint.CheckpointError, tasks.EmptyClassError,
-          native.LayoutError) as e:  # bad data: the message says what, where, what to do
+  except (rundir.ChangedError, rundir.LockedError, checkpoint.CheckpointError,
+          tasks.EmptyClassError, native.LayoutError) as e:  # bad data: the message says what, where, what to do
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 

@@ -14,8 +14,13 @@ overwritten. Trained models can still be scored on new data as an *external* tes
 from __future__ import annotations
 
 import csv
+import datetime
+import fcntl
 import hashlib
+import json
 import os
+import socket
+import sys
 import tempfile
 
 import flax
@@ -25,6 +30,7 @@ from xrayjax import files
 
 FINGERPRINT = "fingerprint.json"
 SPLITS = "splits.json"
+LOCK = "run.lock"
 # Config fields that decide which image lands in which partition, for every method (each
 # method adds its own, methods.<m>.SPLIT_FIELDS).
 SPLIT_FIELDS = ("method", "protocol", "seed", "folds", "data", "dedup")
@@ -32,6 +38,10 @@ SPLIT_FIELDS = ("method", "protocol", "seed", "folds", "data", "dedup")
 
 class ChangedError(ValueError):
   """The data or the splits differ from those the run directory's models were trained on."""
+
+
+class LockedError(RuntimeError):
+  """Another live job holds the run directory."""
 
 
 # --- what a run records -----------------------------------------------------------------------
@@ -244,3 +254,83 @@ def eval_dir(workdir: str, requested: str | None) -> tuple[str, str | None]:
   out = tempfile.mkdtemp(prefix="xrayjax-eval-")
   return out, (f"{workdir} is read-only: evaluation results are written to {out} "
                "(choose the place with --eval_dir)")
+
+
+# --- one job per run directory ---------------------------------------------------------------
+
+
+class RunLock:
+  """An exclusive hold on a run directory for one job: `run.lock`, flock()ed for as long as
+  the job runs (the kernel, or the NFSv4 server, drops the hold when the process dies,
+  SIGKILL included), holding the holder's host, PID, start time and command.
+
+  A second job that finds it held raises LockedError naming the holder. A lock file whose
+  holder died without releasing it (killed) is taken over with a warning. A directory the
+  lock created is removed again if nothing else was written to it.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir, self.path = workdir, os.path.join(workdir, LOCK)
+    self._fd, self._created, self.stale = None, False, None
+
+  def acquire(self) -> "RunLock":
+    self._created = not os.path.isdir(self.workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace")
+        os.close(fd)
+        self._undo_created()
+        raise LockedError(
+            f"{self.workdir} is in use by another job ({_describe(holder)}), so this one "
+            "stops before it touches it: two jobs on one run directory would train the same "
+            "checkpoints at once. Wait for that job to end or stop it, use another "
+            "--workdir, or score its checkpoints beside it with --mode=eval "
+            "--eval_dir=OTHER_DIR.") from None
+      try:  # the file may have been released (unlinked) between open and flock: retry
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)
+    previous = os.read(fd, 4096).decode(errors="replace").strip()
+    if previous:
+      self.stale = (f"{self.path}: taking over the lock of a job that ended without "
+                    f"releasing it ({_describe(previous)})")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({
+        "host": socket.gethostname(), "pid": os.getpid(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv)}).encode(), 0)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    os.unlink(self.path)  # while still held: a job waiting on the old file retries
+    os.close(self._fd)
+    self._fd = None
+    self._undo_created()
+
+  def _undo_created(self) -> None:
+    if self._created and not os.listdir(self.workdir):
+      os.rmdir(self.workdir)
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _describe(holder: str) -> str:
+  try:
+    h = json.loads(holder)
+    return f"host {h['host']}, PID {h['pid']}, started {h['started']}: {h['command']}"
+  except (ValueError, KeyError, TypeError):
+    return "holder unknown: the lock file is empty or unreadable"

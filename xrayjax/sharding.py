@@ -6,6 +6,7 @@ slice: parameters are replicated, batches are split along `data`.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import jax
@@ -64,6 +65,24 @@ def barrier(name: str, timeout_seconds: float = 24 * 3600) -> None:
   from jax._src import distributed
   distributed.global_state.client.wait_at_barrier(f"xrayjax:{name}",
                                                   int(timeout_seconds * 1000))
+
+
+_SHARED = itertools.count()
+
+
+def from_process_0(name: str, value: str) -> str:
+  """Process 0's `value` in every process (through jax.distributed's key-value store; a
+  no-op in one process)."""
+  if jax.process_count() == 1:
+    return value
+  from jax._src import distributed
+  # (a key is set once: every process counts its calls, which all make in the same order)
+  client, key = distributed.global_state.client, f"xrayjax:{name}:{next(_SHARED)}"
+  if jax.process_index() == 0:
+    client.key_value_set(key, value or "-")
+    return value
+  got = client.blocking_key_value_get(key, 3600 * 1000)
+  return "" if got == "-" else got
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
