@@ -194,6 +194,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = dict(batch_size=BATCH[args["model"]] if scale != "runlocal" else 8,
                  eval_batch_size=60 if scale != "runlocal" else 16)
   c.train.optimizer = dict(name="nadam", lr=p["lr"], schedule="constant", momentum=0.0)
+  # Corrected protocol: the fold's checkpoint of best validation balanced accuracy, so the
+  # rare class counts as much as the others (val_accuracy: the majority classes decide).
+  c.train.select_on = "val_balanced_accuracy"
 
   # --- evaluation ---
   c.eval = common.eval_config(bootstrap=p["bootstrap"], per_class=p["gallery"])

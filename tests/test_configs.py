@@ -1,4 +1,5 @@
 import itertools
+import os
 
 import pytest
 
@@ -127,3 +128,20 @@ def test_detl_presets_are_rows_of_one_table():
   assert detl.get_config("data=manifest,scale=paper").data_b.images_per_class.to_dict() == \
       detl.PAPER_DATA_B
   assert demo.augment == ("rotate(10)", "zoom(0.1)", "flip_lr")
+
+
+def test_print_config_shows_every_resolved_field_and_exits():
+  """--print_config: args and --config.x=y overrides applied, one dotted field per line (the
+  names overrides take), nothing trained or written."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-m", "xrayjax.main", "--config=configs/detl.py:model=alexnet",
+       "--config.stage_b.epochs=7", "--print_config", "--workdir=/nonexistent/never"],
+      cwd=root, capture_output=True, text=True, check=True).stdout
+  lines = dict(line.split(" = ", 1) for line in out.splitlines())
+  assert lines["model_name"] == "'alexnet'" and lines["stage_b.epochs"] == "7"
+  assert lines["data.image_size"] == str(detl.get_config("model=alexnet").data.image_size)
+  assert len(lines) == len(out.splitlines()) > 50
+  assert not os.path.exists("/nonexistent/never")

@@ -11,6 +11,7 @@ import pytest
 
 import tiny
 from xrayjax import checkpoint, experiment, files, rundir
+from xrayjax.evaluate import score
 from xrayjax.data import tasks as tasks_lib
 
 
@@ -32,8 +33,10 @@ def test_tiny_run_trains_evaluates_and_reports(tiny_config, tiny_run, tiny_run_c
   cm = np.array(results["across_folds"]["confusion_summed"])
   assert cm.sum() == results["num_images"]
   assert results["data_summary"]["test_patients_seen_in_training"] == 0
-  for name in ("results_table3.csv", "results_table4.csv", "plan.json"):
-    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.path.exists(os.path.join(workdir, "plan.json"))
+  # Paper 2's tables are paper 2's (methods.tables): a DETL run has none.
+  assert results["tables"] == [] and not os.path.exists(os.path.join(workdir,
+                                                                     "results_table3.csv"))
   # Eval mode restores the best checkpoints and recomputes the same metrics.
   again = experiment.run(tiny_config, tiny_run_copy, mode="eval")
   np.testing.assert_equal(again["fold_metrics"], results["fold_metrics"])  # NaN == NaN here
@@ -61,7 +64,7 @@ def test_workdir_with_other_config_is_refused(tiny_config, tmp_path):
     experiment.run(tiny_config, workdir)
   assert files.read_json(os.path.join(workdir, "config.json"))["seed"] == 7  # untouched
   # The explicit flag accepts the change and keeps the old config beside the new one.
-  experiment.check_workdir_config(workdir, tiny_config, allow_change=True)
+  rundir.write_config(workdir, tiny_config, allow_change=True)
   assert files.read_json(os.path.join(workdir, "config.json"))["seed"] == 0
   kept = [f for f in os.listdir(workdir) if f.startswith("config.") and f != "config.json"]
   assert len(kept) == 1 and files.read_json(os.path.join(workdir, kept[0]))["seed"] == 7
@@ -126,17 +129,17 @@ def test_scratch_run_and_bad_scratch_config(tfds_dir, tmp_path):
 def test_reports_warn_about_confounding_and_leakage(tiny_config):
   mixed = {"a": {"normal": 10, "covid": 9}, "b": {"normal": 8, "covid": 11}}
   summary = {"test_patients_seen_in_training": 0, "evaluated_label_by_site": mixed}
-  assert experiment.warnings(tiny_config, summary) == []
+  assert score.warnings(tiny_config, summary) == []
   tiny_config.data.synthetic.site_confounding = 0.8
   summary["test_patients_seen_in_training"] = 3
   summary["evaluated_label_by_site"] = {"a": {"normal": 10, "covid": 1},
                                         "b": {"normal": 2, "covid": 30}}
-  found = experiment.warnings(tiny_config, summary)
+  found = score.warnings(tiny_config, summary)
   assert len(found) == 4 and "site-confounded" in found[0] and found[3].startswith("3 (fold, ")
   assert "covid images come from sources where covid makes up" in found[1]
   assert "normal images come from" in found[2]
   # normal: 10 of 12 images come from site a, where normal is 10/11 -> flagged too at 0.8.
-  assert experiment.source_confounded(summary["evaluated_label_by_site"]) == {
+  assert score.source_confounded(summary["evaluated_label_by_site"]) == {
       "normal": pytest.approx(10 / 12), "covid": pytest.approx(30 / 31)}
 
 
@@ -147,7 +150,7 @@ def test_paper_protocol_plan_draws_cohorts_independently(tfds_dir):
   cohort, paper = experiment.prepare(c)
   c.protocol = "corrected"
   cohort_c, corrected = experiment.prepare(c)
-  assert experiment.describe(cohort_c, corrected)["test_patients_seen_in_training"] == 0
+  assert score.describe(cohort_c, corrected)["test_patients_seen_in_training"] == 0
   # Paper: Data-A may contain Data-B patients; folds are image-level, no stage-B validation.
   assert all(len(s.val) == 0 for s in paper.stages if s.name != "stage_a")
   assert all(len(s.val) > 0 for s in corrected.stages)
@@ -178,6 +181,12 @@ def test_pretrain_stage_trains_once_and_starts_every_fold(tfds_dir, tmp_path):
   assert set(plan["stages"][0]["phases"][0]) == {"epochs", *tasks_lib.OTHER_FINDINGS}
   summary = open(os.path.join(str(tmp_path), "results_summary.txt")).read()
   assert "pretrain's weights, head swapped" in summary
+  # The method's own tables (paper 2's Tables 3 and 4), in the results, files and summary.
+  assert [t["name"] for t in results["tables"]] == ["table4", "table3"]
+  for name in ("results_table3.csv", "results_table4.csv"):
+    assert os.path.exists(os.path.join(str(tmp_path), name)), name
+  assert "paper 2's Table 3 (summed over folds)" in summary
+  assert "Paper 2&#x27;s Table 4" in open(os.path.join(str(tmp_path), "report.html")).read()
 
 
 def test_phased_run_killed_inside_phase_two_resumes_to_the_same_result(tfds_dir, tmp_path,
@@ -361,3 +370,51 @@ def test_a_stage_keeps_the_epoch_of_highest_validation_accuracy(select, tmp_path
   assert restored_summary["selected_step"] == chosen
   np.testing.assert_array_equal(restored["params"]["head"]["kernel"],
                                 saved[chosen][1]["params"]["head"]["kernel"])
+
+
+@pytest.mark.parametrize("select_on", ["val_accuracy", "val_balanced_accuracy"])
+def test_a_stage_can_select_on_validation_balanced_accuracy(select_on, tmp_path, monkeypatch):
+  """Validation labels 0, 0, 0, 1 and scripted predictions per epoch: all 0 (accuracy 0.75,
+  balanced 0.5), then 0, 0, 1, 1 (accuracy 0.75, balanced 0.83), then all 0 again. Selecting
+  on balanced accuracy keeps epoch 2; on accuracy the three tie and the last one is kept."""
+  import ml_collections
+  from xrayjax import infer, methods, sharding, train
+  from xrayjax.data import pipeline
+  rng = np.random.default_rng(0)
+  labels = np.arange(16) % 2
+  images = np.clip(rng.normal(60 + 130 * labels, 20)[:, None, None, None]
+                   + rng.normal(0, 10, (16, 8, 8, 1)), 0, 255).astype(np.uint8)
+  val_labels = np.array([0, 0, 0, 1])
+  scripted = iter([[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]])
+
+  def predict(predict_fn, variables, ds, num_examples, batch_size, mesh):
+    return np.eye(2)[next(scripted)], val_labels, np.arange(4)
+
+  monkeypatch.setattr(infer, "predict", predict)
+  with pytest.raises(ValueError, match="select_on 'val_auroc' is not one of"):
+    methods.Stage(name="s", classes=("a", "b"), labels=labels,
+                  phases=[methods.Phase(np.arange(16), 3)], optimizer={}, param_rules=(),
+                  batch_size=4, eval_batch_size=4, select="best", init_seed=0, seed=0,
+                  augment=(), val=np.arange(4), select_on="val_auroc")
+  stage = methods.Stage(
+      name="stage", classes=("dark", "bright"), labels=labels,
+      phases=[methods.Phase(np.arange(16), 3)],
+      optimizer=ml_collections.ConfigDict(dict(name="sgd", lr=0.5, momentum=0.0,
+                                               schedule="constant")),
+      param_rules=((".*", "train"),), batch_size=4, eval_batch_size=4, select="best",
+      init_seed=0, seed=0, augment=(), val=np.arange(4), select_on=select_on)
+  model = _MeanIntensity()
+  init = train.variables_of(model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1)),
+                                       train=False))
+  _, summary = train.train_stage(
+      stage=stage, model=model, init_variables=init, groups={},
+      data=train.StageData(phases=[(pipeline.from_arrays(images, label=labels), 16)],
+                           val=pipeline.from_arrays(images[:4], label=val_labels), num_val=4),
+      ckpt_dir=str(tmp_path / "stage"), mesh=sharding.make_mesh(), log_every=100, tb_dir=None)
+  m = summary["selected_metrics"]
+  if select_on == "val_balanced_accuracy":
+    assert summary["selected_step"] == 8
+    assert (m["val_accuracy"], m["val_balanced_accuracy"]) == (0.75, pytest.approx(5 / 6))
+  else:
+    assert summary["selected_step"] == 12
+    assert (m["val_accuracy"], m["val_balanced_accuracy"]) == (0.75, 0.5)

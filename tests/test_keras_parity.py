@@ -157,14 +157,13 @@ def test_rgb_weights_into_grey_model_and_new_head(tmp_path):
 
 def test_config_init_from_loads_the_first_stage(tmp_path):
   from configs import detl
-  from xrayjax import experiment
   kmodel = keras.applications.ResNet50V2(weights=None, include_top=False, input_shape=(32, 32, 3))
   path = str(tmp_path / "resnet50v2_notop.weights.h5")
   kmodel.save_weights(path)
   c = detl.get_config("model=resnet50v2")
   c.model.width = 1.0
   c.model.init_from = path
-  variables = experiment.init_variables(models.build("resnet50v2", 4, c.model), 32, 0,
+  variables = train.init_variables(models.build("resnet50v2", 4, c.model), 32, 0,
                                         c.model.init_from, models.spec("resnet50v2"))
   np.testing.assert_allclose(variables["params"]["conv5_block3_3_conv"]["kernel"],
                              kmodel.get_layer("conv5_block3_3_conv").get_weights()[0])

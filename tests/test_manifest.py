@@ -12,6 +12,7 @@ import shared_data
 import tiny
 from configs import detl
 from xrayjax import experiment, files
+from xrayjax.evaluate import score
 from xrayjax.data import pipeline, sources, splits
 from xrayjax.data.sources import manifest, phantom
 
@@ -154,7 +155,7 @@ def test_detl_three_classes_with_data_a_from_another_collection(tmp_path):
   # Every normal picture is in both collections: found as perceptual duplicates of one patient.
   assert cohort.duplicates["summary"]["perceptual_pairs"] >= 20
   assert cohort.duplicates["summary"]["merged_patient_groups"] == 0
-  summary = experiment.describe(cohort, p)
+  summary = score.describe(cohort, p)
   assert summary["partitions"]["data_b"] == {"normal": 12, "pneumonia": 10, "covid": 10}
   assert summary["test_patients_seen_in_training"] == 0
   a = p.stage("stage_a").rows()
@@ -195,7 +196,7 @@ def test_shared_benchmark_dedup_and_split_integrity(tmp_path):
   assert dup["summary"]["exact_sets"] >= 4 and dup["summary"]["dropped"] >= 4
   assert len(meta["image_id"]) == 1531 - dup["summary"]["dropped"]
   assert len(set(meta["file_sha1"])) == len(meta["file_sha1"])  # no exact copy is left
-  summary = experiment.describe(cohort, p)
+  summary = score.describe(cohort, p)
   assert summary["test_patients_seen_in_training"] == 0
   # Every perceptual duplicate pair lands in one partition of every fold.
   near_i, near_j = splits.near_pairs(meta["phash"], c.dedup.max_distance)
@@ -208,7 +209,7 @@ def test_shared_benchmark_dedup_and_split_integrity(tmp_path):
     both = (part[near_i] >= 0) & (part[near_j] >= 0)
     assert np.all(part[near_i][both] == part[near_j][both])
   # The benchmark's known confounding: covid only from ieee8023, other_disease only from 64 px NIH.
-  assert set(experiment.source_confounded(summary["evaluated_label_by_source"])) >= {
+  assert set(score.source_confounded(summary["evaluated_label_by_source"])) >= {
       "covid", "other_disease"}
 
 

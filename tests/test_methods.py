@@ -9,7 +9,7 @@ import pytest
 
 from configs import concat as concat_config
 from xrayjax import methods
-from xrayjax.evaluate import metrics, report
+from xrayjax.evaluate import metrics
 from xrayjax.methods import concat
 
 
@@ -236,7 +236,7 @@ def test_tables_3_and_4_against_a_hand_computed_confusion_matrix():
   pred = np.concatenate([np.repeat(np.arange(3), row) for row in cm])
   probs = np.eye(3)[pred] * 0.9 + 0.1 / 3
   m = metrics.classification(labels, probs, classes)
-  assert metrics.detection_counts(m["confusion"], classes) == {
+  assert concat.detection_counts(m["confusion"], classes) == {
       "normal": {"correct": 50, "not_detected": 10, "wrongly_detected": 6},
       "pneumonia": {"correct": 30, "not_detected": 10, "wrongly_detected": 10},
       "covid": {"correct": 7, "not_detected": 3, "wrongly_detected": 7}}
@@ -249,7 +249,7 @@ def test_tables_3_and_4_against_a_hand_computed_confusion_matrix():
   assert m["accuracy"] == pytest.approx(87 / n)
   results = {"classes": list(classes), "fold_metrics": [m, m],
              "across_folds": metrics.across_folds([m, m])}
-  t3, t4 = report.table3(results), report.table4(results)
+  t3, t4 = concat.table3(results), concat.table4(results)
   assert t3[-1]["fold"] == "sum" and t3[-1]["covid"] == {"correct": 14, "not_detected": 6,
                                                          "wrongly_detected": 14}
   assert t4[-1]["fold"] == "mean" and t4[-1]["covid/precision"] == pytest.approx(0.5)
@@ -259,14 +259,14 @@ def test_tables_3_and_4_against_a_hand_computed_confusion_matrix():
 def test_transfer_swaps_the_head_and_moves_everything_else():
   """DETL's stage A -> stage B initialisation: every layer but the head (params and
   BatchNorm statistics) from the earlier stage; the head from the new model."""
-  from xrayjax import experiment
+  from xrayjax import train
   source = {"params": {"conv1": {"kernel": np.ones((3, 3, 1, 4))}, "bn": {"scale": np.ones(4)},
                        "head": {"kernel": np.ones((4, 2))}},
             "batch_stats": {"bn": {"mean": np.full(4, 7.0)}}}
   target = {"params": {"conv1": {"kernel": np.zeros((3, 3, 1, 4))}, "bn": {"scale": np.zeros(4)},
                        "head": {"kernel": np.full((4, 4), 5.0)}},
             "batch_stats": {"bn": {"mean": np.zeros(4)}}}
-  out = experiment.transfer(source, target, "head")
+  out = train.transfer(source, target, "head")
   np.testing.assert_array_equal(out["params"]["conv1"]["kernel"], 1)
   np.testing.assert_array_equal(out["params"]["bn"]["scale"], 1)
   np.testing.assert_array_equal(out["batch_stats"]["bn"]["mean"], 7)
@@ -275,4 +275,4 @@ def test_transfer_swaps_the_head_and_moves_everything_else():
   target["params"]["conv1"]["kernel"] = np.zeros((3, 3, 1, 8))
   with pytest.raises(ValueError, match=r"params/conv1/kernel expects \(3, 3, 1, 8\), the "
                                        r"earlier stage has \(3, 3, 1, 4\)"):
-    experiment.transfer(source, target, "head")
+    train.transfer(source, target, "head")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import detl
-from xrayjax import experiment, models, optim, train
+from xrayjax import models, optim, train
 
 
 @pytest.mark.parametrize("name", models.names())
@@ -16,7 +16,7 @@ def test_runlocal_training_steps(name):
   c = detl.get_config(f"model={name},runlocal")
   model = models.build(name, 4, c.model)
   spec = models.spec(name)
-  variables = experiment.init_variables(model, c.data.image_size, 0)
+  variables = train.init_variables(model, c.data.image_size, 0)
   rules = tuple(c.stage_b.param_rules)
   tx = optim.make(c.stage_b.optimizer, 10, variables["params"], rules, spec.PARAM_GROUPS)
   step = jax.jit(train.make_train_step(
@@ -150,7 +150,7 @@ def test_bfloat16_model_is_close_to_float32(name):
   bf16, f32, size = _bf16_pair(name)
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, size=(4, size, size, 1)).astype(np.float32)
-  variables = experiment.init_variables(f32, size, 0)
+  variables = train.init_variables(f32, size, 0)
   # Jitted, as training and evaluation run them (op by op, ResNet50V2 took several times longer).
   infer = lambda m: jax.jit(functools.partial(m.apply, train=False))  # noqa: E731
   fit = lambda m: jax.jit(functools.partial(m.apply, train=True,  # noqa: E731

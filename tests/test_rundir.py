@@ -18,7 +18,7 @@ from PIL import Image
 
 import run_files
 import tiny
-from xrayjax import checkpoint, experiment, files, rundir, train
+from xrayjax import checkpoint, checks, experiment, external, files, rundir, train
 from xrayjax.data.sources import phantom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ def test_changed_data_or_split_fields_are_refused_and_scored_only_as_external(tm
   assert "--eval_data=SOURCE:PATH" in message and "new --workdir" in message
   print(message)
   # Scored as an external test set: only the new image is unseen by the models.
-  ext = experiment.evaluate_external(c, workdir, f"manifest:{data / 'manifest.csv'}")
+  ext = external.evaluate(c, workdir, f"manifest:{data / 'manifest.csv'}")
   assert ext["protocol"] == "external" and ext["num_images"] == 1
   assert any("same image id" in n for n in ext["notes"])
   assert os.path.exists(os.path.join(workdir, "external_summary.txt"))
@@ -374,7 +374,7 @@ def test_batch_sizes_must_divide_over_the_devices(tiny_config):
   _, plan = experiment.prepare(tiny_config)
   with pytest.raises(ValueError, match=r"\[fold0/stage_b\] batch_size=12 must be a multiple of "
                                        "the 8 devices"):
-    experiment.check_plan(tiny_config, plan, mesh)
+    checks.plan_sizes(tiny_config, plan, mesh)
 
 
 def test_run_directories_of_older_versions_are_compared_by_their_image_keys(tmp_path):

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from xrayjax import experiment, files, methods, rundir
+from xrayjax import checks, experiment, files, methods, rundir
 from xrayjax.data import pipeline, regions
 from xrayjax.evaluate import shortcuts
 
@@ -207,7 +207,7 @@ def test_retrain_names_the_variants():
   c.audit.retrain = "border, loso"
   meta = {"source": np.array(["s"] * 8, object),
           "site": np.array(["x", "x", "y", "y", "x", "y", "z", "z"], object)}
-  subs = experiment.audit_variants(c, meta, _plan())
+  subs = shortcuts.audit_variants(c, meta, _plan())
   # One source: sites instead; z holds class 1 and class 0 (rows 6, 7), as x and y do.
   assert list(subs) == ["input_border", "loso_site_x", "loso_site_y", "loso_site_z"]
   assert subs["input_border"].audit.input == "border"
@@ -215,7 +215,7 @@ def test_retrain_names_the_variants():
   assert not subs["loso_site_y"].eval.gradcam.enabled and subs["loso_site_y"].audit.retrain == ""
   c.audit.retrain = "border,blur"
   with pytest.raises(ValueError, match=r"config.audit.retrain: unknown \['blur'\]"):
-    experiment.check_config(c)
+    checks.config_fields(c)
 
 
 # --- tiny runs whose truth we know --------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_a_confounded_tiny_run_gets_a_high_verdict(confounded):
 def test_an_audit_input_cannot_change_under_a_run(confounded):
   c, workdir, _ = confounded
   cohort, plan = experiment.prepare(c)
-  border = experiment.audit_variants(c, cohort.meta, plan)["input_border"]
+  border = shortcuts.audit_variants(c, cohort.meta, plan)["input_border"]
   with border.unlocked():
     border.audit.input = "lungs"
   with pytest.raises(rundir.ChangedError, match="audit.input"):
@@ -317,4 +317,4 @@ def test_bad_audit_config_is_named(field, value, message):
   c = detl.get_config("runlocal")
   c.audit[field] = value
   with pytest.raises(ValueError, match=message):
-    experiment.check_config(c)
+    checks.config_fields(c)

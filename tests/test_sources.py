@@ -241,6 +241,7 @@ def test_an_interrupted_build_resumes_from_its_cache(tmp_path, monkeypatch):
 
 def test_the_papers_data_nih_for_data_a_and_nih_plus_ieee8023_for_data_b(tmp_path):
   from xrayjax import experiment
+  from xrayjax.evaluate import score
   nih, ieee = tmp_path / "nih", tmp_path / "ieee"
   (nih / "images").mkdir(parents=True)
   (ieee / "images").mkdir(parents=True)
@@ -270,7 +271,7 @@ def test_the_papers_data_nih_for_data_a_and_nih_plus_ieee8023_for_data_b(tmp_pat
   cohort, p = experiment.prepare(c)
   meta = cohort.meta
   assert set(cohort.build_reports()) == {"nih_cxr14", "ieee8023_covid"}
-  summary = experiment.describe(cohort, p)
+  summary = score.describe(cohort, p)
   assert summary["partitions"]["data_b"] == {"normal": 4, "pneumonia": 6, "other_disease": 6,
                                              "covid": 6}
   from_ieee = summary["evaluated_label_by_source"]["ieee8023_covid"]

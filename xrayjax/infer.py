@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xrayjax import checkpoint, sharding
+from xrayjax import checkpoint, models, sharding
 from xrayjax.data import pipeline
 
 
@@ -40,6 +40,18 @@ def batched(fn: Callable, variables, ds, num_examples: int, batch_size: int, mes
   result = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
   order = np.argsort(result["index"])
   return {k: v[order] for k, v in result.items()}
+
+
+def model_cache(model_name: str, model_config, mesh) -> Callable:
+  """model_for(num_classes) -> (model, compiled predict fn): one per head size."""
+  built = {}
+
+  def model_for(num_classes):
+    if num_classes not in built:
+      m = models.build(model_name, num_classes, model_config)
+      built[num_classes] = (m, make_predict_fn(m, mesh))
+    return built[num_classes]
+  return model_for
 
 
 def make_predict_fn(model, mesh) -> Callable:

@@ -1,6 +1,7 @@
 """Entry point: `python -m xrayjax.main --config=configs/<method>.py[:args] [--workdir=DIR]
 [--mode=eval [--eval_dir=DIR] [--eval_data=SOURCE:PATH]] [--retrain=STAGE,...]`
-(configs/detl.py, configs/concat.py).
+(configs/detl.py, configs/concat.py). `--print_config` prints the resolved config (args,
+scale and every --config.x=y override applied) and exits.
 
 Exit status: 0 done; 2 refused (the run directory's data or splits changed, another job
 holds it, a damaged checkpoint); 128 + signal number when SIGTERM / SIGINT stopped training
@@ -39,6 +40,9 @@ _EVAL_DATA = flags.DEFINE_string(
 _RETRAIN = flags.DEFINE_list(
     "retrain", [], "Stages to train again (named as in plan.json, e.g. fold3/<stage>), with "
     "the stages started from them; their old directories are kept as <stage>.replaced-<time>.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (after args and overrides), one "
+    "dotted field per line, and exit.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host jobs).")
 
@@ -51,12 +55,27 @@ def _quiet_library_info(record) -> bool:
   return record.levelno >= pylogging.WARNING or not any(c in record.pathname for c in _CHATTY)
 
 
+def _flat(d: dict, prefix: str = ""):
+  """(dotted.path, value) of every leaf of a nested dict, in order: the names
+  --config.<path>=<value> overrides use."""
+  for k, v in sorted(d.items()):
+    if isinstance(v, dict) and v:
+      yield from _flat(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
 def main(argv):
   del argv
+  if _PRINT_CONFIG.value:
+    if _CONFIG.value is None:
+      raise app.UsageError("--print_config needs --config, e.g. --config=configs/detl.py")
+    print("\n".join(f"{k} = {v!r}" for k, v in _flat(_CONFIG.value.to_dict())))
+    return
   logging.get_absl_handler().addFilter(_quiet_library_info)
   import jax
 
-  from xrayjax import checkpoint, experiment, files, kernels, rundir, sharding, train
+  from xrayjax import checkpoint, experiment, external, files, kernels, rundir, sharding, train
   from xrayjax.data import pipeline, tasks
   from xrayjax.data.sources import native
 
@@ -66,7 +85,7 @@ def main(argv):
   if _MODE.value == "eval":
     if not workdir:
       raise app.UsageError("--mode=eval needs --workdir of a trained run")
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, rundir.CONFIG)
     if not os.path.exists(path):
       raise app.UsageError(f"{path} not found: --workdir is not an xrayjax run directory")
     config = config_dict.ConfigDict(files.read_json(path))
@@ -88,7 +107,7 @@ def main(argv):
     logging.info("memory: %s", hugepages.status())
   try:
     if _EVAL_DATA.value:
-      experiment.evaluate_external(config, workdir, _EVAL_DATA.value, _EVAL_DIR.value)
+      external.evaluate(config, workdir, _EVAL_DATA.value, _EVAL_DIR.value)
     else:
       experiment.run(config, workdir, _MODE.value, _ALLOW_CONFIG_CHANGE.value,
                      tuple(_RETRAIN.value), _EVAL_DIR.value)

@@ -113,22 +113,21 @@ class Predictor:
   def __init__(self, workdir: str, fold: str = "all"):
     from ml_collections import config_dict
 
-    from xrayjax import files
+    from xrayjax import files, rundir
     from xrayjax.data import sources
-    for name in ("config.json", "plan.json"):
+    for name in (rundir.CONFIG, rundir.PLAN):
       if not os.path.exists(os.path.join(workdir, name)):
         raise NotARunDirectory(
             f"{os.path.join(workdir, name)} not found: --workdir is not an xrayjax run "
             "directory (a protocol=both run holds two: give WORKDIR/corrected or "
             "WORKDIR/paper), or one made by an xrayjax older than plan.json")
     self.workdir = workdir
-    self.config = config = config_dict.ConfigDict(files.read_json(os.path.join(workdir,
-                                                                               "config.json")))
+    self.config = config = config_dict.ConfigDict(files.read_json(os.path.join(workdir, rundir.CONFIG)))
     masked = config.get("audit", {}).get("input", "full")
     if masked != "full":
       raise InputError(f"{workdir} trained its models on {masked} inputs for a shortcut audit "
                        "(config.audit.input); predict serves models trained on whole images")
-    plan = files.read_json(os.path.join(workdir, "plan.json"))
+    plan = files.read_json(os.path.join(workdir, rundir.PLAN))
     self.evaluations = plan["evaluations"]
     if fold != "all":
       self.evaluations = [e for e in self.evaluations if str(e["fold"]) == str(fold).strip()]

@@ -22,12 +22,20 @@ import os
 import socket
 import sys
 import tempfile
+import time
 
 import flax
+import jax
 import numpy as np
+from absl import logging
 
-from xrayjax import files
+from xrayjax import files, methods, sharding
+from xrayjax.data import sources
 
+# Every file the runner writes into a run directory by name.
+CONFIG = "config.json"  # the run's config (a changed one is refused, or kept beside it)
+PLAN = "plan.json"  # the plan as trained: stages, phases, evaluations (methods.Plan.describe)
+DUPLICATES = "duplicates.json"  # near-duplicate pairs found and what the protocol did with them
 FINGERPRINT = "fingerprint.json"
 SPLITS = "splits.json"
 LOCK = "run.lock"
@@ -98,6 +106,18 @@ def _stat(root: str, paths: list[str]) -> dict[str, list[int] | None]:
   return out
 
 
+def records(config, cohort, plan) -> tuple[dict, dict]:
+  """What a run directory records about its data and splits (check's arguments):
+  ({"split_config", "data"}, the splits record)."""
+  # What the model sees and which images it leaves out decide its data too (recorded only
+  # when set, so run directories from before the audit existed still match).
+  fields = methods.get(config.method).SPLIT_FIELDS
+  if config.audit.input != "full" or config.audit.leave_out:
+    fields += ("audit.input", "audit.leave_out", "audit.centre", "audit.lung_box")
+  return ({"split_config": split_config(config, fields), "data": data_fingerprint(cohort)},
+          splits_record(cohort, plan))
+
+
 def splits_record(cohort, plan) -> dict:
   """Image keys and patient ids of every partition of the plan (what splits.json holds),
   and the content hashes of every image a stage trained on (to keep them out of an external
@@ -118,6 +138,18 @@ def splits_record(cohort, plan) -> dict:
 
 
 # --- the check --------------------------------------------------------------------------------
+
+
+def check_run(workdir: str, config, cohort, plan) -> bool:
+  """`check` of `workdir` against what `config`, `cohort` and `plan` would train on."""
+  return check(workdir, *records(config, cohort, plan), _eval_data_hint(config))
+
+
+def _eval_data_hint(config) -> str:
+  source = str(config.data.source)
+  if "," in source or source not in sources.SOURCES or source == "synthetic":
+    return ""
+  return f" (e.g. {source}:<its new path>)"
 
 
 def check(workdir: str, current: dict, splits: dict, eval_data_hint: str = "") -> bool:
@@ -202,6 +234,18 @@ def _data_changes(old: dict, new: dict) -> list[str]:
   return out
 
 
+def _parts(record) -> dict:
+  """Every partition of a splits record by name (methods.partition_name), tests by fold."""
+  out = {}
+  for name, s in record["stages"].items():
+    for j, p in enumerate(s["phases"]):
+      out[methods.partition_name(name, j, len(s["phases"]))] = p
+    out[f"{name}/val"] = s["val"]
+  for e in record["evaluations"]:
+    out[f"fold{e['fold']}/test ({e['stage']})"] = e
+  return out
+
+
 def _keys(part) -> set[str]:
   """A partition's image keys; splits.json of older runs held bare lists (test sets under
   "test"), without patients."""
@@ -211,24 +255,81 @@ def _keys(part) -> set[str]:
 
 
 def _split_changes(old: dict, new: dict) -> list[str]:
-  def parts(record):
-    out = {}
-    for name, s in record["stages"].items():
-      for j, p in enumerate(s["phases"]):
-        out[f"{name}/train" + (f"_phase{j + 1}" if len(s["phases"]) > 1 else "")] = p
-      out[f"{name}/val"] = s["val"]
-    for e in record["evaluations"]:
-      out[f"fold{e['fold']}/test ({e['stage']})"] = e
-    return out
-
   out = []
-  for name, a, b in _paired(parts(old), parts(new), "partition", "planned", out):
+  for name, a, b in _paired(_parts(old), _parts(new), "partition", "planned", out):
     ka, kb = _keys(a), _keys(b)
     if ka != kb:
       moved = [f"{len(keys)} image(s) {what} ({_some(keys)})"
                for what, keys in (("added", kb - ka), ("removed", ka - kb)) if keys]
       out.append(f"partition {name}: {', '.join(moved)}")
   return out
+
+
+# --- what the runner writes ---------------------------------------------------------------------
+
+
+def write_config(workdir: str, config, allow_change: bool) -> None:
+  """Writes the run's config to `workdir`; refuses a workdir whose saved config differs
+  (unless allowed: then the old one is kept beside it, time-stamped)."""
+  path = os.path.join(workdir, CONFIG)
+  current = config.to_dict()
+  if os.path.exists(path):
+    saved = files.read_json(path)
+    diffs = diff(flax.traverse_util.flatten_dict(saved, sep="."),
+                 flax.traverse_util.flatten_dict(plain(current), sep="."))
+    if diffs and not allow_change:
+      raise ValueError(
+          f"{workdir} holds a run with a different config; differing fields:\n  "
+          + "\n  ".join(diffs)
+          + "\nUse a new --workdir, or pass --allow_config_change to resume with the new "
+            "config (finished stages are kept as they are).")
+    if diffs:
+      logging.warning("config changed in %s: %s", workdir, "; ".join(diffs))
+      if jax.process_index() == 0:
+        files.write_json(os.path.join(workdir, f"config.{int(time.time())}.json"), saved)
+  if jax.process_index() == 0:
+    files.write_json(path, plain(current))
+
+
+def write_records(workdir: str, config, cohort, plan, recorded: bool) -> None:
+  """A training run's records, before it trains: the splits and the data fingerprint (written
+  once, never changed), the plan and the duplicates found. Process 0 writes."""
+  if jax.process_index():
+    return
+  current, splits = records(config, cohort, plan)
+  if not recorded:
+    files.write_json(os.path.join(workdir, SPLITS), splits)
+  if not os.path.exists(os.path.join(workdir, FINGERPRINT)):
+    files.write_json(os.path.join(workdir, FINGERPRINT), current)
+  files.write_json(os.path.join(workdir, PLAN), plan.describe())
+  files.write_json(os.path.join(workdir, DUPLICATES), cohort.duplicates)
+
+
+def set_aside(workdir: str, plan, names: tuple[str, ...]) -> list[str]:
+  """Moves the directories of the stages `names` and of every stage started from them to
+  `<dir>.replaced-<time>` (kept, not deleted), so they train again. Returns what moved."""
+  if not names:
+    return []
+  known = [s.name for s in plan.stages]
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"--retrain: no stage {unknown} in this run; its stages are {known}")
+  chosen = set(names)
+  for s in plan.stages:  # in training order, so dependents of dependents are found
+    if s.init == "stage" and s.init_from in chosen:
+      chosen.add(s.name)
+  moved = []
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  for s in plan.stages:
+    path = os.path.join(workdir, s.name)
+    if s.name in chosen and os.path.exists(path):
+      if jax.process_index() == 0:
+        os.replace(path, f"{path}.replaced-{stamp}")
+      moved.append(s.name)
+  sharding.barrier("retrain")
+  logging.warning("--retrain: training %s again (old directories kept as *.replaced-%s)",
+                  ", ".join(sorted(chosen)), stamp)
+  return moved
 
 
 # --- where an evaluation writes ---------------------------------------------------------------
@@ -326,6 +427,23 @@ class RunLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+def hold(workdir: str) -> RunLock:
+  """The run directory's lock, taken by process 0 for the whole job (every process raises
+  LockedError when another job holds it)."""
+  lock, error = RunLock(workdir), ""
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except LockedError as e:
+      error = str(e)
+  error = sharding.from_process_0(f"lock {workdir}", error)
+  if error:
+    raise LockedError(error)
+  if lock.stale:
+    logging.warning(lock.stale)
+  return lock
 
 
 def _describe(holder: str) -> str:

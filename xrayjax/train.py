@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from xrayjax import checkpoint, infer, optim, sharding
 from xrayjax.data import pipeline
+from xrayjax.models import keras_weights
 
 
 @flax.struct.dataclass
@@ -81,6 +82,68 @@ def make_train_step(model, tx: optax.GradientTransformation, stats_rules=None) -
     return new_state, {"loss": loss, "accuracy": accuracy}
 
   return train_step
+
+
+def init_variables(model, image_size: int, seed: int, init_from: str | None = None,
+                   spec=None) -> dict:
+  """{"params", "batch_stats"} of `model` for 1-channel images: random, or Keras weights.
+
+  `init_from` (config.model.init_from): Keras weight files (comma separated) to load over the
+  random initialisation (see models/keras_weights.py); `spec` is the model's module.
+  """
+  dummy = np.zeros((1, image_size, image_size, 1), np.float32)
+  variables = jax.jit(lambda k: variables_of(model.init({"params": k}, dummy, train=False)))(
+      jax.random.PRNGKey(seed))
+  if init_from:
+    variables = keras_weights.load(init_from, jax.device_get(variables), spec)
+  return variables
+
+
+def transfer(source, target, head_layer: str):
+  """`target` variables with every layer but `head_layer` taken from `source` (a head swap).
+
+  Both are {"params", "batch_stats"} collections; BatchNorm statistics move with their layers.
+  """
+  src = flax.traverse_util.flatten_dict(source, sep="/")
+  out = {}
+  for path, value in flax.traverse_util.flatten_dict(target, sep="/").items():
+    if path.split("/")[1] == head_layer:
+      out[path] = value
+      continue
+    if path not in src or src[path].shape != value.shape:
+      found = src[path].shape if path in src else "missing"
+      raise ValueError(f"cannot transfer weights between stages: {path} expects {value.shape}, "
+                       f"the earlier stage has {found}; both stages must use the same model "
+                       "config")
+    out[path] = src[path]
+  return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def initial_variables(stage, model, spec, image_size: int, trained: dict,
+                      init_from: str | None) -> dict:
+  """Where `stage` starts (as flax's create_train_state): the weights of the earlier stage it
+  names with its own head swapped in (init="stage", from `trained`: {stage name: variables}),
+  or a random initialisation with the Keras files `init_from` over it (keras_init)."""
+  if stage.init == "stage":
+    return transfer(trained[stage.init_from], init_variables(model, image_size, stage.init_seed),
+                    spec.HEAD_LAYER)
+  return init_variables(model, image_size, stage.init_seed,
+                        init_from if stage.keras_init else None, spec)
+
+
+def describe_starts(stages, init_from: str | None) -> str:
+  """Where every stage's weights start, for reports (stages with one start named together)."""
+  starts: dict[str, list[str]] = {}
+  for s in stages:
+    if s.init == "stage":
+      how = f"{s.init_from}'s weights, head swapped"
+    elif s.keras_init and init_from:
+      how = f"Keras weights {init_from}"
+    else:
+      how = "random"
+    starts.setdefault(how, []).append(s.name)
+  return "; ".join(f"{names[0] if len(names) == 1 else f'{names[0]} .. {names[-1]}'}: {how}"
+                   for how, names in starts.items())
 
 
 @dataclasses.dataclass
@@ -165,8 +228,8 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
 
   All phases run on one optimizer state (and one learning-rate schedule over the whole
   stage), as the authors' successive Keras `fit` calls do. Checkpoints are written at the end
-  of every epoch that selection could pick (select="best": the best validation accuracy so
-  far), at the end of the stage, and every `checkpoint_every_steps` steps (0: about every 10
+  of every epoch that selection could pick (select="best": the best validation score,
+  `stage.select_on`, so far), at the end of the stage, and every `checkpoint_every_steps` steps (0: about every 10
   minutes at the measured speed); a killed run resumes at the step it last saved, inside
   the right epoch of the right phase, bit-identical to a run that was never stopped.
   SIGTERM or SIGINT checkpoints after the current step and raises Interrupted.
@@ -284,8 +347,11 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
       if data.val is not None:
         probs, labels, _ = infer.predict(predict_fn, state.variables, data.val, data.num_val,
                                          stage.eval_batch_size, mesh)
-        epoch_metrics["val_accuracy"] = float(np.mean(probs.argmax(-1) == labels))
-      epoch_metrics["select_metric"] = (epoch_metrics["val_accuracy"] if stage.select == "best"
+        right = probs.argmax(-1) == labels
+        epoch_metrics["val_accuracy"] = float(np.mean(right))
+        epoch_metrics["val_balanced_accuracy"] = float(np.mean(
+            [np.mean(right[labels == k]) for k in np.unique(labels)]))
+      epoch_metrics["select_metric"] = (epoch_metrics[stage.select_on] if stage.select == "best"
                                         else float(step))
       # An epoch end is saved when selection could pick it (best so far; ties too, so the
       # choice among them is unchanged), at the stage's end, on a stop signal, and at the

@@ -161,16 +161,9 @@ def write(workdir: str, results: dict, predictions: list[dict], config: dict,
   s.append(_table(["fold", "images", "accuracy", "balanced accuracy", "macro AUROC"],
                   [[k, m["num_images"], _pct(m["accuracy"]), _pct(m["balanced_accuracy"]),
                     f"{m['macro_auroc']:.3f}"] for k, m in enumerate(results["fold_metrics"])]))
-  s.append("<h3>Paper 2's Table 4: overall accuracy; per class recall, specificity, "
-           "precision, one-vs-rest accuracy</h3>")
-  t4 = results["table4"]
-  s.append(_table(list(t4[0]), [[r["fold"]] + [_pct(v) for k, v in r.items() if k != "fold"]
-                                for r in t4]))
-  s.append("<h3>Paper 2's Table 3: per class correct / not detected / wrongly detected</h3>")
-  s.append(_table(["fold"] + list(classes),
-                  [[r["fold"]] + [f"{r[c]['correct']} / {r[c]['not_detected']} / "
-                                  f"{r[c]['wrongly_detected']}" for c in classes]
-                   for r in results["table3"]]))
+  for t in results.get("tables", []):  # the method's own (methods.tables)
+    s.append(f"<h3>{html.escape(t['title'])}</h3>")
+    s.append(_table(t["header"], t["rows"]))
   if results.get("per_source"):
     s.append("<h3>Per source</h3>")
     s.append(_table(["source", "images", "accuracy", "sensitivity per class"],

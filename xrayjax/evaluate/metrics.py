@@ -189,15 +189,3 @@ def per_group(predictions: list[dict], key: str, classes) -> dict:
                   "sensitivity": {c: _ratio(cm[i, i], cm[i].sum()) for i, c in
                                   enumerate(classes) if cm[i].sum()}}
   return out
-
-
-def detection_counts(confusion, classes) -> dict[str, dict[str, int]]:
-  """Paper 2's Table 3 from a confusion matrix (rows = truth): per class, images correctly
-  detected (TP), not detected (FN) and wrongly detected as the class (FP)."""
-  cm = np.asarray(confusion)
-  out = {}
-  for c, name in enumerate(classes):
-    tp = int(cm[c, c])
-    out[name] = {"correct": tp, "not_detected": int(cm[c].sum()) - tp,
-                 "wrongly_detected": int(cm[:, c].sum()) - tp}
-  return out

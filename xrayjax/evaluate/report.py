@@ -13,7 +13,7 @@ from xrayjax.evaluate import metrics as metrics_lib
 def write(workdir: str, results: dict, predictions: list[dict], name: str = "results") -> None:
   """Writes `{name}.json`, `{name}_folds.csv` (every metric per fold), `{name}_metrics.csv`
   (per metric: pooled value, bootstrap interval, fold mean and sd), `{name}_predictions.csv`
-  and paper 2's tables, `{name}_table3.csv` and `{name}_table4.csv`."""
+  and the method's own tables, `{name}_{table}.csv` (methods.tables)."""
   files.write_json(os.path.join(workdir, f"{name}.json"), results)
   rows = [{"fold": i, **metrics_lib.flat(m)} for i, m in enumerate(results["fold_metrics"])]
   files.write_csv(os.path.join(workdir, f"{name}_folds.csv"), rows)
@@ -24,44 +24,12 @@ def write(workdir: str, results: dict, predictions: list[dict], name: str = "res
        "fold_sd": agg.get(k, {}).get("sd")}
       for k, v in metrics_lib.flat(results["pooled"]).items()])
   files.write_csv(os.path.join(workdir, f"{name}_predictions.csv"), predictions)
-  files.write_csv(os.path.join(workdir, f"{name}_table3.csv"), [
-      {"fold": r["fold"], **{f"{c}/{k}": v for c, counts in r.items() if c != "fold"
-                             for k, v in counts.items()}} for r in results["table3"]])
-  files.write_csv(os.path.join(workdir, f"{name}_table4.csv"), results["table4"])
+  for t in results.get("tables", []):
+    files.write_csv(os.path.join(workdir, f"{name}_{t['name']}.csv"), t["csv"])
 
 
-TABLE4 = (("sensitivity", "recall"), ("specificity", "specificity"),
-          ("ppv", "precision"), ("accuracy", "accuracy"))
 COMPARED_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
 COMPARED_PER_CLASS = ("sensitivity", "specificity", "ppv", "auroc")
-
-
-def table3(results: dict) -> list[dict]:
-  """Paper 2's Table 3 per fold and summed: per class correct / not detected / wrongly
-  detected."""
-  classes = results["classes"]
-  rows = []
-  for k, m in enumerate(results["fold_metrics"]):
-    rows.append({"fold": str(k), **metrics_lib.detection_counts(m["confusion"], classes)})
-  rows.append({"fold": "sum", **metrics_lib.detection_counts(
-      results["across_folds"]["confusion_summed"], classes)})
-  return rows
-
-
-def table4(results: dict) -> list[dict]:
-  """Paper 2's Table 4 per fold and averaged: overall accuracy and per class recall,
-  specificity, precision and one-vs-rest accuracy."""
-  classes = results["classes"]
-  rows = []
-  for k, m in enumerate(results["fold_metrics"]):
-    rows.append({"fold": str(k), "accuracy": m["accuracy"],
-                 **{f"{c}/{label}": m["per_class"][c][key] for c in classes
-                    for key, label in TABLE4}})
-  agg = results["across_folds"]["metrics"]
-  rows.append({"fold": "mean", "accuracy": agg["accuracy"]["mean"],
-               **{f"{c}/{label}": agg[f"{c}/{key}"]["mean"] for c in classes
-                  for key, label in TABLE4}})
-  return rows
 
 
 def summary_text(results: dict) -> str:
@@ -106,17 +74,7 @@ def summary_text(results: dict) -> str:
     lines.append("  PPV at prevalence " + ", ".join(f"{p:g}" for p in prev) + " (pooled): " +
                  "; ".join(f"{c} " + " / ".join(f"{100 * pc[c][f'ppv@{p:g}']:.1f}%"
                                                  for p in prev) for c in classes))
-  t4 = results["table4"][-1]
-  lines.append(f"  paper 2's Table 4 (mean over folds): accuracy {100 * t4['accuracy']:.2f}%; "
-               "per class recall / specificity / precision / accuracy:")
-  for c in classes:
-    lines.append("    {:<14} ".format(c) + " / ".join(
-        f"{100 * t4[f'{c}/{label}']:.2f}%" for _, label in TABLE4))
-  t3 = results["table3"][-1]
-  lines.append("  paper 2's Table 3 (summed over folds): correct / not detected / wrongly "
-               "detected: " + "; ".join(
-                   f"{c} {t3[c]['correct']} / {t3[c]['not_detected']} / "
-                   f"{t3[c]['wrongly_detected']}" for c in classes))
+  lines += [f"  {line}" for t in results.get("tables", []) for line in t["summary"]]
   cm = np.array(results["across_folds"]["confusion_summed"])
   width = max(len(c) for c in classes) + 2
   lines.append("  confusion matrix summed over folds (rows = truth, columns = prediction):")

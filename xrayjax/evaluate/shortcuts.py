@@ -383,3 +383,41 @@ def audit(config, cohort, plan, pooled: list[dict], whole: dict, scored: dict,
   out["caveats"] = caveats(out)
   out["verdict"] = verdict(out)
   return out
+
+
+# --- retrained variants (config.audit.retrain) -------------------------------------------------
+
+RETRAIN = ("border", "centre", "lungs", "no_lungs", "loso")
+
+
+def retrain_names(config) -> list[str]:
+  return [n.strip() for n in str(config.audit.retrain).split(",") if n.strip()]
+
+
+def audit_variants(config, meta: dict, plan) -> dict:
+  """{subdirectory: config} of the retrained runs config.audit.retrain asks for: the method on masked
+  inputs (input_<input>), and leave-one-source-out (loso_<field>_<value>: one per source,
+  or per site where there is one source, holding a class that other sources hold too).
+  A variant's own report carries no Grad-CAM, perturbations or probes."""
+  if config.audit.input != "full" or config.audit.leave_out:
+    return {}
+  out = {}
+  for name in retrain_names(config):
+    if name != "loso":
+      out[f"input_{name}"] = {"input": name}
+      continue
+    rows = plan.rows()
+    rows = rows[plan.labels[rows] >= 0]
+    field = group_field(meta, rows)
+    column = np.asarray(meta[field][rows]).astype(str)
+    for value in sorted(set(column)):
+      if set(plan.labels[rows][column == value]) & set(plan.labels[rows][column != value]):
+        out[f"loso_{field}_{value}"] = {"leave_out": f"{field}:{value}"}
+  configs = {}
+  for name, audit_fields in out.items():
+    sub = config.copy_and_resolve_references()
+    with sub.unlocked():
+      sub.audit.update(retrain="", perturb=False, probes=False, **audit_fields)
+      sub.eval.gradcam.enabled = False
+    configs[name] = sub
+  return configs

@@ -21,6 +21,8 @@ import numpy as np
 
 INITS = ("random", "stage")
 SELECTIONS = ("best", "last")
+# What select="best" maximises on the validation split (train.py computes each per epoch).
+SELECT_ON = ("val_accuracy", "val_balanced_accuracy")
 
 
 @dataclasses.dataclass
@@ -29,6 +31,17 @@ class Phase:
   classes per phase). All phases of a stage share one optimizer state."""
   train: np.ndarray
   epochs: int
+
+
+def partition_name(stage: str, phase: int, phases: int) -> str:
+  """The name of a stage's training partition (of phase `phase` of `phases`, from 0) in data
+  summaries, plan.json and the run directory's checks."""
+  return f"{stage}/train" + (f"_phase{phase + 1}" if phases > 1 else "")
+
+
+def counts(rows: np.ndarray, labels: np.ndarray, classes) -> dict[str, int]:
+  """Images of each class among `rows`."""
+  return {c: int(np.sum(labels[rows] == i)) for i, c in enumerate(classes)}
 
 
 @dataclasses.dataclass
@@ -48,7 +61,10 @@ class Stage:
     param_rules: (regex, "train"|"freeze") pairs (optim.param_labels).
     batch_size, eval_batch_size: global batch sizes.
     val: validation rows (empty: none).
-    select: "best" validation accuracy or "last" weights.
+    select: "best" validation score (`select_on`) or "last" weights.
+    select_on: the validation score select="best" maximises: val_accuracy, or
+      val_balanced_accuracy (the mean of the classes' recalls: a rare class counts as much
+      as a common one).
     init_seed, seed: seeds of the random initialisation and of data order / augmentation /
       dropout.
     augment: augmentation config (pipeline.augment_ops).
@@ -71,6 +87,7 @@ class Stage:
   init_from: str | None = None
   keras_init: bool = False
   description: str = ""
+  select_on: str = "val_accuracy"
 
   def __post_init__(self):
     if self.init not in INITS:
@@ -79,6 +96,9 @@ class Stage:
       raise ValueError(f"stage {self.name}: select {self.select!r} is not one of {SELECTIONS}")
     if self.init == "stage" and not self.init_from:
       raise ValueError(f"stage {self.name}: init='stage' needs init_from")
+    if self.select_on not in SELECT_ON:
+      raise ValueError(f"stage {self.name}: select_on {self.select_on!r} is not one of "
+                       f"{SELECT_ON}")
     if self.select == "best" and not len(self.val):
       raise ValueError(f"stage {self.name}: select='best' needs a validation split")
     bad = [j + 1 for j, p in enumerate(self.phases) if p.epochs < 1 or not len(p.train)]
@@ -90,6 +110,15 @@ class Stage:
   @property
   def epochs(self) -> int:
     return sum(p.epochs for p in self.phases)
+
+  def partitions(self) -> dict[str, np.ndarray]:
+    """The stage's training rows (per phase when it has several) and validation rows, by
+    partition name."""
+    out = {partition_name(self.name, j, len(self.phases)): p.train
+           for j, p in enumerate(self.phases)}
+    if len(self.val):
+      out[f"{self.name}/val"] = self.val
+    return out
 
   def rows(self) -> np.ndarray:
     """Every row the stage trains or validates on."""
@@ -148,12 +177,7 @@ class Plan:
   def partition_rows(self) -> dict[str, np.ndarray]:
     """Every partition of the plan by name: each stage's training rows (per phase when it
     has several) and validation rows, each fold's test rows, and `partitions`."""
-    out = {}
-    for s in self.stages:
-      for j, p in enumerate(s.phases):
-        out[f"{s.name}/train" + (f"_phase{j + 1}" if len(s.phases) > 1 else "")] = p.train
-      if len(s.val):
-        out[f"{s.name}/val"] = s.val
+    out = {name: rows for s in self.stages for name, rows in s.partitions().items()}
     for e in self.evaluations:
       out[f"fold{e.fold}/test"] = e.test
     return {**out, **self.partitions}
@@ -164,9 +188,6 @@ class Plan:
 
   def describe(self) -> dict:
     """JSON-ready plan: per stage its init, phases (images per class) and selection."""
-    def counts(rows, labels, classes):
-      return {c: int(np.sum(labels[rows] == i)) for i, c in enumerate(classes)}
-
     return {
         "method": self.method, "protocol": self.protocol, "task": self.task,
         "classes": list(self.classes),
@@ -218,6 +239,26 @@ def leave_out(plan: Plan, meta: dict, field: str, value: str) -> Plan:
           f"{', '.join(plan.classes[k] for k in classes)}")
   return dataclasses.replace(plan, stages=stages, evaluations=evaluations,
                              notes=plan.notes + [note])
+
+
+@dataclasses.dataclass
+class Table:
+  """A method's own table of a run's results (its module's `tables(results)` returns them):
+  written to `{results}_{name}.csv` (`csv` rows), shown in report.html under `title`
+  (`header`, `rows` of display cells) and in the summary (`summary` lines)."""
+  name: str
+  title: str
+  header: list[str]
+  rows: list[list[str]]
+  csv: list[dict]
+  summary: list[str]
+
+
+def tables(method: str, results: dict) -> list[dict]:
+  """The method's own tables of `results` (JSON-ready; none when its module defines no
+  `tables`)."""
+  make = getattr(get(method), "tables", None)
+  return [dataclasses.asdict(t) for t in make(results)] if make else []
 
 
 def seed(*parts: int) -> int:

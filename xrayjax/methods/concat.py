@@ -43,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 
 from xrayjax.data import splits, tasks
-from xrayjax.methods import Evaluation, Phase, Plan, Stage, seed
+from xrayjax.methods import Evaluation, Phase, Plan, Stage, Table, seed
 
 NAME = "Concat (Rahimzadeh & Attar)"
 PROTOCOLS = ("corrected", "paper")
@@ -167,8 +167,11 @@ def plan(meta: dict[str, np.ndarray], config) -> Plan:
       phased = _phases(train, labels, groups, task.classes, config, seed(config.seed, 4, k))
       folds.append({"phased": phased, "test": test, "val": val, "train": train})
   if grouped:
-    notes.append("the checkpoint of best validation accuracy (a split of the fold's training "
-                 "patients) is evaluated")
+    select_on = config.train.get("select_on", "val_accuracy")  # (older run directories)
+    what = {"val_accuracy": "accuracy",
+            "val_balanced_accuracy": "balanced accuracy (the mean of the classes' recalls)"}
+    notes.append(f"the checkpoint of best validation {what.get(select_on, select_on)} (a split "
+                 "of the fold's training patients) is evaluated")
   else:
     notes.append("the last weights are evaluated; the authors' code selected checkpoints on "
                  "the test images, which we do not do")
@@ -200,7 +203,7 @@ def plan(meta: dict[str, np.ndarray], config) -> Plan:
         phases=_stage_phases(f["phased"], every, config), val=f["val"],
         optimizer=t.optimizer, param_rules=((".*", "train"),), batch_size=t.batch_size,
         eval_batch_size=t.eval_batch_size, select="best" if grouped else "last",
-        init="stage" if pretrains(config) else "random",
+        select_on=t.get("select_on", "val_accuracy"), init="stage" if pretrains(config) else "random",
         init_from=PRETRAIN if pretrains(config) else None,
         keras_init=not pretrains(config), init_seed=seed(config.seed, 20, k),
         seed=seed(config.seed, 21, k), augment=config.augment,
@@ -242,3 +245,73 @@ def _pretrain_stage(meta: dict[str, np.ndarray], config, used: np.ndarray) -> St
       init_seed=seed(config.seed, 10), seed=seed(config.seed, 11), augment=config.augment,
       description=f"{config.model_name} from random weights on task {p.task} (the stand-in "
                   "for ImageNet)")
+
+
+# --- the paper's Tables 3 and 4, beside the generic report ---------------------------------------
+
+TABLE4 = (("sensitivity", "recall"), ("specificity", "specificity"),
+          ("ppv", "precision"), ("accuracy", "accuracy"))
+
+
+def detection_counts(confusion, classes) -> dict[str, dict[str, int]]:
+  """Table 3 from a confusion matrix (rows = truth): per class, images correctly detected
+  (TP), not detected (FN) and wrongly detected as the class (FP)."""
+  cm = np.asarray(confusion)
+  out = {}
+  for c, name in enumerate(classes):
+    tp = int(cm[c, c])
+    out[name] = {"correct": tp, "not_detected": int(cm[c].sum()) - tp,
+                 "wrongly_detected": int(cm[:, c].sum()) - tp}
+  return out
+
+
+def table3(results: dict) -> list[dict]:
+  """Table 3 per fold and summed: per class correct / not detected / wrongly detected."""
+  classes = results["classes"]
+  rows = [{"fold": str(k), **detection_counts(m["confusion"], classes)}
+          for k, m in enumerate(results["fold_metrics"])]
+  rows.append({"fold": "sum", **detection_counts(results["across_folds"]["confusion_summed"],
+                                                 classes)})
+  return rows
+
+
+def table4(results: dict) -> list[dict]:
+  """Table 4 per fold and averaged: overall accuracy and per class recall, specificity,
+  precision and one-vs-rest accuracy."""
+  classes = results["classes"]
+  rows = [{"fold": str(k), "accuracy": m["accuracy"],
+           **{f"{c}/{label}": m["per_class"][c][key] for c in classes for key, label in TABLE4}}
+          for k, m in enumerate(results["fold_metrics"])]
+  agg = results["across_folds"]["metrics"]
+  rows.append({"fold": "mean", "accuracy": agg["accuracy"]["mean"],
+               **{f"{c}/{label}": agg[f"{c}/{key}"]["mean"] for c in classes
+                  for key, label in TABLE4}})
+  return rows
+
+
+def tables(results: dict) -> list[Table]:
+  """The paper's Tables 4 and 3 of a run (the report hook of methods.tables)."""
+  classes = results["classes"]
+  t3, t4 = table3(results), table4(results)
+  mean, summed = t4[-1], t3[-1]
+  pct = lambda v: "n/a" if v != v else f"{100 * v:.1f}%"
+  count = lambda r, c: (f"{r[c]['correct']} / {r[c]['not_detected']} / "
+                        f"{r[c]['wrongly_detected']}")
+  return [
+      Table(name="table4", title="Paper 2's Table 4: overall accuracy; per class recall, "
+            "specificity, precision, one-vs-rest accuracy",
+            header=list(t4[0]), rows=[[r["fold"]] + [pct(v) for k, v in r.items() if k != "fold"] for r in t4],
+            csv=t4,
+            summary=[f"paper 2's Table 4 (mean over folds): accuracy "
+                     f"{100 * mean['accuracy']:.2f}%; per class recall / specificity / "
+                     "precision / accuracy:"] +
+            ["  {:<14} ".format(c) + " / ".join(f"{100 * mean[f'{c}/{label}']:.2f}%"
+                                                for _, label in TABLE4) for c in classes]),
+      Table(name="table3", title="Paper 2's Table 3: per class correct / not detected / "
+            "wrongly detected", header=["fold"] + list(classes),
+            rows=[[r["fold"]] + [count(r, c) for c in classes] for r in t3],
+            csv=[{"fold": r["fold"], **{f"{c}/{k}": v for c in classes
+                                        for k, v in r[c].items()}} for r in t3],
+            summary=["paper 2's Table 3 (summed over folds): correct / not detected / wrongly "
+                     "detected: " + "; ".join(f"{c} {count(summed, c)}" for c in classes)]),
+  ]
