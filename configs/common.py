@@ -1,5 +1,6 @@
-"""Helpers shared by experiment configs: the `key=value,flag` argument string, the data,
-evaluation and shortcut-audit blocks every method uses."""
+"""Helpers shared by experiment configs: the `key=value,flag` argument string, the run header,
+the data, model, evaluation and shortcut-audit blocks every method uses, and `override`
+(fields by their dotted config path, as recipes name them)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,49 @@ def parse_arg(arg: str | None, defaults: dict[str, str], choices: dict[str, tupl
                        f"{[f'{k}=' + '|'.join(choices.get(k, ('...',))) for k in defaults]} "
                        f"and flags {list(flags)}")
   return out
+
+
+def header(c: ml_collections.ConfigDict, method: str, protocol: str, data: str) -> None:
+  """The fields every run has: method, seed, protocol, folds, logging, checkpoints, dedup."""
+  c.method = method
+  c.seed = 0
+  c.protocol = protocol  # corrected | paper | both (the two side by side)
+  c.folds = 5
+  c.log_every = 20
+  # Checkpoints inside an epoch (every epoch end selection could pick has one): 0 = about
+  # every 10 minutes of training at the measured speed. SIGTERM / SIGINT also checkpoint.
+  c.checkpoint_every_steps = 0
+  # Duplicates (exact file copies, and 256-bit pHashes at most max_distance bits apart) are
+  # found across all sources before splitting; the corrected protocol drops copies and keeps
+  # patients joined by a duplicate in one partition (duplicates.json in the run directory).
+  # Real data: 24 bits (re-cropped, re-windowed copies of one picture are closer, different
+  # patients farther; docs/data.md); the synthetic phantoms share one anatomy template and
+  # hold no copies, so they use 12.
+  c.dedup = dict(max_distance=12 if data == "synthetic" else 24)
+
+
+def model_config(width: float) -> ml_collections.ConfigDict:
+  """The model block: channel `width` (1.0 = the published network), `init_from` (Keras
+  weight files, comma separated, loaded over the random initialisation;
+  models/keras_weights.py) and `compute_dtype`: float32 | bfloat16 (for GPUs and TPUs), what
+  convolutions, dense layers and BatchNorm compute in (parameters, BatchNorm statistics and
+  the loss stay float32)."""
+  return ml_collections.ConfigDict(dict(
+      width=width, init_from=ml_collections.config_dict.placeholder(str),
+      compute_dtype="float32"))
+
+
+def override(c: ml_collections.ConfigDict, fields: dict) -> None:
+  """Sets each dotted config path of `fields` ("stage_b.optimizer.lr": 3e-4) in `c`; a path
+  the config does not have is an error (a recipe never adds a field)."""
+  for path, value in fields.items():
+    *parents, last = path.split(".")
+    node = c
+    for name in parents:
+      node = node[name]
+    if last not in node:
+      raise KeyError(f"config has no field {path!r}")
+    node[last] = value
 
 
 def data_config(source: str) -> ml_collections.ConfigDict:
@@ -69,7 +113,7 @@ def eval_config(bootstrap: int = 1000, per_class: int = 3) -> ml_collections.Con
 
 
 def audit_config() -> ml_collections.ConfigDict:
-  """The shortcut audit (evaluate/shortcuts.py; README, "Shortcut audit").
+  """The shortcut audit (evaluate/shortcuts.py; docs/shortcut-audit.md).
 
   Every run (cheap): confounding tables, perturbations of the test images (`perturb`),
   pixel probes and the source baseline (`probes`), within-source metrics and the verdict.

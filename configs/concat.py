@@ -38,7 +38,7 @@ Commands (from the project root):
       --config.data.mr7495_dir=../shared/data/mr7495_splits \
       --config.model.init_from=PATH/xception_..._notop.h5,PATH/resnet50v2_..._notop.h5
 
-  # Every run ends with a shortcut audit (README, "Shortcut audit"); its opt-in retrained
+  # Every run ends with a shortcut audit (docs/shortcut-audit.md); its opt-in retrained
   # runs train the same method on border-only and lung-only inputs, side by side:
   python -m xrayjax.main --config=configs/concat.py --config.audit.retrain=border,lungs
 
@@ -71,12 +71,19 @@ Where we follow the paper and where we differ:
     in degrees). Keras fills uncovered pixels with the nearest edge pixel; we fill black.
   - The demo's concatenated network ends in global average pooling without dropout; the
     authors' flatten + dropout 0.5 (head="flatten", dropout=0.5, as at scale=paper) missed
-    COVID-19 at 64 px (README, paper 2).
+    COVID-19 at 64 px (docs/concat.md).
+  - The corrected protocol keeps each fold's checkpoint of best validation balanced
+    accuracy (train.select_on): with plain accuracy the majority classes decide which epoch
+    is kept (docs/concat.md, "Selection").
   - Images are grey, replicated by the model to what the ImageNet filters expect (the first
     conv's RGB filters are summed, models/keras_weights.py); input range [-1, 1] where the
     authors rescaled by 1/255.
   - The published protocol keeps the last weights: the authors' code picked checkpoints on
     the test images, which we do not do.
+
+The config reads top to bottom: every field once, at demo scale, in the config's own names;
+then what `scale=paper` and `runlocal` change; then what the model, data and `init` decide.
+`--print_config` prints the result.
 """
 
 from __future__ import annotations
@@ -88,40 +95,11 @@ from configs import common
 MODELS = ("concat", "xception", "resnet50v2")
 DATA = {"synthetic": "synthetic", "manifest": "manifest", "nih": "nih",
         "rsna": "rsna_pneumonia,ieee8023_covid", "covidx": "covidx"}
-
-# One row per scale (runlocal wins over scale). phases: count x epochs, per phase `fresh`
-# new images of the majority classes and `shared` ones (-1: every training image of the class).
-SCALES = {
-    # The paper: 300 px, full width, 8 phases x 100 epochs of 149 COVID-19 (all), 250 normal
-    # and 200 + 34 pneumonia.
-    "paper": dict(image_size=300, synthetic_size=320, patients=(6000, 4000, 3000, 120), width=1.0,
-                  bn_momentum=0.99, lr=1e-4, pretrain_epochs=20,
-                  count=8, epochs=100, fresh={"normal": 250, "pneumonia": 200},
-                  shared={"covid": -1, "pneumonia": 34}, folds=5, bootstrap=1000, gallery=3,
-                  log_every=50),
-    # Demo: the paper's structure scaled to a 2-core CPU: 90 COVID-19 patients (about the
-    # paper's 180 images) against many normal and pneumonia ones, 4 phases of fresh majority
-    # images, 64 px, 6 epochs per phase (README, paper 2: why these; measured on fold 0).
-    "demo": dict(image_size=64, synthetic_size=128, patients=(400, 300, 500, 90), width=0.125,
-                 bn_momentum=0.9, lr=1e-3, pretrain_epochs=6, count=4, epochs=6,
-                 fresh={"normal": 120, "pneumonia": 80}, shared={"covid": -1, "pneumonia": 20},
-                 folds=5, bootstrap=1000, gallery=3, log_every=20),
-    "runlocal": dict(image_size=32, synthetic_size=64, patients=(24, 16, 20, 8), width=1 / 16,
-                     bn_momentum=0.9, lr=1e-3, pretrain_epochs=1,
-                     count=2, epochs=1, fresh={"normal": 6, "pneumonia": 4},
-                     shared={"covid": -1, "pneumonia": 2}, folds=2, bootstrap=50, gallery=1,
-                     log_every=1),
-}
-# The authors' Keras ImageDataGenerator; the demo and runlocal use DETL's rotation, scaling
-# and mirroring: from random weights, rotations up to 360 degrees and vertical flips kept the
-# training loss above ln 3 through 24 epochs of fold 0 (measured), where these learn.
-AUGMENT = {"paper": ("flip_lr", "flip_ud", "rotate(360)", "zoom_xy(0.05)", "shift(0.05)",
-                     "shear(0.05)"),
-           "demo": ("rotate(10)", "zoom(0.1)", "flip_lr")}
-# Fresh images per phase where the demo's data hold fewer than the synthetic set: the shared
-# 3-class benchmark has 410 normal and 452 pneumonia images, about 260 and 290 of them in a
-# fold's training patients (corrected), so 4 phases take 50 normal and 45 + 20 pneumonia.
-DEMO_FRESH = {"manifest": {"normal": 50, "pneumonia": 45}}
+# The authors' Keras ImageDataGenerator (scale=paper), and DETL's rotation, scaling and
+# mirroring below it: from random weights the authors' rotations up to 360 degrees and
+# vertical flips kept the demo from learning (docs/concat.md).
+PAPER_AUGMENT = ("flip_lr", "flip_ud", "rotate(360)", "zoom_xy(0.05)", "shift(0.05)",
+                 "shear(0.05)")
 # Batch size (Table 2 of the paper): 20 for the concatenated network, 30 for one backbone.
 BATCH = {"concat": 20, "xception": 30, "resnet50v2": 30}
 
@@ -135,72 +113,92 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                "sampler": ("phased", "all"), "scale": ("demo", "paper"),
                "init": ("random", "pretrain", "keras")},
       flags=("runlocal",))
-  scale = "runlocal" if args["runlocal"] else args["scale"]
-  p = SCALES[scale]
+  model, data = args["model"], args["data"]
+  scale = "runlocal" if args["runlocal"] else args["scale"]  # runlocal wins over scale
   c = ml_collections.ConfigDict()
-  c.method = "concat"
-  c.seed = 0
-  c.protocol = args["protocol"]  # corrected | paper | both (the two side by side)
-  c.folds = p["folds"]
-  c.log_every = p["log_every"]
-  # Checkpoints inside an epoch (every epoch end has one): 0 = about every 10 minutes of
-  # training at the measured speed. SIGTERM / SIGINT also checkpoint, then stop.
-  c.checkpoint_every_steps = 0
+  common.header(c, "concat", args["protocol"], data)
 
-  # --- data ---
-  c.data = common.data_config(DATA[args["data"]])
-  c.data.image_size = p["image_size"]  # the model's input; built images are resized to it
-  c.data.synthetic.image_size = p["synthetic_size"]
-  c.data.synthetic.patients = p["patients"]  # normal, pneumonia, other_disease, covid
+  # --- data: the paper's structure scaled to a 2-core CPU: 90 COVID-19 patients (about the
+  # paper's 180 images) against many normal and pneumonia ones, 64 px ---
+  c.data = common.data_config(DATA[data])
+  c.data.image_size = 64  # the model's input; built images are resized to it
+  c.data.synthetic.image_size = 128
+  c.data.synthetic.patients = (400, 300, 500, 90)  # normal, pneumonia, other_disease, covid
   c.data.manifest.label_column = "label3"
   c.data.manifest.image_size = 256
   # The authors' split files (All.csv, fold*/train*.csv) for protocol=paper; None: built as
   # they built them.
   c.data.mr7495_dir = ml_collections.config_dict.placeholder(str)
-  # Duplicates: as in configs/detl.py (12 bits for the synthetic phantoms, 24 for real data).
-  c.dedup = dict(max_distance=12 if args["data"] == "synthetic" else 24)
   c.task = "three_class"
   c.val_fraction = 0.2  # corrected protocol: validation carved from the training patients
-  fresh = DEMO_FRESH.get(args["data"], p["fresh"]) if scale == "demo" else p["fresh"]
-  c.phases = dict(sampler=args["sampler"], count=p["count"], epochs=p["epochs"], fresh=fresh,
-                  shared=p["shared"])
-  c.augment = AUGMENT["paper" if scale == "paper" else "demo"]
+  # Phases: `count` x `epochs`, per phase `fresh` new images of the majority classes and
+  # `shared` ones (-1: every training image of the class); sampler=all: one phase.
+  c.phases = dict(sampler=args["sampler"], count=4, epochs=6,
+                  fresh={"normal": 120, "pneumonia": 80},
+                  shared={"covid": -1, "pneumonia": 20})
+  c.augment = ("rotate(10)", "zoom(0.1)", "flip_lr")
 
   # --- where the weights start (methods/concat.py): keras (ImageNet files, the paper's and
   # scale=paper's), pretrain (the demo's: a stage on another task of synthetic films, our
   # stand-in for ImageNet) or random (a control) ---
-  c.init = args["init"] or ("keras" if scale == "paper" else "pretrain")
-  c.pretrain = dict(task="other_findings", val_fraction=0.2, epochs=p["pretrain_epochs"],
-                    optimizer=dict(name="nadam", lr=p["lr"], schedule="constant", momentum=0.0))
-  if args["data"] != "synthetic":  # the films come from a synthetic build of their own
-    c.pretrain.data = common.data_config("synthetic")
-    c.pretrain.data.synthetic.update(image_size=p["synthetic_size"],
-                                     patients=(0, 0, p["patients"][2], 0))
+  c.init = args["init"] or "pretrain"
+  c.pretrain = dict(task="other_findings", val_fraction=0.2, epochs=6,
+                    optimizer=dict(name="nadam", lr=1e-3, schedule="constant", momentum=0.0))
 
-  # --- model ---
-  c.model_name = args["model"]
-  # init_from: the ImageNet Keras files (for concat: the Xception and the ResNet50V2 file,
-  # comma separated).
-  c.model = dict(width=p["width"], bn_momentum=p["bn_momentum"],
-                 init_from=ml_collections.config_dict.placeholder(str))
-  if args["model"] == "concat" and scale != "paper":
-    # The authors' head (flatten, dropout 0.5) missed COVID-19 at the demo's size (README).
+  # --- model; init_from: the ImageNet Keras files (for concat: the Xception and the
+  # ResNet50V2 file, comma separated) ---
+  c.model_name = model
+  c.model = common.model_config(width=0.125)
+  c.model.bn_momentum = 0.9
+  if model == "concat" and scale != "paper":  # (scale=paper: the model's own, the authors')
+    # The authors' head (flatten, dropout 0.5) missed COVID-19 at 64 px (docs/concat.md).
     c.model.update(head="gap", dropout=0.0)
-  # compute_dtype: float32 | bfloat16 (for GPUs and TPUs): what convolutions, dense layers and
-  # BatchNorm compute in; parameters, BatchNorm statistics and the loss stay float32.
-  c.model.compute_dtype = "float32"
 
-  # --- training (Table 2 of the paper) ---
-  c.train = dict(batch_size=BATCH[args["model"]] if scale != "runlocal" else 8,
-                 eval_batch_size=60 if scale != "runlocal" else 16)
-  c.train.optimizer = dict(name="nadam", lr=p["lr"], schedule="constant", momentum=0.0)
+  # --- training (Table 2 of the paper: Nadam, batch 20 / 30) ---
+  c.train = dict(batch_size=BATCH[model], eval_batch_size=60)
+  c.train.optimizer = dict(name="nadam", lr=1e-3, schedule="constant", momentum=0.0)
   # Corrected protocol: the fold's checkpoint of best validation balanced accuracy, so the
   # rare class counts as much as the others (val_accuracy: the majority classes decide).
   c.train.select_on = "val_balanced_accuracy"
 
   # --- evaluation ---
-  c.eval = common.eval_config(bootstrap=p["bootstrap"], per_class=p["gallery"])
-  if args["model"] == "concat":  # each branch's map scored beside the joint one
+  c.eval = common.eval_config(bootstrap=1000, per_class=3)
+  if model == "concat":  # each branch's map scored beside the joint one
     c.eval.gradcam.also_score = ("xception", "resnet50v2")
   c.audit = common.audit_config()
+
+  if scale == "paper":
+    # The paper: 300 px, full width, 8 phases x 100 epochs of 149 COVID-19 (all), 250 normal
+    # and 200 + 34 pneumonia, Nadam 1e-4, the authors' augmentation, ImageNet weights.
+    c.log_every = 50
+    c.data.image_size = 300
+    c.data.synthetic.update(image_size=320, patients=(6000, 4000, 3000, 120))
+    c.phases.update(count=8, epochs=100)
+    c.phases.fresh = {"normal": 250, "pneumonia": 200}
+    c.phases.shared = {"covid": -1, "pneumonia": 34}
+    c.augment = PAPER_AUGMENT
+    c.init = args["init"] or "keras"
+    c.pretrain.epochs = 20
+    c.pretrain.optimizer.lr = c.train.optimizer.lr = 1e-4
+    c.model.update(width=1.0, bn_momentum=0.99)
+  if scale == "runlocal":  # tiny everything, for tests and smoke runs (seconds)
+    c.folds, c.log_every = 2, 1
+    c.data.image_size = 32
+    c.data.synthetic.update(image_size=64, patients=(24, 16, 20, 8))
+    c.phases.update(count=2, epochs=1)
+    c.phases.fresh = {"normal": 6, "pneumonia": 4}
+    c.phases.shared = {"covid": -1, "pneumonia": 2}
+    c.pretrain.epochs = 1
+    c.model.width = 1 / 16
+    c.train.update(batch_size=8, eval_batch_size=16)
+    c.eval.bootstrap = 50
+    c.eval.gradcam.per_class = 1
+  if scale == "demo" and data == "manifest":
+    # The shared 3-class benchmark has 410 normal and 452 pneumonia images, about 260 and
+    # 290 of them in a fold's training patients (corrected): 4 phases take 50 and 45 + 20.
+    c.phases.fresh = {"normal": 50, "pneumonia": 45}
+  if data != "synthetic":  # the stand-in's films come from a synthetic build of their own
+    c.pretrain.data = common.data_config("synthetic")
+    c.pretrain.data.synthetic.update(image_size=c.data.synthetic.image_size,
+                                     patients=(0, 0, c.data.synthetic.patients[2], 0))
   return c

@@ -145,3 +145,17 @@ def test_print_config_shows_every_resolved_field_and_exits():
   assert lines["data.image_size"] == str(detl.get_config("model=alexnet").data.image_size)
   assert len(lines) == len(out.splitlines()) > 50
   assert not os.path.exists("/nonexistent/never")
+
+
+def test_recipes_name_real_config_paths():
+  """A recipe's keys are config paths (one name per value); a path the config lacks fails."""
+  from configs import common
+  for model, recipe in detl.DEMO_RECIPES.items():
+    c = detl.get_config(f"model={model}")
+    for path, value in recipe.items():
+      node = c
+      for name in path.split("."):
+        node = node[name]
+      assert (node.to_dict() if hasattr(node, "to_dict") else node) == value, (model, path)
+  with pytest.raises(KeyError, match="stage_b.optimizer.lr_b"):
+    common.override(detl.get_config(), {"stage_b.optimizer.lr_b": 1.0})
