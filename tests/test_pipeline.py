@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import context
 
+from xrayjax import train
 from xrayjax.data import pipeline
 
 
@@ -127,7 +128,7 @@ def test_bad_augmentation_ops_say_what_is_valid(ops, message):
 def test_batch_larger_than_split_is_a_clear_error():
   import pytest
   with pytest.raises(ValueError, match="fewer than one batch"):
-    pipeline.steps_per_epoch(5, 8)
+    train.steps_per_epoch(5, 8)
 
 
 def test_a_process_without_examples_still_yields_padding_batches():

@@ -1,8 +1,10 @@
 """Inference: the one padded-batch loop, and trained variables restored without an optimizer.
 
 Validation, test evaluation, Grad-CAM audits and `predict` all run `batched`: every example
-of a tf.data.Dataset exactly once, in fixed-size batches padded with `mask` = 0 (one compiled
-shape), split over the mesh, results returned in the dataset's `index` order.
+of a dataset exactly once, in fixed-size batches padded with `mask` = 0 (one compiled
+shape), split over the mesh, results returned in the dataset's `index` order. A dataset is a
+tf.data one (data/pipeline.py pads it) or anything with `eval_batches` (arrays.ArrayData):
+this module imports TensorFlow only for the former.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from xrayjax import checkpoint, models, sharding
-from xrayjax.data import pipeline
 
 
 def batched(fn: Callable, variables, ds, num_examples: int, batch_size: int, mesh
@@ -28,8 +29,7 @@ def batched(fn: Callable, variables, ds, num_examples: int, batch_size: int, mes
   {name: [num_examples, ...]} sorted by `index` (and `index` itself).
   """
   outs = []
-  for batch in pipeline.eval_batches(ds, num_examples, batch_size, jax.process_index(),
-                                     jax.process_count()):
+  for batch in eval_batches(ds, num_examples, batch_size):
     keep = batch["mask"] > 0
     index = batch["index"]
     out = jax.device_get(fn(variables, sharding.to_global(batch, mesh)))
@@ -40,6 +40,16 @@ def batched(fn: Callable, variables, ds, num_examples: int, batch_size: int, mes
   result = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
   order = np.argsort(result["index"])
   return {k: v[order] for k, v in result.items()}
+
+
+def eval_batches(ds, num_examples: int, batch_size: int):
+  """`ds`'s padded evaluation batches for this process: its own `eval_batches`, or
+  data/pipeline.py's for a tf.data dataset."""
+  if hasattr(ds, "eval_batches"):
+    return ds.eval_batches(num_examples, batch_size, jax.process_index(), jax.process_count())
+  from xrayjax.data import pipeline  # (TensorFlow: only for tf.data datasets)
+  return pipeline.eval_batches(ds, num_examples, batch_size, jax.process_index(),
+                               jax.process_count())
 
 
 def model_cache(model_name: str, model_config, mesh) -> Callable:

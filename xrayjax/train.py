@@ -15,12 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
 
 from xrayjax import checkpoint, infer, optim, sharding
-from xrayjax.data import pipeline
 from xrayjax.models import keras_weights
 
 
@@ -55,7 +53,7 @@ def make_train_step(model, tx: optax.GradientTransformation, stats_rules=None) -
   `stats_rules` (a pytree like `state.batch_stats` of "train"/"freeze", from
   optim.param_labels) keeps the running statistics of frozen layers' BatchNorms
   fixed. Those layers still normalise with the batch's statistics in training,
-  where Keras runs a frozen BatchNorm in inference mode (README: deviations).
+  where Keras runs a frozen BatchNorm in inference mode (docs/models.md).
   """
 
   def train_step(state: TrainState, batch, key):
@@ -148,11 +146,30 @@ def describe_starts(stages, init_from: str | None) -> str:
 
 @dataclasses.dataclass
 class StageData:
-  """What a stage trains and validates on: per phase (dataset, images) from
-  `Cohort.dataset`, and the validation dataset (None: no validation)."""
+  """What a stage trains and validates on: per phase (dataset, images), and the validation
+  dataset (None: no validation). A dataset is a tf.data one from `Cohort.dataset` (batched
+  and augmented by data/pipeline.py) or anything with `train_batches` / `eval_batches`
+  (arrays.ArrayData): training imports TensorFlow only for the former."""
   phases: list[tuple[Any, int]]
   val: Any = None
   num_val: int = 0
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+  """Full batches per epoch (the remainder is dropped)."""
+  steps = num_examples // global_batch
+  if steps == 0:
+    raise ValueError(f"the training split has {num_examples} images, fewer than one batch of "
+                     f"{global_batch}; lower batch_size or add data")
+  return steps
+
+
+def _train_batches(ds, *args, **kwargs):
+  """One epoch of `ds`'s training batches: its own `train_batches`, or data/pipeline.py's."""
+  if hasattr(ds, "train_batches"):
+    return ds.train_batches(*args, **kwargs)
+  from xrayjax.data import pipeline  # (TensorFlow: only for tf.data datasets)
+  return pipeline.train_batches(ds, *args, **kwargs)
 
 
 def epoch_schedule(phase_sizes: list[int], phase_epochs: list[int], batch_size: int
@@ -161,7 +178,7 @@ def epoch_schedule(phase_sizes: list[int], phase_epochs: list[int], batch_size: 
   stage's step count when it ends)}; a checkpoint's step maps to the epoch it ends."""
   out, end = [], 0
   for p, (n, epochs) in enumerate(zip(phase_sizes, phase_epochs)):
-    steps = pipeline.steps_per_epoch(n, batch_size)
+    steps = steps_per_epoch(n, batch_size)
     for e in range(epochs):
       end += steps
       out.append({"phase": p, "epoch": e, "steps": steps, "end": end})
@@ -296,7 +313,7 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
 
   key = jax.device_put(jax.random.PRNGKey(stage.seed), replicated)
   predict_fn = infer.make_predict_fn(model, mesh)
-  writer = tf.summary.create_file_writer(tb_dir) if tb_dir and jax.process_index() == 0 else None
+  writer = _scalar_writer(tb_dir) if tb_dir and jax.process_index() == 0 else None
   start_time, start_step = None, step
   every = checkpoint_every_steps
   phased = len(stage.phases) > 1
@@ -307,9 +324,9 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
           f"epoch {e['epoch'] + 1}/{stage.phases[e['phase']].epochs}"
       ds, num = data.phases[e["phase"]]
       # The epoch's randomness is keyed by its index in the whole stage (one phase: the epoch).
-      batches = pipeline.train_batches(ds, num, stage.batch_size, stage.seed, index,
-                                       tuple(stage.augment), jax.process_index(),
-                                       jax.process_count(), start=done if index == first else 0)
+      batches = _train_batches(ds, num, stage.batch_size, stage.seed, index,
+                               tuple(stage.augment), jax.process_index(),
+                               jax.process_count(), start=done if index == first else 0)
       if index != first:
         sums = None
       for batch in batches:
@@ -422,9 +439,22 @@ def _check_finite(name: str, step: int, loss: float, ckpts) -> None:
         "workdir (and --allow_config_change) to resume from it.")
 
 
+def _scalar_writer(tb_dir: str):
+  """TensorBoard's writer (TensorFlow's), or None where TensorFlow is not installed: the
+  metrics are still in every checkpoint's metadata and the logs."""
+  try:
+    import tensorflow as tf  # (only for TensorBoard events)
+  except ImportError:
+    logging.warning("TensorFlow is not installed: no TensorBoard events in %s (the metrics "
+                    "are in the checkpoints' metadata and the log)", tb_dir)
+    return None
+  return tf.summary.create_file_writer(tb_dir)
+
+
 def _write_scalars(writer, step: int, scalars: dict) -> None:
   if writer is None:
     return
+  import tensorflow as tf  # (a writer exists only where it imports)
   with writer.as_default(step=step):
     for k, v in scalars.items():
       tf.summary.scalar(k, v)

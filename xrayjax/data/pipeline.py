@@ -240,7 +240,7 @@ def train_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int, see
   """One epoch of shuffled, augmented (`augment_ops`, see parse_ops) full batches (the
   remainder is dropped), from its batch `start` on (a run resumed inside an epoch gets the
   batches it had not trained on; augmentation is keyed by the image, not its position)."""
-  steps = steps_per_epoch(num_examples, global_batch)
+  steps = num_examples // global_batch  # (train.steps_per_epoch refuses 0 before this runs)
   local_batch = global_batch // process_count
   epoch_seed = _epoch_seed(seed, epoch)
   ops = parse_ops(augment_ops)
@@ -268,7 +268,7 @@ def configure_tensorflow(jax_backend: str) -> None:
   TF never takes a GPU. When JAX computes on the CPU, TF's intra- and inter-op thread pools
   (tf.data's parallel map runs on them) get one thread each, so the input pipeline does not
   take cores from XLA's step: on a 2-core CPU the demo's stage A trained at 4.1 steps/s with
-  them and at 2.1 steps/s with TF's default pools (README, "Benchmark").
+  them and at 2.1 steps/s with TF's default pools (docs/performance.md).
   """
   tf.config.set_visible_devices([], "GPU")
   if jax_backend == "cpu":
@@ -277,14 +277,6 @@ def configure_tensorflow(jax_backend: str) -> None:
       tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:  # TF already ran (an in-process caller, e.g. tests): keep its pools
       pass
-
-
-def steps_per_epoch(num_examples: int, global_batch: int) -> int:
-  steps = num_examples // global_batch
-  if steps == 0:
-    raise ValueError(f"the training split has {num_examples} images, fewer than one batch of "
-                     f"{global_batch}; lower batch_size or add data")
-  return steps
 
 
 def eval_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int,
