@@ -5,6 +5,7 @@ import pytest
 
 import shared_data
 from xrayjax.data import splits
+from xrayjax.methods import concat_splits
 
 
 def _random_structure(rng, n_patients=60, classes=4):
@@ -123,7 +124,7 @@ def test_phases_share_the_minority_and_draw_fresh_disjoint_majorities():
   labels = np.array([0] * 900 + [1] * 700 + [2] * 60)
   patients = np.array([f"p{k // 2}" for k in range(len(labels))], object)  # 2 images each
   train = np.arange(len(labels))
-  ph = splits.phases(train, labels, patients, ("normal", "pneumonia", "covid"), 3,
+  ph = concat_splits.phases(train, labels, patients, ("normal", "pneumonia", "covid"), 3,
                      fresh={"normal": 250, "pneumonia": 200}, shared={"pneumonia": 34,
                                                                       "covid": -1}, seed=0)
   assert [np.bincount(labels[p]).tolist() for p in ph] == [[250, 234, 60]] * 3
@@ -138,7 +139,7 @@ def test_phases_share_the_minority_and_draw_fresh_disjoint_majorities():
     assert all(set(np.flatnonzero(np.isin(patients, [q]))) <= set(p.tolist()) for q in chosen)
   with pytest.raises(ValueError, match="class 'normal' has 900 training images.*too few for "
                                        "4 phases of 250"):
-    splits.phases(train, labels, patients, ("normal", "pneumonia", "covid"), 4,
+    concat_splits.phases(train, labels, patients, ("normal", "pneumonia", "covid"), 4,
                   fresh={"normal": 250}, shared={}, seed=0)
 
 
@@ -147,11 +148,11 @@ MR7495 = shared_data.path("mr7495_splits")
 
 @shared_data.needs(MR7495)
 def test_the_authors_split_files_reproduce_their_phase_structure():
-  lists = splits.read_mr7495(MR7495)
+  lists = concat_splits.read_mr7495(MR7495)
   names = sorted(lists["all"])
   # image ids as the builders store them: RSNA patientIds and ieee8023 file names.
   meta = {"image_id": np.array([n[:-4] if len(n) == 40 else n for n in names], object)}
-  plan = splits.mr7495_plan(meta, MR7495)
+  plan = concat_splits.mr7495_plan(meta, MR7495)
   assert (plan["listed"], plan["found"], plan["missing"]) == (15_085, 15_085, 0)
   assert plan["classes"] == {"normal": 8_851, "pneumonia": 6_054, "COVID-19": 180}
   cls = np.array([lists["all"][n] for n in names])
@@ -168,11 +169,11 @@ def test_the_authors_split_files_reproduce_their_phase_structure():
   fold = plan["folds"][0]
   train = np.unique(np.concatenate(fold["phases"]))
   labels = np.searchsorted(["COVID-19", "normal", "pneumonia"], cls)
-  ours = splits.phases(train, labels, meta["image_id"], ("covid", "normal", "pneumonia"), 8,
+  ours = concat_splits.phases(train, labels, meta["image_id"], ("covid", "normal", "pneumonia"), 8,
                        fresh={"normal": 250, "pneumonia": 200},
                        shared={"pneumonia": 34, "covid": -1}, seed=0)
   theirs = [np.bincount(labels[p], minlength=3).tolist() for p in fold["phases"]]
   assert [np.bincount(labels[p], minlength=3).tolist() for p in ours] == theirs
   # Only part of the collection on disk: the plan says how many listed files were found.
-  partial = splits.mr7495_plan({"image_id": meta["image_id"][::3]}, MR7495)
+  partial = concat_splits.mr7495_plan({"image_id": meta["image_id"][::3]}, MR7495)
   assert partial["found"] == len(meta["image_id"][::3]) and partial["missing"] > 0

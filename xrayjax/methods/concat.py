@@ -27,7 +27,7 @@ Samplers (config.phases.sampler):
 
 Protocols (config.protocol):
   paper: the published scheme. Folds and phases come from the authors' lists
-    (config.data.mr7495_dir, splits.read_mr7495) or, without them, are built as the authors
+    (config.data.mr7495_dir, concat_splits.read_mr7495) or, without them, are built as the authors
     built them: image-level folds of the COVID-19 images, phases drawn from every other image
     (so folds overlap), and every image that no phase of the fold used is a test image (their
     11,302 per fold). The last weights are kept. The authors' code picked checkpoints on these
@@ -43,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 
 from xrayjax.data import splits, tasks
-from xrayjax.methods import Evaluation, Phase, Plan, Stage, Table, seed
+from xrayjax.methods import Evaluation, Phase, Plan, Stage, Table, concat_splits, seed
 
 NAME = "Concat (Rahimzadeh & Attar)"
 PROTOCOLS = ("corrected", "paper")
@@ -102,7 +102,7 @@ def check(config) -> None:
 
 def _phases(train, labels, patients, classes, config, seed_) -> list[np.ndarray]:
   ph = config.phases
-  return splits.phases(train, labels, patients, classes, ph.count, dict(ph.fresh),
+  return concat_splits.phases(train, labels, patients, classes, ph.count, dict(ph.fresh),
                        dict(ph.shared), seed_)
 
 
@@ -127,7 +127,7 @@ def plan(meta: dict[str, np.ndarray], config) -> Plan:
   groups = meta["group"] if grouped else meta["image_id"]
   folds, notes = [], []
   if config.protocol == "paper" and config.data.get("mr7495_dir"):
-    listed = splits.mr7495_plan(meta, config.data.mr7495_dir)
+    listed = concat_splits.mr7495_plan(meta, config.data.mr7495_dir)
     if not listed["found"]:
       raise ValueError(f"none of the {listed['listed']} images listed in "
                        f"{config.data.mr7495_dir} is in the data (matched by file name "
