@@ -205,7 +205,7 @@ def test_predict_feeds_the_model_what_training_fed_it(run, tmp_path):
 
   from ml_collections import config_dict
   from xrayjax import files, predict
-  from xrayjax.data.sources import native
+  from xrayjax.data.sources import decode
   workdir, _ = run
   config = config_dict.ConfigDict(files.read_json(os.path.join(workdir, "config.json")))
   cohort, plan = experiment.prepare(config)
@@ -226,7 +226,7 @@ def test_predict_feeds_the_model_what_training_fed_it(run, tmp_path):
   assert ok == paths and not skipped
   np.testing.assert_array_equal(loaded, fed)
   # A single PIL resize (what predict used to do) gives the model other inputs.
-  once = np.stack([native.resize(stored[i][..., 0], config.data.image_size)
+  once = np.stack([decode.resize(stored[i][..., 0], config.data.image_size)
                    for i in cohort.meta["image_id"][test]])
   assert np.abs(once.astype(int) - fed[..., 0].astype(int)).max() > 0
   rows, _, classes = predict.predict(workdir, paths, fold="0", overlays="none")

@@ -15,7 +15,7 @@ import dicom_files
 import shared_data
 from configs import common, detl
 from xrayjax.data import pipeline, sources, tasks
-from xrayjax.data.sources import covidx, ieee8023_covid, native, nih_cxr14, rsna_pneumonia
+from xrayjax.data.sources import covidx, decode, ieee8023_covid, native, nih_cxr14, rsna_pneumonia
 
 NATIVE = shared_data.path("native")
 needs_native = shared_data.needs(NATIVE)
@@ -218,7 +218,7 @@ def test_an_interrupted_build_resumes_from_its_cache(tmp_path, monkeypatch):
       + "".join(f"{n},No Finding,0,{k},PA\n" for k, n in enumerate(names)))
   monkeypatch.setattr(native, "CHUNK", 2)
   calls = []
-  real = native.read_image
+  real = decode.read_image
 
   def dying(path):
     calls.append(os.path.basename(path))
@@ -226,12 +226,12 @@ def test_an_interrupted_build_resumes_from_its_cache(tmp_path, monkeypatch):
       raise KeyboardInterrupt  # the build is killed in its second chunk
     return real(path)
 
-  monkeypatch.setattr(native, "read_image", dying)
+  monkeypatch.setattr(decode, "read_image", dying)
   with pytest.raises(KeyboardInterrupt):
     _build(tmp_path, "nih_cxr14", root)
   assert calls[:2] == names[:2]
   calls.clear()
-  monkeypatch.setattr(native, "read_image", lambda p: (calls.append(os.path.basename(p)),
+  monkeypatch.setattr(decode, "read_image", lambda p: (calls.append(os.path.basename(p)),
                                                         real(p))[1])
   b, report, ex = _build(tmp_path, "nih_cxr14", root)
   assert calls == names[2:]  # the first chunk came from the cache
@@ -363,8 +363,8 @@ def test_dicoms_from_pydicom_data_decode_alike():
   files = {n: os.path.join(store.data_path, n) for n in ("RG1_UNCR.dcm", "RG1_J2KR.dcm")}
   if not all(os.path.isfile(f) for f in files.values()):
     pytest.skip(f"pydicom-data has no RG1 files in {store.data_path}")
-  unc, _, _ = native.read_image(files["RG1_UNCR.dcm"])
-  j2k, _, _ = native.read_image(files["RG1_J2KR.dcm"])
+  unc, _, _ = decode.read_image(files["RG1_UNCR.dcm"])
+  j2k, _, _ = decode.read_image(files["RG1_J2KR.dcm"])
   np.testing.assert_array_equal(unc, j2k)
   raw = pydicom.dcmread(files["RG1_UNCR.dcm"]).pixel_array
   assert np.corrcoef(unc.ravel()[::97], raw.ravel()[::97])[0, 1] < -0.9  # MONOCHROME1 inverted

@@ -83,12 +83,12 @@ def load(paths: list[str], stored_size: int, image_size: int
   resized to the model's input by the pipeline's own resize (pipeline.to_model_size).
   """
   from xrayjax.data import pipeline
-  from xrayjax.data.sources import native
+  from xrayjax.data.sources import decode
   images, ok, skipped = [], [], []
   for p in paths:
     try:
-      image, _, _ = native.read_image(p)
-    except native.SkippedImage as e:
+      image, _, _ = decode.read_image(p)
+    except decode.SkippedImage as e:
       reason = str(e)
       if reason.startswith("unreadable image") and not p.lower().endswith(SUFFIXES):
         kind = reason.split(": ")[1] if ": " in reason else reason
@@ -96,7 +96,7 @@ def load(paths: list[str], stored_size: int, image_size: int
                   "and .dcm files")
       skipped.append({"file": p, "reason": reason})
       continue
-    stored = native.resize(image, stored_size)[..., None]
+    stored = decode.resize(image, stored_size)[..., None]
     images.append(np.asarray(pipeline.to_model_size(stored, image_size)))
     ok.append(p)
   return (np.stack(images) if images else np.zeros((0, image_size, image_size, 1), np.uint8),

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from xrayjax.data.sources import native
+from xrayjax.data.sources import decode, native
 
 REQUIRED = ("path", "patient_id", "source")
 
@@ -81,9 +81,9 @@ class Manifest(native.NativeBuilder):
     mask = np.zeros((size, size), np.uint8)
     if self._masks.get(row.key):
       try:
-        m, _, _ = native.read_image(os.path.join(self.builder_config.root, self._masks[row.key]))
-        mask = (native.resize(m, size) > 127).astype(np.uint8) * 255
-      except native.SkippedImage:
+        m, _, _ = decode.read_image(os.path.join(self.builder_config.root, self._masks[row.key]))
+        mask = (decode.resize(m, size) > 127).astype(np.uint8) * 255
+      except decode.SkippedImage:
         pass  # an unreadable mask leaves the image without one
     item["lung_mask"] = mask
     return item

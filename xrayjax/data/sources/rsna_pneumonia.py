@@ -11,7 +11,7 @@ Layout (nothing is downloaded):
 `label` is the detailed class when that file is present, else "Target 1" / "Target 0"
 (paper 2's three-class task needs the detailed class for its normal class; see data/tasks.py).
 Target 1 images get the Pneumonia finding and keep their boxes. One image per patient:
-patient_id is `rsna-<patientId>`. DICOMs are decoded by native.read_image (modality and VOI
+patient_id is `rsna-<patientId>`. DICOMs are decoded by decode.read_image (modality and VOI
 LUT, MONOCHROME1, any bit depth, JPEG and JPEG 2000); `view` comes from the DICOM header.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import os
 
-from xrayjax.data.sources import native
+from xrayjax.data.sources import decode, native
 
 LABELS = "stage_2_train_labels.csv"
 CLASSES = "stage_2_detailed_class_info.csv"
@@ -79,7 +79,7 @@ class RsnaPneumonia(native.NativeBuilder):
   def rows(self):
     root = self.builder_config.root
     images = {os.path.splitext(n)[0]: p for n, p in
-              native.index_files(root, native.DICOM_SUFFIXES).items()}
+              native.index_files(root, decode.DICOM_SUFFIXES).items()}
     return read_rows(root, images)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from xrayjax.data import tasks
-from xrayjax.data.sources import native, phantom, schema
+from xrayjax.data.sources import decode, phantom, schema
 
 SOURCE = "synthetic_cxr"
 DEFAULT_PATIENTS = (800, 60, 800, 60)  # normal, pneumonia, other_disease, covid
@@ -120,8 +120,8 @@ def generate(cfg: SyntheticCxrConfig, healthy: bool = False):
                            finding=finding)
       yield {
           "image": out["image"][..., None],
-          "file_sha1": native.sha1(out["image"].tobytes()),
-          "phash": native.perceptual_hash(out["image"]),
+          "file_sha1": decode.sha1(out["image"].tobytes()),
+          "phash": decode.perceptual_hash(out["image"]),
           "lesion_mask": out["lesion_mask"][..., None],
           "lung_mask": out["lung_mask"][..., None],
           "label": label,
