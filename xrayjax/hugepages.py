@@ -2,12 +2,10 @@
 
 XLA's CPU runtime allocates each execution's temporary buffers with `malloc` and frees them
 afterwards; glibc maps allocations that large afresh every time (`mmap`/`munmap`), so every
-training step touches its buffers' pages for the first time again: 530k page faults per
-ResNet50 step (224 px, batch 16; 2.2 GB of 4 KiB pages), 16-21% of the step's CPU time spent
-in the kernel. TensorFlow keeps its memory in its own allocator and pays none of this. With
-glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge pages (2 MiB) for
-those mappings: 2k faults per step, and the step took 3.09-3.18 s against 3.75-4.02 s (same
-machine, alternating processes; README "Benchmark").
+training step faults its buffers' 4 KiB pages in again, a large share of the step's CPU time
+(TensorFlow keeps its memory in its own allocator and pays none of this). With glibc's
+`glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge pages (2 MiB) for those
+mappings: far fewer faults and a faster step (docs/performance.md has the figures).
 
 Tunables are read when a process starts, so the command-line entry points (`xrayjax.main`,
 `xrayjax.predict`, `xrayjax.bench`) call `reexec()` in their `__main__` blocks, before parsing

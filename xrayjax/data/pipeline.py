@@ -267,8 +267,8 @@ def configure_tensorflow(jax_backend: str) -> None:
 
   TF never takes a GPU. When JAX computes on the CPU, TF's intra- and inter-op thread pools
   (tf.data's parallel map runs on them) get one thread each, so the input pipeline does not
-  take cores from XLA's step: on a 2-core CPU the demo's stage A trained at 4.1 steps/s with
-  them and at 2.1 steps/s with TF's default pools (docs/performance.md).
+  take cores from XLA's step (with TF's default pools the demo trained at half the speed on a
+  2-core CPU; docs/performance.md).
   """
   tf.config.set_visible_devices([], "GPU")
   if jax_backend == "cpu":

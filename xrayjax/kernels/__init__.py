@@ -1,19 +1,15 @@
 """Native CPU kernels for the gradients XLA's CPU backend runs slowly: convolution weight
 gradients and max pooling's input gradient.
 
-XLA computes the weight gradient of a 3x3 convolution at 12-55 GFLOP/s on this 2-core machine
-(TensorFlow's oneDNN: ~200), and that of a depthwise convolution as reductions at about
-1 GFLOP/s (README "Benchmark"). `cpu_kernels.cc` computes both natively: the dense one as one
-BLAS `sgemm` per tap over every row at once (OpenBLAS from the `scipy-openblas32` wheel), the
-depthwise one as a vectorised loop with private accumulators; both on XLA's intra-op thread pool.
-The dense kernel also takes the weight gradient of 1x1 convolutions (one `sgemm` over the rows,
-no padding): XLA computes it as a matrix product after copying both operands into transposed
-layouts, and fuses the producers' gradients (BatchNorm's, a max pool's) into those copies
-(training step, 224 px, batch 16, medians of 4 alternating steps: Xception 5.94 -> 5.05 s,
-concat 8.50 -> 7.56 s, ResNet50V2 3.22 -> 2.99 s, ResNet50 3.62 -> 3.46 s). Max pooling's
-input gradient is a loop that sends each window's gradient to its first maximum: XLA
-differentiates reduce-window through four index arrays and a scatter (3x3/2 windows,
-16x147x147x128: 766 against 229 ms forward + backward; Xception's step 5.55 -> 5.07 s).
+XLA's CPU backend computes the weight gradient of a dense convolution far below the machine's
+matmul peak, and that of a depthwise convolution as slow reductions (docs/performance.md has
+the figures). `cpu_kernels.cc` computes both natively: the dense one as one BLAS `sgemm` per
+tap over every row at once (OpenBLAS from the `scipy-openblas32` wheel), the depthwise one as a
+vectorised loop with private accumulators; both on XLA's intra-op thread pool. The dense kernel
+also takes the weight gradient of 1x1 convolutions (one `sgemm` over the rows, no padding),
+where XLA first copies both operands into transposed layouts. Max pooling's input gradient is
+a loop that sends each window's gradient to its first maximum, where XLA differentiates
+reduce-window through four index arrays and a scatter.
 
 The library is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) into
 `$XRAYJAX_CACHE/kernels` (default `~/.cache/xrayjax/kernels`), keyed by the source, the compiler
@@ -251,9 +247,8 @@ def _use_native(x, w) -> bool:
 
 
 # The native dense weight gradient reads (Ho + kh) x (Wo + kw - 1) rows per image for Ho x Wo
-# outputs, so small maps waste much of it; measured at batch 16, GFLOP/s native / XLA: 56x56x64
-# 73 / 64, 28x28x128 80 / 85, 14x14x256 72 / 92, 7x7x512 55 / 98 (and at batch 8 28x28x512
-# 160 / 59, 224x224x64 79 / 32). Below this many output positions XLA's gradient is kept.
+# outputs, so small maps waste much of it: below this many output positions XLA's gradient is
+# kept (where each was faster: docs/performance.md).
 MIN_NATIVE_POSITIONS = 28 * 28
 
 
@@ -271,9 +266,9 @@ def conv(x, w, padding: Padding):
 
 
 # Strided convs whose input blocks have at most this many channels take the blocked native
-# weight gradient: the stems on the image (3 channels at stride 2: 12). XLA ran ResNet50V2's
-# 7x7/2 stem's at 14 GFLOP/s (0.14 s of a 3 s step). Wider strided convs (the ResNets' 3x3/2
-# on 56x56 maps and smaller) keep XLA's: their blocks' zero taps would cost more than they save.
+# weight gradient: the stems on the image (3 channels at stride 2: 12), where XLA's is slow.
+# Wider strided convs (the ResNets' 3x3/2 on 56x56 maps and smaller) keep XLA's: their blocks'
+# zero taps would cost more than they save (docs/performance.md).
 MAX_BLOCK_CHANNELS = 16
 
 

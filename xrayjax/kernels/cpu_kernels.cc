@@ -1,5 +1,5 @@
 // xrayjax's CPU kernels: the convolution weight gradients and max pooling's input gradient,
-// which XLA's CPU backend runs far below this machine's peak (README "Benchmark"). Registered
+// which XLA's CPU backend runs far below this machine's peak (docs/performance.md). Registered
 // through jax.ffi by xrayjax/kernels/__init__.py, which compiles this file on first use; values
 // and gradients are tested against lax in tests/test_kernels.py.
 //
@@ -81,7 +81,7 @@ int Workers(ffi::ThreadPool& pool, int64_t items) {
 // Two schedules:
 //   tiles of `tile` rows for all taps (each tile is read from memory once and reused by every
 //     tap from cache); workers accumulate privately and the sums are added at the end. Faster
-//     at every VGG16 layer here (224x224x64: 79 against 51 GFLOP/s; 28x28x512: 159 against 136);
+//     at every VGG16 layer (docs/performance.md);
 //   one tap and a block of output channels per work item, over all rows, when the private sums
 //     would take more than `private_bytes` (wide layers on many threads).
 

@@ -170,8 +170,8 @@ def plan(meta: dict[str, np.ndarray], config) -> Plan:
     select_on = config.train.get("select_on", "val_accuracy")  # (older run directories)
     what = {"val_accuracy": "accuracy",
             "val_balanced_accuracy": "balanced accuracy (the mean of the classes' recalls)"}
-    notes.append(f"the checkpoint of best validation {what.get(select_on, select_on)} (a split "
-                 "of the fold's training patients) is evaluated")
+    notes.append(f"the checkpoint of best validation {what.get(select_on, select_on)}, on a "
+                 "split of the fold's training patients, is evaluated")
   else:
     notes.append("the last weights are evaluated; the authors' code selected checkpoints on "
                  "the test images, which we do not do")

@@ -50,9 +50,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          precision=None, **kwargs):
   """lax.conv_general_dilated, with three kinds of conv computed another way (same result).
 
-  XLA's CPU backend is slow at all three (xrayjax.bench, README "Benchmark"):
-    - a plain 1x1 conv is one matrix product (1.4-2x faster, forward and backward), with a
-      native weight gradient on the CPU (xrayjax/kernels);
+  XLA's CPU backend is slow at all three (xrayjax.bench, docs/performance.md):
+    - a plain 1x1 conv is one matrix product (faster, forward and backward), with a native
+      weight gradient on the CPU (xrayjax/kernels);
     - a depthwise conv at stride 1 is a sum of shifted, channel-scaled copies of the input,
       which XLA fuses into one loop (grouped convolutions run far below peak there), with a
       native weight gradient on the CPU (xrayjax/kernels);
@@ -112,12 +112,9 @@ def max_pool(x, window: tuple[int, int], strides: tuple[int, int], padding="VALI
 
   XLA's CPU backend differentiates reduce-window through four index arrays and a scatter
   (a reduce-window with five outputs). Overlapping windows (ResNets' stem, Xception) take
-  `kernels.max_pool`, whose input gradient is native on the CPU: 16x147x147x128 in 3x3/2
-  windows took 766 against 229 ms forward + backward, 16x114x114x64 201 against 65 ms.
-  Non-overlapping ones (VGG16) are the maximum of strided slices, faster still there
-  (16x224x224x64 in 2x2: 75-87 ms, native 180-188, XLA's reduce-window 657; the VGG16
-  training step, 224 px, batch 16, 20.98 -> 19.11 s against reduce-window). Same values and,
-  but for ties between slices, gradients (all measured here).
+  `kernels.max_pool`, whose input gradient is native on the CPU. Non-overlapping ones (VGG16)
+  are the maximum of strided slices, faster still there (docs/performance.md). Same values
+  and, but for ties between slices, gradients.
   """
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
