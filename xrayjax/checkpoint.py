@@ -59,9 +59,18 @@ class StageCheckpoints:
     # Orbax silently skips a step that exists even with force=True: never re-save one.
     if step in self._manager.all_steps():
       return
-    self._manager.save(step, args=ocp.args.StandardSave(state),
-                       metrics={k: float(v) for k, v in metrics.items()})
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(step, args=ocp.args.StandardSave(state),
+                         metrics={k: float(v) for k, v in metrics.items()})
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - orbax wraps its writers' errors
+      if not files.no_space(e):
+        raise
+      latest = self.latest_step()
+      raise files.disk_full(
+          f"the checkpoint of step {step} of stage {self.name}", self.directory,
+          f"from step {latest}" if latest is not None else "this stage from its start"
+      ) from None
     if jax.process_index() == 0:
       kept = {str(s) for s in self._manager.all_steps()}
       sums = {k: v for k, v in self._checksums().items() if k in kept}

@@ -3,8 +3,8 @@
 (configs/detl.py, configs/concat.py). `--print_config` prints the resolved config (args,
 scale and every --config.x=y override applied) and exits.
 
-Exit status: 0 done; 2 refused (the run directory's data or splits changed, another job
-holds it, a damaged checkpoint); 128 + signal number when SIGTERM / SIGINT stopped training
+Exit status: 0 done; 2 refused or stopped cleanly (the run directory's data or splits
+changed, another job holds it, a damaged checkpoint, a full disk); 128 + signal number when SIGTERM / SIGINT stopped training
 after a checkpoint (the same command resumes).
 """
 
@@ -115,7 +115,8 @@ def main(argv):
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(e.code)
   except (rundir.ChangedError, rundir.LockedError, checkpoint.CheckpointError,
-          tasks.EmptyClassError, native.LayoutError) as e:  # bad data: the message says what, where, what to do
+          files.DiskFullError, tasks.EmptyClassError, native.LayoutError) as e:
+    # refused or stopped cleanly: the message says what, where and what to do
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
