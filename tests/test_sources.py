@@ -368,3 +368,37 @@ def test_dicoms_from_pydicom_data_decode_alike():
   np.testing.assert_array_equal(unc, j2k)
   raw = pydicom.dcmread(files["RG1_UNCR.dcm"]).pixel_array
   assert np.corrcoef(unc.ravel()[::97], raw.ravel()[::97])[0, 1] < -0.9  # MONOCHROME1 inverted
+
+
+def test_native_builds_are_keyed_by_their_listing_digest(tmp_path):
+  """A build is named by its directory's file listing (paths, sizes, modification times):
+  a file added or changed gives a new build with it, not the old build; the same tree gives
+  the same build. A run directory recorded before names differed by listing compares the
+  files themselves, so only real changes refuse it."""
+  from xrayjax import rundir
+  root = tmp_path / "nih"
+  (root / "images").mkdir(parents=True)
+  names = [f"0000000{k}_000.png" for k in range(1, 4)]
+  for k, n in enumerate(names):
+    Image.fromarray(_image(30 + k)).save(root / "images" / n)
+  entries = lambda ns: ("Image Index,Finding Labels,Follow-up #,Patient ID,View Position\n"
+                        + "".join(f"{n},No Finding,0,{k},PA\n" for k, n in enumerate(ns)))
+  (root / "Data_Entry_2017.csv").write_text(entries(names))
+  first, _, ex = _build(tmp_path, "nih_cxr14", root)
+  assert sorted(ex) == names
+  assert _build(tmp_path, "nih_cxr14", root)[0].info.full_name == first.info.full_name
+  names.append("00000004_000.png")  # a file added, and listed
+  Image.fromarray(_image(40)).save(root / "images" / names[-1])
+  (root / "Data_Entry_2017.csv").write_text(entries(names))
+  second, _, ex = _build(tmp_path, "nih_cxr14", root)
+  assert second.info.full_name != first.info.full_name and sorted(ex) == names
+  os.utime(root / "images" / names[0], (1, 1))  # a file changed in place
+  assert _build(tmp_path, "nih_cxr14", root)[0].info.full_name != second.info.full_name
+  # The run-directory check: a renamed build over the same files is not a change; files are.
+  files_ = native.stats(str(root), native.walk(str(root)))
+  old = {"nih_cxr14": {"builder": "nih_cxr14/s32_0123456789/1.0.0", "version": "1.0.0",
+                       "root": str(root), "files": files_}}
+  new = {"nih_cxr14": {**old["nih_cxr14"], "builder": second.info.full_name}}
+  assert rundir._data_changes(old, new) == []
+  new["nih_cxr14"]["files"] = {**files_, "images/extra.png": [1, 1]}
+  assert any("1 file(s) added" in c for c in rundir._data_changes(old, new))

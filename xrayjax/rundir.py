@@ -13,7 +13,6 @@ overwritten. Trained models can still be scored on new data as an *external* tes
 
 from __future__ import annotations
 
-import csv
 import datetime
 import fcntl
 import hashlib
@@ -31,6 +30,7 @@ from absl import logging
 
 from xrayjax import files, methods, sharding
 from xrayjax.data import sources
+from xrayjax.data.sources import manifest, native
 
 # Every file the runner writes into a run directory by name.
 CONFIG = "config.json"  # the run's config (a changed one is refused, or kept beside it)
@@ -76,33 +76,11 @@ def data_fingerprint(cohort) -> dict:
       with open(cfg.manifest, "rb") as f:
         entry["manifest"] = cfg.manifest
         entry["manifest_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
-      entry["files"] = _stat(cfg.root, _manifest_paths(cfg.manifest))
+      entry["files"] = native.stats(cfg.root, manifest.listed_paths(cfg.manifest))
     elif getattr(cfg, "root", ""):
       entry["root"] = cfg.root
-      entry["files"] = _stat(cfg.root, _walk(cfg.root))
+      entry["files"] = native.stats(cfg.root, native.walk(cfg.root))
     out[name] = entry
-  return out
-
-
-def _manifest_paths(path: str) -> list[str]:
-  with open(path, newline="", errors="replace") as f:
-    return sorted({p for r in csv.DictReader(f) for p in (r.get("path"), r.get("lung_mask"))
-                   if p})
-
-
-def _walk(root: str) -> list[str]:
-  return sorted(os.path.relpath(os.path.join(d, n), root)
-                for d, _, names in os.walk(root) for n in names)
-
-
-def _stat(root: str, paths: list[str]) -> dict[str, list[int] | None]:
-  out = {}
-  for p in paths:
-    try:
-      st = os.stat(os.path.join(root, p))
-      out[p] = [st.st_size, int(st.st_mtime)]
-    except OSError:
-      out[p] = None  # listed but absent
   return out
 
 
@@ -217,7 +195,11 @@ def _paired(old: dict, new: dict, what: str, gone: str, out: list[str]):
 def _data_changes(old: dict, new: dict) -> list[str]:
   out = []
   for name, a, b in _paired(old, new, "data source", "used", out):
-    if a["builder"] != b["builder"]:
+    # A source whose inputs are recorded file by file (below) is compared by those files: its
+    # builder's config name also encodes their listing (older runs' names did not).
+    by_files = "files" in a and "files" in b and a["version"] == b["version"]
+    if a["builder"] != b["builder"] and not (
+        by_files and a["builder"].split("/")[0] == b["builder"].split("/")[0]):
       out.append(f"data source {name}: builder {a['builder']} -> {b['builder']}")
     if a.get("manifest_sha256") != b.get("manifest_sha256"):
       out.append(f"data source {name}: the manifest {b.get('manifest')} changed (rows or labels)")

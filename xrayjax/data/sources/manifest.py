@@ -31,9 +31,17 @@ class ManifestConfig(native.NativeConfig):
   lung_masks: bool = False  # the CSV has a lung_mask column
 
 
+def listed_paths(manifest: str) -> list[str]:
+  """Every file the manifest CSV names (images and lung masks), relative to its directory."""
+  with open(manifest, newline="", errors="replace") as f:
+    return sorted({p for r in csv.DictReader(f) for p in (r.get("path"), r.get("lung_mask"))
+                   if p})
+
+
 def make_config(manifest: str, label_column: str = "label", image_size: int = 256
                 ) -> ManifestConfig:
-  """Checks the CSV's header; the config's name encodes the CSV's content and the options."""
+  """Checks the CSV's header; the config's name encodes the CSV's content, the listing of
+  the files it names (native.listing_digest) and the options."""
   path = os.path.abspath(os.path.expanduser(manifest))
   if not os.path.isfile(path):
     raise FileNotFoundError(f"manifest CSV {path} does not exist; set --config.data.manifest.path "
@@ -46,8 +54,9 @@ def make_config(manifest: str, label_column: str = "label", image_size: int = 25
     raise ValueError(f"{path} does not look like a manifest: columns {missing} are missing; "
                      f"found {header}. Expected {list(REQUIRED)} and the label column "
                      f"{label_column!r} (--config.data.manifest.label_column)")
-  with open(path, "rb") as f:
-    digest = hashlib.sha1(f.read()).hexdigest()[:10]
+  with open(path, "rb") as f:  # the CSV's content and the listing of the files it names
+    digest = hashlib.sha1(f.read() + native.listing_digest(
+        os.path.dirname(path), listed_paths(path)).encode()).hexdigest()[:10]
   stem = "".join(c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(path))[0])
   return ManifestConfig(name=f"{stem}_{label_column}_s{image_size}_{digest}", manifest=path,
                         root=os.path.dirname(path), label_column=label_column,

@@ -150,6 +150,32 @@ class NativeConfig(tfds.core.BuilderConfig):
   image_size: int = 256
 
 
+def walk(root: str) -> list[str]:
+  """Every file under `root`, relative to it, sorted."""
+  return sorted(os.path.relpath(os.path.join(d, n), root)
+                for d, _, names in os.walk(root) for n in names)
+
+
+def stats(root: str, paths: list[str]) -> dict[str, list[int] | None]:
+  """{path: [size, modification time (s)], or None when absent} of `paths` under `root`."""
+  out = {}
+  for p in paths:
+    try:
+      st = os.stat(os.path.join(root, p))
+      out[p] = [st.st_size, int(st.st_mtime)]
+    except OSError:
+      out[p] = None  # listed but absent
+  return out
+
+
+def listing_digest(root: str, paths: list[str] | None = None) -> str:
+  """A digest of the files under `root` (or of `paths`, relative to it): each one's path,
+  size and modification time. Builds are keyed by it, so a collection whose files were
+  added, removed or changed is built again, not read from the old build."""
+  listed = stats(root, walk(root) if paths is None else sorted(paths))
+  return hashlib.sha1(repr(sorted(listed.items())).encode()).hexdigest()[:10]
+
+
 def config_name(root: str, image_size: int, *options) -> str:
   """A name that encodes the directory and options, so two collections never collide."""
   digest = hashlib.sha1(repr((os.path.abspath(root),) + options).encode()).hexdigest()[:10]
@@ -169,11 +195,13 @@ def check_root(root: str, source: str) -> str:
 def make_config(cls, source: str, root: str, image_size: int, metadata_path,
                 **options) -> NativeConfig:
   """A builder config of `cls` for `root`, after checking the layout (`metadata_path(root)`
-  raises LayoutError naming what was expected); the name encodes root and options."""
+  raises LayoutError naming what was expected); the name encodes root, options and the
+  listing of its files (listing_digest)."""
   root = check_root(root, source)
   metadata_path(root)
   shown = "".join(f", {k}={v!r}" for k, v in options.items())
-  return cls(name=config_name(root, image_size, *options.values()), root=root,
+  return cls(name=config_name(root, image_size, listing_digest(root), *options.values()),
+             root=root,
              image_size=image_size, description=f"{root}, {image_size}px{shown}", **options)
 
 
