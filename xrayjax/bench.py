@@ -17,7 +17,7 @@ inference images/s, the first-step (compile) time, the model's FLOPs per image
 matmul peak that xrayjax's training reaches (training taken as 3x the forward
 FLOPs; the peak is measured in every round, between the steps, and the highest
 reading is used, since one reading alone varies by 2x here). The last lines are a
-Markdown table for the README; the first say which convolution gradients ran
+Markdown table for docs/performance.md; the first say which convolution gradients ran
 (`xrayjax.kernels.status`).
 
 `--memory` prints instead the peak resident memory of a process that builds the model

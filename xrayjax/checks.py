@@ -40,7 +40,7 @@ def config_fields(config) -> None:
   for path in str(config.model.get(models.INIT_FROM) or "").split(","):
     if path.strip() and not os.path.exists(os.path.expanduser(path.strip())):
       raise FileNotFoundError(f"config.model.{models.INIT_FROM}: {path.strip()} does not exist "
-                              "(Keras weight files, comma separated; see README)")
+                              "(Keras weight files, comma separated; see docs/models.md)")
 
 
 def plan_sizes(config, plan: methods.Plan, mesh) -> None:

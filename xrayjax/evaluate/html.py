@@ -269,7 +269,7 @@ def _verdict(a: dict | None) -> list[str]:
   v = a["verdict"]
   return [f"<div class='verdict {html.escape(v['risk'].replace(' ', '-'))}' id='shortcut-verdict'>"
           f"<b>Shortcut risk: {html.escape(v['risk'])}</b> (the highest level of the evidence "
-          "below; the rule is in the README, \"Shortcut audit\"; details in "
+          "below; the rule is in docs/shortcut-audit.md; details in "
           "<a href='#shortcut-audit'>Shortcut audit</a>)<ul>" +
           "".join(f"<li>[{html.escape(e['level'])}] {html.escape(e['evidence'])}: "
                   f"{html.escape(e['text'])}</li>" for e in v["evidence"]) + "</ul></div>"]

@@ -110,7 +110,7 @@ def verdict_lines(audit: dict | None) -> list[str]:
     return []
   v = audit["verdict"]
   return ([f"shortcut risk: {v['risk'].upper()} (the highest level of the evidence below; "
-           "rule: README, \"Shortcut audit\")"] +
+           "rule: docs/shortcut-audit.md)"] +
           [f"  [{e['level']}] {e['evidence']}: {e['text']}" for e in v["evidence"]])
 
 

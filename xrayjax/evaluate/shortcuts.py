@@ -2,7 +2,7 @@
 
 Networks trained on collections where a class comes from its own source learn the source
 (DeGrave et al. 2021; Maguolo & Nanni 2021; Roberts et al. 2021). Every run reports
-(config.audit; README, "Shortcut audit"):
+(config.audit; docs/shortcut-audit.md):
 
 1. Confounding tables: label x source, site and view (and sex / age band where the
    metadata has them) for every partition, with Cramér's V.
@@ -213,7 +213,7 @@ def within_groups(predictions: list[dict], field: str, classes) -> dict:
 
 # --- 6. the verdict ---------------------------------------------------------------------------
 
-# The rule (README, "Shortcut audit"). Retention: how much of the whole image's signal above
+# The rule (docs/shortcut-audit.md). Retention: how much of the whole image's signal above
 # chance an input keeps, (AUROC_input - 0.5) / (AUROC_full - 0.5), for the class where the
 # input does best (a shortcut often serves one class: the one that came from its own source).
 # A part of the image (border, outside the lungs) that scores as well as the whole image:
