@@ -14,7 +14,8 @@ import time
 import pytest
 
 from launch import hyper
-from launch import sweep as sweep_lib
+from launch import backends, table
+from launch import trials as trials_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "sweeps", "demo_lr_init.py")
@@ -38,18 +39,18 @@ def test_product_and_zipit():
 
 
 def test_demo_sweep_trials_are_named_from_their_overrides():
-  trials = sweep_lib.make_trials("configs/detl.py:runlocal", sweep_lib.load_sweep(DEMO))
+  trials = trials_lib.make_trials("configs/detl.py:runlocal", trials_lib.load_sweep(DEMO))
   assert [t.name for t in trials] == ["init=detl,lr=0.0003", "init=detl,lr=0.0001",
                                       "init=scratch,lr=0.0003", "init=scratch,lr=0.0001"]
-  again = sweep_lib.make_trials("configs/detl.py:runlocal", sweep_lib.load_sweep(DEMO))
+  again = trials_lib.make_trials("configs/detl.py:runlocal", trials_lib.load_sweep(DEMO))
   assert again == trials  # stable: a re-run finds the same directories
   assert trials[2].config == "configs/detl.py:runlocal,init=scratch"
   assert trials[2].command("D") == ["-m", "xrayjax.main",
                                     "--config=configs/detl.py:runlocal,init=scratch",
                                     "--workdir=D", f"--{LR}=0.0003"]
-  sweep_lib.check_fields(trials)  # the demo's fields exist in configs/detl.py
+  trials_lib.check_fields(trials)  # the demo's fields exist in configs/detl.py
   # Keys that share a last part are told apart; a flag argument can be switched off.
-  two = sweep_lib.make_trials("configs/detl.py:runlocal", hyper.product(
+  two = trials_lib.make_trials("configs/detl.py:runlocal", hyper.product(
       hyper.sweep("config.stage_a.optimizer.lr", [1e-3]), hyper.sweep(LR, [1e-2]),
       hyper.fixed("config:runlocal", False)))
   assert two[0].name == "stage_a.optimizer.lr=0.001,stage_b.optimizer.lr=0.01,runlocal=False"
@@ -58,24 +59,24 @@ def test_demo_sweep_trials_are_named_from_their_overrides():
 
 def test_bad_sweeps_are_refused_before_anything_runs():
   with pytest.raises(ValueError, match="must be 'config.<field>'"):
-    sweep_lib.make_trials("configs/detl.py", [{"lr": 1e-3}])
+    trials_lib.make_trials("configs/detl.py", [{"lr": 1e-3}])
   with pytest.raises(ValueError, match="the same name"):
-    sweep_lib.make_trials("configs/detl.py", [{LR: 1e-3}, {LR: 1e-3}])
+    trials_lib.make_trials("configs/detl.py", [{LR: 1e-3}, {LR: 1e-3}])
   with pytest.raises(ValueError, match="'config.stage_b.optimizer.lrr' is not a field"):
-    sweep_lib.check_fields(sweep_lib.make_trials("configs/detl.py", [{LR + "r": 1e-3}]))
+    trials_lib.check_fields(trials_lib.make_trials("configs/detl.py", [{LR + "r": 1e-3}]))
   with pytest.raises(ValueError, match="init='transfer' is not valid"):
-    sweep_lib.check_fields(sweep_lib.make_trials("configs/detl.py",
+    trials_lib.check_fields(trials_lib.make_trials("configs/detl.py",
                                                  [{"config:init": "transfer"}]))
   with pytest.raises(ValueError, match="not NAME:AMOUNT"):
-    sweep_lib.parse_resources("TPU")
-  assert sweep_lib.parse_resources("TPU:4,accelerator_type:V100:1") == {
+    backends.parse_resources("TPU")
+  assert backends.parse_resources("TPU:4,accelerator_type:V100:1") == {
       "TPU": 4.0, "accelerator_type:V100": 1.0}
 
 
 def test_missing_ray_says_how_to_install_it(monkeypatch):
   monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
   with pytest.raises(SystemExit, match=re.escape("pip install -e '.[ray]'")):
-    sweep_lib.import_ray()
+    backends.import_ray()
 
 
 def _fake_run(trial_dir, accuracy, auroc, protocol_both=False):
@@ -99,7 +100,7 @@ def _fake_run(trial_dir, accuracy, auroc, protocol_both=False):
 
 
 def test_table_ranks_by_any_metric_and_lists_failures_last(tmp_path):
-  trials = sweep_lib.make_trials("configs/detl.py", hyper.sweep(LR, [1e-3, 3e-3, 1e-2, 3e-2]))
+  trials = trials_lib.make_trials("configs/detl.py", hyper.sweep(LR, [1e-3, 3e-3, 1e-2, 3e-2]))
   _fake_run(tmp_path / trials[0].name, 0.5, 0.9)
   _fake_run(tmp_path / trials[1].name, 0.7, 0.6)
   _fake_run(tmp_path / trials[3].name, 0.6, 0.7, protocol_both=True)  # corrected: 0.6
@@ -107,32 +108,32 @@ def test_table_ranks_by_any_metric_and_lists_failures_last(tmp_path):
   with open(tmp_path / trials[2].name / "trial.json", "w") as f:
     json.dump({"attempts": [{"returncode": 3, "seconds": 1.5}]}, f)
 
-  rows = sweep_lib.collect(trials, str(tmp_path), "pooled.accuracy", minimize=False)
+  rows = table.collect(trials, str(tmp_path), "pooled.accuracy", minimize=False)
   assert [(r["rank"], r["trial"], r["status"]) for r in rows] == [
       (1, "lr=0.003", "finished"), (2, "lr=0.03", "finished"), (3, "lr=0.001", "finished"),
       (None, "lr=0.01", "failed")]
   assert rows[0]["ci_low"] == pytest.approx(0.6) and rows[0]["fold_sd"] == 0.01
   assert rows[1]["report"] == "lr=0.03/corrected/report.html lr=0.03/paper/report.html"
   assert rows[3]["note"] == "exit code 3" and rows[3]["log"] == "lr=0.01/trial.log"
-  text = sweep_lib.write_table(rows, str(tmp_path), "pooled.accuracy", False, {})
+  text = table.write_table(rows, str(tmp_path), "pooled.accuracy", False, {})
   assert "lr=0.01: failed (exit code 3)" in text
   with open(tmp_path / "sweep.html") as f:
     page = f.read()
   assert '<a href="lr=0.003/report.html">lr=0.003</a>' in page
   assert '<a href="lr=0.03/paper/report.html">paper</a>' in page
 
-  by = lambda metric, minimize=False: [r["trial"] for r in sweep_lib.collect(
+  by = lambda metric, minimize=False: [r["trial"] for r in table.collect(
       trials, str(tmp_path), metric, minimize) if r["rank"]]
   assert by("pooled.macro_auroc") == ["lr=0.001", "lr=0.03", "lr=0.003"]
   assert by("pooled.ece", minimize=True) == ["lr=0.003", "lr=0.03", "lr=0.001"]
   assert by("paper.pooled.accuracy") == ["lr=0.03"]  # only a protocol=both run has paper/
   assert by("pooled.per_class.covid.auroc") == ["lr=0.001", "lr=0.03", "lr=0.003"]
-  bad = sweep_lib.collect(trials, str(tmp_path), "pooled.acc", False)
+  bad = table.collect(trials, str(tmp_path), "pooled.acc", False)
   assert all(r["rank"] is None for r in bad)
   assert "no 'acc' at pooled" in bad[0]["note"] and "accuracy" in bad[0]["note"]
 
 
-class _Sleeper(sweep_lib.Trial):
+class _Sleeper(trials_lib.Trial):
   """A trial whose process trains forever and, as xrayjax.main, checkpoints on SIGTERM. (The
   words it prints are split in its source, which trial.log's header line repeats.)"""
 
@@ -147,10 +148,10 @@ class _Sleeper(sweep_lib.Trial):
 
 
 def test_a_signal_stops_the_running_trials_and_starts_no_more(tmp_path, monkeypatch):
-  monkeypatch.setattr(sweep_lib, "_STOP", threading.Event())
+  monkeypatch.setattr(backends, "STOP", threading.Event())
   trials = [_Sleeper(i, f"t{i}", {}, "configs/detl.py") for i in range(3)]
   ended = []
-  thread = threading.Thread(target=sweep_lib.run_local, args=(
+  thread = threading.Thread(target=backends.run_local, args=(
       trials, str(tmp_path), ROOT, 2, lambda trial, result: ended.append((trial.name, result))))
   thread.start()
   logs = [tmp_path / t.name / "trial.log" for t in trials[:2]]
@@ -158,12 +159,12 @@ def test_a_signal_stops_the_running_trials_and_starts_no_more(tmp_path, monkeypa
   while not all(p.exists() and "training" in p.read_text() for p in logs):
     assert time.time() < deadline, "the trials did not start"
     time.sleep(0.1)
-  sweep_lib.stop_trials(signal.SIGTERM)  # what SIGTERM to the launcher calls
+  backends.stop_trials(signal.SIGTERM)  # what SIGTERM to the launcher calls
   thread.join(60)
   assert sorted((name, r["returncode"]) for name, r in ended) == [
       ("t0", 128 + signal.SIGTERM), ("t1", 128 + signal.SIGTERM), ("t2", None)]
   assert all("checkpointed" in p.read_text() for p in logs)
-  rows = sweep_lib.collect(trials, str(tmp_path), "pooled.accuracy", False)
+  rows = table.collect(trials, str(tmp_path), "pooled.accuracy", False)
   assert [(r["trial"], r["status"], r["note"]) for r in rows] == [
       ("t0", "stopped", "exit code 143: SIGTERM"), ("t1", "stopped", "exit code 143: SIGTERM"),
       ("t2", "not started", "")]
@@ -288,7 +289,7 @@ def test_ray_sweep_of_the_demo_sweep_file(built_tfds, tmp_path):
   sweep_dir = str(tmp_path / "sweep")
   args = ("--config=configs/detl.py:runlocal", f"--sweep={DEMO}", "--backend=ray",
           "--cpus_per_trial=1", f"--workdir={sweep_dir}")
-  names = [t.name for t in sweep_lib.make_trials("configs/detl.py", sweep_lib.load_sweep(DEMO))]
+  names = [t.name for t in trials_lib.make_trials("configs/detl.py", trials_lib.load_sweep(DEMO))]
   proc = _launch(*args, tfds_dir=built_tfds)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "4 trials, 0 finished (skipped), 4 to run on ray" in proc.stdout
