@@ -145,7 +145,7 @@ def test_two_processes_train_as_one_with_eight_devices(tfds_dir, tmp_path):
   for k in ("JAX_COORDINATOR_ADDRESS", sharding.NUM_PROCESSES_ENV, sharding.PROCESS_ID_ENV):
     base.pop(k, None)
   flags = ["--config=configs/detl.py:runlocal", f"--config.data.tfds_dir={tfds_dir}",
-           "--config.eval.gradcam.enabled=False", "--config.eval.bootstrap=0"]
+           "--config.eval.bootstrap=0"]
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   # One process with 8 devices (it also builds the data both runs read).
   _launch(flags + [f"--workdir={one}"],
@@ -195,6 +195,13 @@ def test_two_processes_train_as_one_with_eight_devices(tfds_dir, tmp_path):
   for fa, fb in zip(results[0]["fold_metrics"], results[1]["fold_metrics"]):
     assert fa["confusion"] == fb["confusion"]
     assert fa["macro_auroc"] == pytest.approx(fb["macro_auroc"], abs=1e-6)
+  # Grad-CAM: process 0 draws the maps on its own devices; the same scores as one process.
+  ga, gb = results[0]["gradcam"], results[1]["gradcam"]
+  assert gb is not None and ga.keys() == gb.keys()
+  for k in ga:  # (the two runs' weights differ by round-off: a map's peak may move in 1 image)
+    assert gb[k]["images"] == ga[k]["images"], k
+    assert gb[k]["mean"] == pytest.approx(ga[k]["mean"], abs=1.01 / max(ga[k]["images"], 1),
+                                          nan_ok=True), k
   assert _files(one) == _files(two)
   assert not [f for f in _files(two) if ".tmp" in f]
   assert _files(two).count("results.json") == 1

@@ -29,11 +29,15 @@ def batched(fn: Callable, variables, ds, num_examples: int, batch_size: int, mes
   {name: [num_examples, ...]} sorted by `index` (and `index` itself).
   """
   outs = []
-  for batch in eval_batches(ds, num_examples, batch_size):
+  # A mesh of this process's devices alone (process 0's Grad-CAM in a multi-host run) reads
+  # every batch here; a global one splits each batch over the processes.
+  process, count = ((0, 1) if sharding.is_local(mesh) else
+                    (jax.process_index(), jax.process_count()))
+  for batch in eval_batches(ds, num_examples, batch_size, process, count):
     keep = batch["mask"] > 0
     index = batch["index"]
     out = jax.device_get(fn(variables, sharding.to_global(batch, mesh)))
-    if jax.process_count() > 1:  # outputs are replicated: every process has the global batch
+    if count > 1:  # outputs are replicated: every process has the global batch
       keep, index = out.pop("_mask") > 0, out.pop("_index")
     outs.append({"index": np.asarray(index)[keep],
                  **{k: np.asarray(v)[keep] for k, v in out.items() if not k.startswith("_")}})
@@ -42,14 +46,13 @@ def batched(fn: Callable, variables, ds, num_examples: int, batch_size: int, mes
   return {k: v[order] for k, v in result.items()}
 
 
-def eval_batches(ds, num_examples: int, batch_size: int):
-  """`ds`'s padded evaluation batches for this process: its own `eval_batches`, or
-  data/pipeline.py's for a tf.data dataset."""
+def eval_batches(ds, num_examples: int, batch_size: int, process: int, count: int):
+  """`ds`'s padded evaluation batches for process `process` of `count`: its own
+  `eval_batches`, or data/pipeline.py's for a tf.data dataset."""
   if hasattr(ds, "eval_batches"):
-    return ds.eval_batches(num_examples, batch_size, jax.process_index(), jax.process_count())
+    return ds.eval_batches(num_examples, batch_size, process, count)
   from xrayjax.data import pipeline  # (TensorFlow: only for tf.data datasets)
-  return pipeline.eval_batches(ds, num_examples, batch_size, jax.process_index(),
-                               jax.process_count())
+  return pipeline.eval_batches(ds, num_examples, batch_size, process, count)
 
 
 def model_cache(model_name: str, model_config, mesh) -> Callable:

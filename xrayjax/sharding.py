@@ -97,6 +97,11 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
                        devices=devices)
 
 
+def is_local(mesh) -> bool:
+  """Whether every device of `mesh` belongs to this process (always, in one process)."""
+  return all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
 def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from xrayjax import files, infer, methods, models, rundir
+from xrayjax import files, infer, methods, models, rundir, sharding
 from xrayjax.data import regions
 from xrayjax.data.cohort import Cohort
 from xrayjax.evaluate import audit, html, report, shortcuts
@@ -97,10 +97,9 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
   image_size = config.data.image_size
   classes = plan.classes
   prevalences = tuple(config.eval.prevalences)
-  explain = config.eval.gradcam.enabled and jax.process_count() == 1
-  if config.eval.gradcam.enabled and not explain:
-    logging.warning("Grad-CAM runs in single-process jobs only; this %d-process run skips it "
-                    "(re-run --mode=eval on one host for the maps)", jax.process_count())
+  explain = config.eval.gradcam.enabled
+  # Multi-host: process 0 draws the maps on its own devices while the others wait for it.
+  cam_mesh = mesh if jax.process_count() == 1 else sharding.make_mesh(jax.local_devices())
   fold_metrics, predictions, explained = [], [], []
   scored: dict[str, list] = {}  # the audit's perturbations, over all evaluations
   meta = cohort.meta
@@ -122,14 +121,16 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
     fold_metrics.append(m)
     logging.info("[fold%d] test accuracy %.4f, macro F1 %.4f", e.fold, m["accuracy"],
                  m["macro_f1"])
-    if explain:
+    if explain and jax.process_index() == 0:
       explained.append(audit.explain_fold(
           model=model, variables=jax.device_get(variables[e.stage]), ds=test_ds,
           num_examples=len(e.test), labels=labels, masks=masks,
           classes=classes, cfg=config.eval.gradcam, groups=spec.PARAM_GROUPS,
           out_dir=os.path.join(out_dir, "gradcam" if name != "external" else "external_gradcam"),
           names=meta["image_id"][e.test], fold=e.fold, seed=methods.seed(config.seed, 30, e.fold),
-          sanity=e.fold < config.eval.gradcam.sanity_folds, mesh=mesh))
+          sanity=e.fold < config.eval.gradcam.sanity_folds, mesh=cam_mesh))
+    if explain:
+      sharding.barrier(f"gradcam {out_dir} fold {e.fold}")
     for i, r in enumerate(e.test[index]):
       predictions.append({"fold": e.fold, "image_id": meta["image_id"][r],
                           "patient_id": meta["patient_id"][r], "source": meta["source"][r],
