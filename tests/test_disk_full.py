@@ -11,7 +11,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import tiny
 from xrayjax import experiment, files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
