@@ -101,6 +101,26 @@ def test_unknown_target_lists_the_valid_ones():
     gradcam.make_fn(model, "nope")(variables, {"image": x, "class": jnp.array([0])})
 
 
+def test_concat_explains_each_branch_at_its_own_finer_maps():
+  """A branch's maps are targets by path; `xception/features` is the map concat records as
+  `xception`, so both give the same Grad-CAM (the gradient is read at the right tap)."""
+  model = models.build("concat", 3, {"width": 1 / 16, "head": "gap", "dropout": 0.0})
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 1)), jnp.float32)
+  variables = jax.jit(lambda k: train.variables_of(model.init(k, x, train=False)))(
+      jax.random.PRNGKey(0))
+  names = gradcam.targets(model, variables, 64)
+  assert {"xception", "features", "xception/block3", "xception/features",
+          "resnet50v2/conv2", "resnet50v2/conv5"} <= set(names)
+  batch = {"image": x, "class": jnp.array([0, 2])}
+  same = [gradcam.make_fn(model, t, "hirescam")(variables, batch)
+          for t in ("xception", "xception/features")]
+  np.testing.assert_allclose(same[0]["map"], same[1]["map"], rtol=1e-6)
+  assert np.ptp(np.asarray(same[0]["map"])) > 0
+  for target, side in (("xception/block3", 8), ("resnet50v2/conv2", 8), ("features", 2)):
+    assert gradcam.make_fn(model, target, "hirescam")(variables, batch)["map"].shape == (
+        2, side, side), target
+
+
 class TwoMaps(nn.Module):
   """Two recorded maps that class 1's score reads: `left` (its top-left quadrant only) and
   `right` (its bottom-right quadrant only)."""

@@ -2,9 +2,10 @@
 (Draelos & Carin 2020) in JAX.
 
 Any named entry of a model's `out` can be the target map (default `features`, the last conv
-block; for `concat` also `xception`, `resnet50v2` and `concat`). Every model records its
-maps through `models.common.record`, a Flax `perturb` tap, so the gradient of a class score
-with respect to the map is `jax.grad` with respect to that tap: no second model, no hooks.
+block; for `concat` also `xception`, `resnet50v2`, `concat` and each branch's own maps by
+path, e.g. `xception/block3`, `resnet50v2/conv2`). Every model records its maps through
+`models.common.record`, a Flax `perturb` tap, so the gradient of a class score with respect
+to the map is `jax.grad` with respect to that tap: no second model, no hooks.
 
 The class score is the pre-softmax logit, as in the paper. The map for image i and class c:
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,12 +35,21 @@ from xrayjax.models.common import TAP
 METHODS = ("gradcam", "gradcam++", "hirescam")
 
 
+def _taps(perturbations) -> dict:
+  """{target name: tap path}: a tap `tap_<name>` of a submodule `sub` is target `sub/<name>`."""
+  out = {}
+  for path in flax.traverse_util.flatten_dict(perturbations):
+    if path[-1].startswith(TAP):
+      out["/".join(path[:-1] + (path[-1][len(TAP):],))] = path
+  return out
+
+
 def targets(model, variables, image_size: int) -> list[str]:
-  """The `out` entries Grad-CAM can target for this model."""
+  """The maps Grad-CAM can target for this model."""
   shapes = jax.eval_shape(lambda: model.apply(
       variables, jnp.zeros((1, image_size, image_size, 1)), train=False,
       mutable=["perturbations"])[1]["perturbations"])
-  return [k[len(TAP):] for k in shapes if k.startswith(TAP)]
+  return list(_taps(shapes))
 
 
 @functools.lru_cache(maxsize=8)  # one compiled function per model, target and method
@@ -58,10 +69,12 @@ def make_fn(model, target: str = "features", method: str = "gradcam"):
     classes = batch.get("class", jnp.full(images.shape[:1], -1, jnp.int32))
     shapes = jax.eval_shape(lambda: model.apply(variables, images, train=False,
                                                 mutable=["perturbations"])[1]["perturbations"])
-    if TAP + target not in shapes:
+    taps = _taps(shapes)
+    if target not in taps:
       raise ValueError(f"{type(model).__name__} has no map {target!r} to explain; valid "
-                       f"targets: {[k[len(TAP):] for k in shapes if k.startswith(TAP)]}")
+                       f"targets: {list(taps)}")
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    path = taps[target]
 
     def score(perturbations):
       logits, out = model.apply({**variables, "perturbations": perturbations}, images,
@@ -71,7 +84,7 @@ def make_fn(model, target: str = "features", method: str = "gradcam"):
       return picked.sum(), (logits, out[target], chosen)
 
     grads, (logits, fmap, chosen) = jax.grad(score, has_aux=True)(zeros)
-    g = grads[TAP + target].astype(jnp.float32)
+    g = flax.traverse_util.flatten_dict(grads)[path].astype(jnp.float32)
     a = fmap.astype(jnp.float32)
     if method == "hirescam":
       cam = jax.nn.relu((g * a).sum(-1))

@@ -8,8 +8,9 @@ flatten by global average pooling, which makes the head independent of the
 input size and 100x smaller.
 
 `out` holds each branch's final map ("xception", "resnet50v2"), their
-concatenation ("concat") and the 1x1 conv's map ("features", the joint map
-and Grad-CAM's default target).
+concatenation ("concat"), the 1x1 conv's map ("features", the joint map
+and Grad-CAM's default target) and every map a branch records, by path
+("xception/block3", "resnet50v2/conv2", ...: finer maps of each branch).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class Concat(nn.Module):
                                  name="xception")(images, train=train)
     _, out_r = resnet50v2.ResNet50V2(None, self.width, self.bn_momentum, self.dtype,
                                       name="resnet50v2")(images, train=train)
-    out = {}
+    out = {f"{name}/{k}": v for name, branch in (("xception", out_x), ("resnet50v2", out_r))
+           for k, v in branch.items()}
     branch_x = record(self, out, "xception", out_x["features"])
     branch_r = record(self, out, "resnet50v2", out_r["features"])
     x = record(self, out, "concat", jnp.concatenate([branch_x, branch_r], axis=-1))
