@@ -45,6 +45,21 @@ def test_tiny_run_trains_evaluates_and_reports(tiny_config, tiny_run, tiny_run_c
   np.testing.assert_equal(third["fold_metrics"], results["fold_metrics"])
 
 
+def test_eval_takes_other_eval_settings_and_refuses_any_other_change(tiny_config, tiny_run):
+  """--mode=eval with --config: the run's config with the given eval.* fields (another
+  Grad-CAM target); a change anywhere else is another run and is refused, naming it."""
+  workdir, _ = tiny_run
+  c = tiny_config.copy_and_resolve_references()
+  c.eval.gradcam.target, c.eval.bootstrap = "block2", 7
+  config = rundir.eval_config(workdir, c)
+  assert config.eval.gradcam.target == "block2" and config.eval.bootstrap == 7
+  assert config.to_dict() == {**files.read_json(os.path.join(workdir, "config.json")),
+                              "eval": rundir.plain(c.eval.to_dict())}
+  c.stage_b.optimizer.lr = 0.5
+  with pytest.raises(ValueError, match=r"only eval\.\* fields.*\n  stage_b\.optimizer\.lr: "):
+    rundir.eval_config(workdir, c)
+
+
 def _latest_state(stage_dir):
   """The raw saved state of a stage's latest checkpoint (numpy leaves)."""
   import orbax.checkpoint as ocp  # tests may look inside checkpoints; the library uses checkpoint.py

@@ -28,7 +28,8 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: checkpoints/<config>-<time>; eval needs it).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "train (resumes a killed run) or eval (recompute metrics from the "
-                          "best checkpoints of --workdir, no training).")
+                          "best checkpoints of --workdir, no training; with --config, the "
+                          "run's config args and other eval.* settings).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir even though its saved config differs.")
 _EVAL_DIR = flags.DEFINE_string(
@@ -88,7 +89,13 @@ def main(argv):
     path = os.path.join(workdir, rundir.CONFIG)
     if not os.path.exists(path):
       raise app.UsageError(f"{path} not found: --workdir is not an xrayjax run directory")
-    config = config_dict.ConfigDict(files.read_json(path))
+    if _CONFIG.value is None:
+      config = config_dict.ConfigDict(files.read_json(path))
+    else:  # the run's config with other eval.* settings (Grad-CAM target, method, ...)
+      try:
+        config = rundir.eval_config(workdir, _CONFIG.value)
+      except ValueError as e:
+        raise app.UsageError(str(e)) from None
   else:
     if _CONFIG.value is None:
       raise app.UsageError("--config is required, e.g. --config=configs/detl.py or "

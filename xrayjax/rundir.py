@@ -27,6 +27,7 @@ import flax
 import jax
 import numpy as np
 from absl import logging
+from ml_collections import config_dict
 
 from xrayjax import files, methods, sharding
 from xrayjax.data import sources
@@ -248,6 +249,26 @@ def _split_changes(old: dict, new: dict) -> list[str]:
 
 
 # --- what the runner writes ---------------------------------------------------------------------
+
+
+def eval_config(workdir: str, given):
+  """The config `--mode=eval` scores `workdir`'s run with: its saved config, with `given`'s
+  `eval` fields (what is scored and how: Grad-CAM target and method, bootstrap, ...).
+  Refuses a `given` that differs from the saved config anywhere else: that would be another
+  run, not another look at this one."""
+  saved = files.read_json(os.path.join(workdir, CONFIG))
+  diffs = [d for d in diff(flax.traverse_util.flatten_dict(saved, sep="."),
+                           flax.traverse_util.flatten_dict(plain(given.to_dict()), sep="."))
+           if not d.startswith("eval.")]
+  if diffs:
+    raise ValueError(
+        f"--mode=eval: --config may change only eval.* fields (how the run is scored), but it "
+        f"differs from {os.path.join(workdir, CONFIG)} in:\n  " + "\n  ".join(diffs)
+        + "\nGive the config args the run was trained with (or no --config, to score it as "
+          "it was).")
+  out = config_dict.ConfigDict(saved)
+  out.eval = config_dict.ConfigDict(plain(given.eval.to_dict()))
+  return out
 
 
 def write_config(workdir: str, config, allow_change: bool) -> None:
