@@ -74,3 +74,11 @@ def test_disk_full_exits_2_with_one_line(tfds_dir, tmp_path):
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and "no space left on device while writing the checkpoint" in errors[0]
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("free, shown", [(0, "0 bytes"), (1023, "1023 bytes"), (1024, "1.0 KB"),
+                                         (5 * 2**20, "5.0 MB"), (5000 * 2**30, "5000.0 GB")])
+def test_free_space_reads_in_the_largest_unit_below_1024(monkeypatch, tmp_path, free, shown):
+  usage = files.shutil.disk_usage(tmp_path)._replace(free=free)
+  monkeypatch.setattr(files.shutil, "disk_usage", lambda path: usage)
+  assert files.free_space(str(tmp_path / "not" / "there")) == shown

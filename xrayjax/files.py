@@ -35,11 +35,13 @@ def free_space(path: str) -> str:
   while not os.path.exists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)
   free = shutil.disk_usage(path).free
-  for unit in ("bytes", "KB", "MB", "GB"):
-    if free < 1024 or unit == "GB":
-      return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+  if free < 1024:
+    return f"{free} bytes"
+  for unit in ("KB", "MB", "GB"):
     free /= 1024
-  return ""
+    if free < 1024 or unit == "GB":
+      break
+  return f"{free:.1f} {unit}"
 
 
 def disk_full(what: str, where: str, resumes: str = "where it stopped") -> DiskFullError:
