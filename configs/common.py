@@ -41,6 +41,10 @@ def header(c: ml_collections.ConfigDict, method: str, protocol: str, data: str) 
   # Checkpoints inside an epoch (every epoch end selection could pick has one): 0 = about
   # every 10 minutes of training at the measured speed. SIGTERM / SIGINT also checkpoint.
   c.checkpoint_every_steps = 0
+  # A training partition whose images (at the model's size, uint8) fit in this many MB is
+  # decoded once and cached in every process; a larger one is streamed: each epoch, each
+  # process decodes only its share of the batches (the same batches; docs/scaling-out.md).
+  c.cache_budget_mb = 2048
   # Duplicates (exact file copies, and 256-bit pHashes at most max_distance bits apart) are
   # found across all sources before splitting; the corrected protocol drops copies and keeps
   # patients joined by a duplicate in one partition (duplicates.json in the run directory).

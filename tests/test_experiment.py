@@ -45,6 +45,16 @@ def test_tiny_run_trains_evaluates_and_reports(tiny_config, tiny_run, tiny_run_c
   np.testing.assert_equal(third["fold_metrics"], results["fold_metrics"])
 
 
+def test_a_run_that_streams_per_process_trains_exactly_as_the_cached_run(tiny_config, tiny_run,
+                                                                        tmp_path):
+  """cache_budget_mb=0 streams every training partition (each process decodes its share of
+  every epoch): the same batches, so the same predictions as the session's cached run."""
+  tiny_config.cache_budget_mb = 0
+  results = experiment.run(tiny_config, str(tmp_path / "run"))
+  np.testing.assert_equal(results["fold_metrics"], tiny_run[1]["fold_metrics"])
+  assert _predictions(str(tmp_path / "run")) == _predictions(tiny_run[0])
+
+
 def test_eval_takes_other_eval_settings_and_refuses_any_other_change(tiny_config, tiny_run):
   """--mode=eval with --config: the run's config with the given eval.* fields (another
   Grad-CAM target); a change anywhere else is another run and is refused, naming it."""

@@ -157,3 +157,44 @@ def test_train_batches_split_an_epoch_over_processes():
     assert mine == sorted(full["image"][:, 8, 8, 0].round(3))
   seen = [int(i) for h in parts for b in h for i in b["label"]]
   assert len(seen) == n
+
+
+@pytest.mark.parametrize("audit_input", ["full", "lungs"])
+def test_per_process_stream_decodes_only_its_share_and_yields_the_cached_batches(
+    tiny_config, audit_input):
+  """A training partition above the memory budget is streamed (pipeline.Stream): each process
+  decodes only the images of its share of the epoch, and its batches are exactly those of the
+  cached selection (same seed, epoch, process, resume point), with the audit's input op too;
+  the processes' batches together are the one-process batch."""
+  from xrayjax import experiment
+  tiny_config.audit.input = audit_input
+  cohort, plan = experiment.prepare(tiny_config)
+  stage = plan.stages[0]
+  rows = stage.phases[0].train
+  n, batch, ops = len(rows), 8, ("rotate(10)", "flip_lr")
+  cached, how = cohort.training_data(rows, stage.labels, 32, budget_mb=1)
+  assert not isinstance(cached, pipeline.Stream) and "cached in memory" in how
+  stream, how = cohort.training_data(rows, stage.labels, 32, budget_mb=0)
+  assert isinstance(stream, pipeline.Stream) and "each process decodes its share" in how
+  steps = n // batch
+
+  def epoch(ds, p, count, start=0):
+    kw = dict(augment_ops=ops, process_index=p, process_count=count, start=start)
+    if isinstance(ds, pipeline.Stream):
+      return list(ds.train_batches(n, batch, 5, 2, **kw))
+    return list(pipeline.train_batches(ds, n, batch, 5, 2, **kw))
+
+  one = epoch(cached, 0, 1)
+  assert len(one) == steps
+  for count, start in ((1, 0), (2, 0), (2, 1)):
+    for p in range(count):
+      want, got = epoch(cached, p, count, start), epoch(stream, p, count, start)
+      assert stream.decoded == (steps - start) * batch // count  # its share, nothing more
+      assert len(got) == len(want) == steps - start
+      for a, b in zip(want, got):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+  halves = [epoch(stream, p, 2) for p in range(2)]
+  for s in range(steps):  # together, the one-process batch (as a set of images)
+    both = np.concatenate([halves[0][s]["image"], halves[1][s]["image"]])
+    assert sorted(map(bytes, both)) == sorted(map(bytes, one[s]["image"]))

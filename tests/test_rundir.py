@@ -352,6 +352,7 @@ def _steps(stage_dir):
     ("data.image_size", 8, "below the minimum input of model"),
     ("model.init_from", "/nonexistent/vgg16.h5", "does not exist"),
     ("checkpoint_every_steps", -1, "checkpoint_every_steps"),
+    ("cache_budget_mb", -1, "cache_budget_mb=-1 must be >= 0"),
 ])
 def test_config_errors_stop_before_the_run_directory_is_written(tiny_config, tmp_path, field,
                                                                 value, match):

@@ -21,6 +21,9 @@ def config_fields(config) -> None:
   if int(config.get("checkpoint_every_steps", 0)) < 0:
     raise ValueError(f"config.checkpoint_every_steps={config.checkpoint_every_steps} must be "
                      ">= 0 (0: about every 10 minutes)")
+  if float(config.cache_budget_mb) < 0:
+    raise ValueError(f"config.cache_budget_mb={config.cache_budget_mb} must be >= 0 (0: stream "
+                     "every training partition)")
   models.spec(config.model_name)  # an unknown model is named with the valid ones
   a = config.audit
   if a.input not in regions.INPUTS:

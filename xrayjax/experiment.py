@@ -161,9 +161,13 @@ def _run_checked(config, workdir: str, mode: str, allow_config_change: bool,
           os.path.join(workdir, stage.name), stage.name)
       continue
     model, _ = model_for(len(stage.classes))
+    phases = []
+    for j, p in enumerate(stage.phases):
+      ds, how = cohort.training_data(p.train, stage.labels, size, config.cache_budget_mb)
+      logging.info("%s: %s", methods.partition_name(stage.name, j, len(stage.phases)), how)
+      phases.append((ds, len(p.train)))
     data = train.StageData(
-        phases=[(cohort.dataset(p.train, stage.labels, size), len(p.train))
-                for p in stage.phases],
+        phases=phases,
         val=cohort.dataset(stage.val, stage.labels, size) if len(stage.val) else None,
         num_val=len(stage.val))
     try:

@@ -87,10 +87,34 @@ class Cohort:
     applied); `labels` is per cohort row, `index` in the dataset is the position in `rows`."""
     ds = pipeline.select(self.builders, self.meta["builder"][rows],
                          self.meta["image_id"][rows], labels[rows], image_size)
+    transform = self._transform(rows, image_size)
+    return transform(ds).cache() if transform else ds
+
+  def training_data(self, rows: np.ndarray, labels: np.ndarray, image_size: int,
+                    budget_mb: float):
+    """(data, how) for training on the rows: their cached dataset (`dataset`) when their
+    images fit in `budget_mb` (every process holds them all), else a pipeline.Stream (each
+    process decodes its share of every epoch's batches: the same batches); `how` says which
+    and why, for the log."""
+    mb = len(rows) * image_size ** 2 / 2 ** 20
+    if mb <= budget_mb:
+      return (self.dataset(rows, labels, image_size),
+              f"{len(rows)} images, {mb:.0f} MB at {image_size} px: cached in memory "
+              f"(cache_budget_mb {budget_mb:g})")
+    stream = pipeline.Stream(self.builders, self.meta["builder"][rows],
+                             self.meta["image_id"][rows], labels[rows],
+                             self.meta["position"][rows], image_size,
+                             self._transform(rows, image_size))
+    return stream, (f"{len(rows)} images, {mb:.0f} MB at {image_size} px, above "
+                    f"cache_budget_mb {budget_mb:g}: each process decodes its share of every "
+                    "epoch")
+
+  def _transform(self, rows: np.ndarray, image_size: int):
+    """ds -> ds applying the audit's input op to the rows' images (None: no op)."""
     if not self.input_op:
-      return ds
+      return None
     masks = self.masks(rows, image_size) if self.input_op in regions.LUNG_OPS else None
-    return regions.apply(ds, self.input_op, self.geometry, masks).cache()
+    return lambda ds: regions.apply(ds, self.input_op, self.geometry, masks)
 
   def masks(self, rows: np.ndarray, image_size: int) -> dict[str, np.ndarray]:
     """Lesion and lung masks of the rows (pipeline.masks)."""

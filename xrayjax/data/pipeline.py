@@ -28,7 +28,8 @@ def _skip_images(builder) -> dict:
 
 
 def read_metadata(builder: tfds.core.DatasetBuilder, split: str = "train") -> dict[str, np.ndarray]:
-  """Per-image metadata and `findings` (no image is decoded), sorted by image_id."""
+  """Per-image metadata, `findings` and `position` (the image's place in the split's files;
+  no image is decoded), sorted by image_id."""
   ds = builder.as_dataset(split=split, decoders=_skip_images(builder), shuffle_files=False)
   keys = [k for k in METADATA_KEYS if k in builder.info.features]
   ds = ds.map(lambda ex: {k: ex[k] for k in keys + ["findings"]}).batch(4096)
@@ -40,6 +41,7 @@ def read_metadata(builder: tfds.core.DatasetBuilder, split: str = "train") -> di
     findings.append(batch["findings"])
   meta = {k: np.array(v, dtype=object) for k, v in cols.items()}
   meta["findings"] = np.concatenate(findings) if findings else np.zeros((0, 0), bool)
+  meta["position"] = np.arange(len(meta["image_id"]))  # the image's place in the split's files
   order = np.argsort(meta["image_id"].astype(str), kind="stable")
   return {k: v[order] for k, v in meta.items()}
 
@@ -54,6 +56,12 @@ def select(builders: list[tfds.core.DatasetBuilder], builder_index: np.ndarray,
   """
   if len(image_ids) == 0:
     raise ValueError("empty selection: the split has no images; check the data sizes in config")
+  return _decoded(builders, builder_index, image_ids, labels, image_size, split).cache()
+
+
+def _decoded(builders, builder_index, image_ids, labels, image_size, split="train"):
+  """`select`'s dataset before its cache: one pass over the files, decoding only the chosen
+  images; the order is the files' (builder by builder), not the selection's."""
   label_of = tf.constant(np.asarray(labels, np.int32))
   parts = []
   for b, builder in enumerate(builders):
@@ -63,7 +71,7 @@ def select(builders: list[tfds.core.DatasetBuilder], builder_index: np.ndarray,
   ds = parts[0]
   for part in parts[1:]:
     ds = ds.concatenate(part)
-  return ds.cache()
+  return ds
 
 
 def _select_one(builder, image_ids, positions, label_of, image_size, split):
@@ -243,6 +251,14 @@ def train_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int, see
   steps = num_examples // global_batch  # (train.steps_per_epoch refuses 0 before this runs)
   local_batch = global_batch // process_count
   epoch_seed = _epoch_seed(seed, epoch)
+  ds = (_shuffle(ds, num_examples, epoch_seed)
+        .shard(process_count, process_index)
+        .skip(start * local_batch))
+  return _augmented_batches(ds, local_batch, steps - start, epoch_seed, augment_ops)
+
+
+def _augmented_batches(ds, local_batch: int, steps: int, epoch_seed: int, augment_ops):
+  """This process's examples of an epoch, in order -> `steps` augmented local batches."""
   ops = parse_ops(augment_ops)
 
   def prepare(ex):
@@ -252,14 +268,70 @@ def train_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int, see
       image = augment(image, key, ops)
     return {"image": image, "label": ex["label"]}
 
-  out = (_shuffle(ds, num_examples, epoch_seed)
-         .shard(process_count, process_index)
-         .skip(start * local_batch)
-         .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  out = (ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
          .batch(local_batch, drop_remainder=True)
-         .take(steps - start)
+         .take(steps)
          .prefetch(2))
   return out.as_numpy_iterator()
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The epoch's order of a selection's `num_examples` dataset positions: the permutation
+  `train_batches` shuffles a cached selection by (it does not depend on the images), computed
+  on the positions alone."""
+  return np.fromiter(_shuffle(tf.data.Dataset.range(num_examples), num_examples,
+                              _epoch_seed(seed, epoch)).as_numpy_iterator(), np.int64,
+                     num_examples)
+
+
+class Stream:
+  """A training selection too large for every process to cache (above the memory budget,
+  `config.cache_budget_mb`): every epoch, each process decodes only the images of its share
+  of that epoch's batches (one pass over the files, its share held in memory: 1/processes of
+  the selection). Batches are exactly `train_batches`' on the cached selection with the same
+  seed, epoch and process: the epoch's order is the same permutation of the same dataset
+  positions. `transform` (ds -> ds, keyed by `index`) is applied to the decoded images, as
+  `Cohort.dataset` applies the audit's input op."""
+
+  def __init__(self, builders, builder_index, image_ids, labels, positions, image_size: int,
+               transform=None, split: str = "train"):
+    builder_index = np.asarray(builder_index)
+    self.builders, self.image_size, self.transform, self.split = (builders, image_size,
+                                                                  transform, split)
+    self.builder_index, self.image_ids = builder_index, np.asarray(image_ids)
+    self.labels = np.asarray(labels, np.int32)
+    # Selection index at each dataset position, in `select`'s order (builder, then file).
+    self.at_position = np.lexsort((np.asarray(positions), builder_index))
+    self.decoded = 0  # images decoded by the last epoch (its share)
+
+  def __len__(self) -> int:
+    return len(self.image_ids)
+
+  def train_batches(self, num_examples: int, global_batch: int, seed: int, epoch: int,
+                    augment_ops=(), process_index: int = 0, process_count: int = 1,
+                    start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    steps = num_examples // global_batch
+    local_batch = global_batch // process_count
+    order = epoch_order(num_examples, seed, epoch)
+    mine = self.at_position[order[process_index::process_count]]
+    mine = mine[start * local_batch:steps * local_batch]  # this process's examples, in order
+    return _augmented_batches(self._share(mine), local_batch, steps - start,
+                              _epoch_seed(seed, epoch), augment_ops)
+
+  def _share(self, rows: np.ndarray) -> tf.data.Dataset:
+    """Images `rows` (selection indices) decoded, as {image, label, index} in that order."""
+    ds = _decoded(self.builders, self.builder_index[rows], self.image_ids[rows],
+                  self.labels[rows], self.image_size, self.split)
+    rows_t = tf.constant(rows.astype(np.int32))
+    ds = ds.map(lambda ex: {**ex, "place": ex["index"], "index": tf.gather(rows_t, ex["index"])})
+    if self.transform:
+      ds = self.transform(ds)
+    images = np.zeros((len(rows), self.image_size, self.image_size, 1), np.uint8)
+    for batch in ds.batch(256).as_numpy_iterator():
+      images[batch["place"]] = batch["image"]
+    self.decoded = len(rows)
+    return tf.data.Dataset.from_tensor_slices(
+        {"image": images, "label": self.labels[rows], "index": rows.astype(np.int32)})
 
 
 def configure_tensorflow(jax_backend: str) -> None:
