@@ -104,7 +104,7 @@ def eval_config(bootstrap: int = 1000, per_class: int = 3) -> ml_collections.Con
   prevalences: PPV and NPV are also reported as they would be at these prevalences.
   bootstrap: patient-clustered resamples for the 95% intervals (0: none).
   gradcam: maps of `target` (any entry of the model's `out`; concat also has xception,
-  resnet50v2, concat) by `method` (gradcam | gradcam++ | hirescam): overlays (the lesion
+  resnet50v2, concat, and each branch's own maps by path, e.g. xception/block3) by `method` (gradcam | gradcam++ | hirescam): overlays (the lesion
   outlined) of per_class right and per_class wrong predictions of every class, and of every
   misclassified image when `misclassified`; localisation scores; the model-randomisation
   check on the first sanity_folds folds. also_score: further maps scored for localisation

@@ -163,8 +163,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- evaluation ---
   c.eval = common.eval_config(bootstrap=1000, per_class=3)
-  if model == "concat":  # each branch's map scored beside the joint one
-    c.eval.gradcam.also_score = ("xception", "resnet50v2")
+  # HiResCAM keeps the gradient per position (with the pooling head it equals Grad-CAM on
+  # `features`); each branch is also scored on its final map and on its stride-8 map (8x8 at
+  # 64 px), where the final maps are 2x2 (docs/concat.md, "Grad-CAM per branch").
+  c.eval.gradcam.method = "hirescam"
+  if model == "concat":
+    c.eval.gradcam.also_score = ("xception", "resnet50v2", "xception/block3",
+                                 "resnet50v2/conv2")
   c.audit = common.audit_config()
 
   if scale == "paper":
