@@ -239,6 +239,59 @@ def test_an_interrupted_build_resumes_from_its_cache(tmp_path, monkeypatch):
   assert not os.path.exists(b.cache_dir())  # removed once the build completed
 
 
+def test_parallel_build_processes_decode_their_share_of_chunks_then_one_builds(tmp_path,
+                                                                              monkeypatch):
+  """A multi-process build: each process decodes the chunks k with k % processes == its
+  index into the resume cache (before a barrier), and the build then decodes nothing."""
+  root = tmp_path / "nih"
+  (root / "images").mkdir(parents=True)
+  names = [f"0000000{k}_000.png" for k in range(1, 6)]
+  for k, n in enumerate(names):
+    Image.fromarray(_image(30 + k)).save(root / "images" / n)
+  (root / "Data_Entry_2017.csv").write_text(
+      "Image Index,Finding Labels,Follow-up #,Patient ID,View Position\n"
+      + "".join(f"{n},No Finding,0,{k},PA\n" for k, n in enumerate(names)))
+  monkeypatch.setattr(native, "CHUNK", 2)  # chunks: names[0:2], names[2:4], names[4:]
+  events = []
+  real = decode.read_image
+  monkeypatch.setattr(decode, "read_image", lambda p: (events.append(os.path.basename(p)),
+                                                        real(p))[1])
+  built = []
+
+  def barrier(name):  # process 0 builds while process 1 waits at "build"
+    events.append(name)
+    built.append(name.startswith("build"))
+
+  monkeypatch.setattr(sources.sharding, "barrier", barrier)
+  monkeypatch.setattr(sources.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(sources.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(native.NativeBuilder, "is_prepared", lambda self: any(built))
+  c = common.data_config("nih_cxr14")
+  c.tfds_dir = str(tmp_path / "tfds")
+  c.nih_cxr14.update(root=str(root), image_size=32)
+  # Process 1 of 2 decodes its chunk, waits for the others' chunks, then for process 0's build.
+  sources.builder(c, "nih_cxr14")
+  assert events == names[2:4] + ["decode nih_cxr14", "build nih_cxr14"]
+  monkeypatch.undo()
+  cls, cfg = sources._config("nih_cxr14", c)
+  monkeypatch.setattr(native, "CHUNK", 2)
+  monkeypatch.setattr(decode, "read_image", lambda p: (events.append(os.path.basename(p)),
+                                                        real(p))[1])
+  events.clear()
+  b = cls(config=cfg, data_dir=c.tfds_dir)
+  native.remove_cache(b)  # both processes from the start, on one cache
+  b.decode_share(1, 2)
+  assert events == names[2:4]
+  events.clear()
+  b.decode_share(0, 2)
+  assert events == names[:2] + names[4:]
+  events.clear()
+  b.decode_share(0, 2)  # again (a resumed process): its chunks are in the cache
+  assert events == []
+  b, report, ex = _build(tmp_path, "nih_cxr14", root)
+  assert events == [] and sorted(ex) == names and report["built"] == 5  # all from the cache
+
+
 def test_the_papers_data_nih_for_data_a_and_nih_plus_ieee8023_for_data_b(tmp_path):
   from xrayjax import experiment
   from xrayjax.evaluate import score

@@ -75,10 +75,17 @@ def builder(data_config, name: str | None = None) -> tfds.core.DatasetBuilder:
   cls, cfg = _config(name, data_config)
   if cfg.name in cls.builder_configs:  # TFDS wants a predefined config by name
     cfg = cfg.name
-  # Multi-process jobs: process 0 builds first, then the others look (concurrent builds into
-  # one tfds_dir collide when they rename their output into place). On a shared file system
-  # they find it built; on host-local disks (one process per host) each builds its own copy.
+  # Multi-process jobs: a native source's images are decoded by every process at once (each
+  # its share of the chunks, into the resume cache), then process 0 builds from the cache
+  # while the others wait (concurrent builds into one tfds_dir collide when they rename their
+  # output into place). On a shared file system they find it built; on host-local disks (one
+  # process per host) each decodes and builds its own copy.
   first = jax.process_index() == 0
+  if jax.process_count() > 1:
+    b = cls(config=cfg, data_dir=data_config.tfds_dir)
+    if isinstance(b, native.NativeBuilder) and not b.is_prepared():
+      b.decode_share(jax.process_index(), jax.process_count())
+    sharding.barrier(f"decode {name}")
   if not first:
     sharding.barrier(f"build {name}")
   b = cls(config=cfg, data_dir=data_config.tfds_dir)

@@ -271,7 +271,9 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
     return os.path.join(self._data_dir_root, "_xrayjax_build_cache", self.name,
                         self.builder_config.name, str(self.version))
 
-  def _generate_examples(self):
+  def _rows_to_build(self) -> tuple[list[Row], list[tuple[Row, str]]]:
+    """(the rows to decode, sorted by key; the rows rejected before decoding, with their
+    reasons): the same in every process, so chunk k is the same rows everywhere."""
     rows, rejected = self.rows()
     keep = []
     for r in rows:
@@ -281,11 +283,38 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
       else:
         keep.append(r)
     rows, repeats = split_repeats(keep)
-    rejected += repeats
+    return sorted(rows, key=lambda r: r.key), rejected + repeats
+
+  def _chunks(self, rows: list[Row]):
+    """(number, rows, resume-cache file) of every chunk of CHUNK rows."""
+    cache = self.cache_dir()
+    os.makedirs(cache, exist_ok=True)
+    for c in range(0, len(rows), CHUNK):
+      yield c // CHUNK, rows[c:c + CHUNK], os.path.join(cache, f"chunk_{c // CHUNK:06d}.npz")
+
+  def decode_share(self, index: int, count: int) -> None:
+    """Decodes the chunks k with k % count == index that the resume cache lacks, into it: one
+    process's share of a build decoded by `count` processes at once (sources.builder); the
+    build then reads every chunk from the cache. Chunks are written whole (a rename), so a
+    killed process leaves only finished ones."""
+    rows, _ = self._rows_to_build()
+    mine = [(k, chunk, path) for k, chunk, path in self._chunks(rows) if k % count == index]
+    start, done = time.time(), 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+      for j, (_, chunk, path) in enumerate(mine):
+        keys = [r.key for r in chunk]
+        if not (os.path.exists(path) and _load_chunk(path, keys) is not None):
+          _save_chunk(path, list(pool.map(self._decode, chunk)), keys)
+          done += len(chunk)
+        logging.info("%s: process %d of %d: %d of its %d chunks in the cache, %.1f img/s",
+                     self.SOURCE, index, count, j + 1, len(mine),
+                     done / max(time.time() - start, 1e-9))
+
+  def _generate_examples(self):
+    rows, rejected = self._rows_to_build()
     self.skipped = [self._skip_entry(r, why) for r, why in rejected]
     self.converted = {}
     built: list[Row] = []
-    rows = sorted(rows, key=lambda r: r.key)
     if not rows:
       kinds: dict[str, int] = {}
       for _, why in rejected:
@@ -294,13 +323,9 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
                         f"{self.metadata_file() or 'the metadata'} can be built "
                         f"({len(rejected)} rows rejected: {kinds}; e.g. {self.skipped[:3]}); "
                         f"check the directory {self.builder_config.root} and the metadata")
-    cache = self.cache_dir()
-    os.makedirs(cache, exist_ok=True)
     start, done, resumed = time.time(), 0, 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-      for c in range(0, len(rows), CHUNK):
-        chunk = rows[c:c + CHUNK]
-        path = os.path.join(cache, f"chunk_{c // CHUNK:06d}.npz")
+      for _, chunk, path in self._chunks(rows):
         keys = [r.key for r in chunk]
         decoded = _load_chunk(path, keys) if os.path.exists(path) else None
         if decoded is not None:
