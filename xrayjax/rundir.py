@@ -254,12 +254,14 @@ def _split_changes(old: dict, new: dict) -> list[str]:
 def eval_config(workdir: str, given):
   """The config `--mode=eval` scores `workdir`'s run with: its saved config, with `given`'s
   `eval` fields (what is scored and how: Grad-CAM target and method, bootstrap, ...).
-  Refuses a `given` that differs from the saved config anywhere else: that would be another
-  run, not another look at this one."""
+  Refuses a `given` that differs from the saved config anywhere else (fields newer than the
+  run aside): that would be another run, not another look at this one."""
   saved = files.read_json(os.path.join(workdir, CONFIG))
-  diffs = [d for d in diff(flax.traverse_util.flatten_dict(saved, sep="."),
-                           flax.traverse_util.flatten_dict(plain(given.to_dict()), sep="."))
-           if not d.startswith("eval.")]
+  old = flax.traverse_util.flatten_dict(saved, sep=".")
+  new = flax.traverse_util.flatten_dict(plain(given.to_dict()), sep=".")
+  # Fields the run's code did not have yet are not a change (the saved config is used).
+  new = {k: v for k, v in new.items() if k in old or k.startswith("eval.")}
+  diffs = [d for d in diff(old, new) if not d.startswith("eval.")]
   if diffs:
     raise ValueError(
         f"--mode=eval: --config may change only eval.* fields (how the run is scored), but it "

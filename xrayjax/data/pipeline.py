@@ -330,8 +330,14 @@ class Stream:
     for batch in ds.batch(256).as_numpy_iterator():
       images[batch["place"]] = batch["image"]
     self.decoded = len(rows)
-    return tf.data.Dataset.from_tensor_slices(
-        {"image": images, "label": self.labels[rows], "index": rows.astype(np.int32)})
+    labels, index = self.labels[rows], rows.astype(np.int32)
+    # A generator over the arrays: from_tensor_slices would hold a second copy of the share.
+    return tf.data.Dataset.from_generator(
+        lambda: ({"image": images[k], "label": labels[k], "index": index[k]}
+                 for k in range(len(rows))),
+        output_signature={"image": tf.TensorSpec(images.shape[1:], tf.uint8),
+                          "label": tf.TensorSpec((), tf.int32),
+                          "index": tf.TensorSpec((), tf.int32)})
 
 
 def configure_tensorflow(jax_backend: str) -> None:
