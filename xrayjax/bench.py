@@ -31,6 +31,11 @@ them) against the images/s each model's training step consumes: at demo scale (1
 synthetic images at 96 px, 1/8 width, batch 32) and at 224 px from decoded 256 px
 images (full width, batch 16).
 
+`--partition_memory=1,2,8 --tfds_dir=DIR` measures, for one epoch of a training partition
+(synthetic films built in DIR; `--patients` sets their number), the peak resident memory
+and the time to the first batch of each of P processes started at once, with the partition
+cached in every process and streamed (`pipeline.Stream`: each process decodes its share).
+
 `--profile` traces `--steps` training steps of each model with `jax.profiler` and sums the
 time of XLA's ops per kind (convolutions, the native kernels, BatchNorm, pooling, layout
 copies, the optimizer) and per pass: forward, backward (the transposed jvp) or update. Each op
@@ -87,6 +92,15 @@ MEMORY = flags.DEFINE_bool("memory", False, "measure each framework's peak memor
                            "(two fresh subprocesses per model) instead of the throughput")
 _PROBE = flags.DEFINE_string("probe_memory", None, "internal: FRAMEWORK:MODEL, print the peak "
                              "memory of two training steps as JSON")
+PARTITION = flags.DEFINE_list(
+    "partition_memory", [], "process counts, e.g. 1,2,8: peak memory and time to the first "
+    "batch of one epoch of a training partition, cached and streamed, in that many processes "
+    "at once (synthetic films built in --tfds_dir at 256 px, trained at --image_size)")
+TFDS_DIR = flags.DEFINE_string("tfds_dir", None, "--partition_memory: where the films are built")
+PATIENTS = flags.DEFINE_list("patients", ["2500", "60", "2500", "60"],
+                             "--partition_memory: synthetic patients per class")
+_PROBE_PARTITION = flags.DEFINE_string("probe_partition", None,
+                                       "internal: MODE:P:COUNT, one process's epoch as JSON")
 CLASSES = 3
 LR = 1e-4  # paper 2's Nadam
 
@@ -459,6 +473,61 @@ def measure_pipeline(names, rounds: int, steps: int) -> str:
   return "\n".join(lines)
 
 
+def _partition_config():
+  from configs import detl
+  c = detl.get_config("")
+  c.data.tfds_dir = TFDS_DIR.value
+  c.data.synthetic.update(image_size=256, patients=tuple(int(p) for p in PATIENTS.value))
+  return c
+
+
+def probe_partition(mode: str, index: int, count: int, size: int, batch: int) -> dict:
+  """Process `index` of `count`: one epoch of the whole cohort as one training partition,
+  cached or streamed (Cohort.training_data), with DETL's augmentation."""
+  from xrayjax.data.cohort import Cohort
+  cohort = Cohort.load(_partition_config().data)
+  loaded = _max_rss_mb()
+  rows = np.arange(len(cohort.meta["image_id"]))
+  start = time.perf_counter()
+  data, _ = cohort.training_data(rows, np.zeros(len(rows), np.int32), size,
+                                 0 if mode == "streamed" else float("inf"))
+  batches = train._train_batches(data, len(rows), batch, 0, 0, ("rotate(10)", "zoom(0.1)",
+                                 "flip_lr"), index, count)
+  first = None
+  for _ in batches:
+    first = first or time.perf_counter() - start
+  return {"images": len(rows), "loaded_mb": loaded, "peak_mb": _max_rss_mb(),
+          "first_batch_s": first, "epoch_s": time.perf_counter() - start}
+
+
+def partition_table(counts, size: int, batch: int) -> str:
+  from xrayjax.data import sources
+  sources.load(_partition_config().data)  # build once, before the processes start
+  lines = [f"One epoch of a training partition (synthetic films at 256 px, trained at {size} px,"
+           f" batch {batch}); median over the processes:", "",
+           "| partition | processes | rss after load (MB) | peak rss (MB) | added (MB) | "
+           "first batch (s) |", "|---|---|---|---|---|---|"]
+  for mode in ("cached", "streamed"):
+    for count in counts:
+      procs = [subprocess.Popen(
+          [sys.executable, "-m", "xrayjax.bench", f"--probe_partition={mode}:{i}:{count}",
+           f"--tfds_dir={TFDS_DIR.value}", f"--patients={','.join(PATIENTS.value)}",
+           f"--image_size={size}", f"--batch_size={batch}"],
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(count)]
+      out = []
+      for p in procs:
+        stdout, stderr = p.communicate()
+        if p.returncode:
+          raise RuntimeError(f"--probe_partition={mode} failed:\n{stderr[-2000:]}")
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+      med = {k: statistics.median(o[k] for o in out) for k in out[0]}
+      print(f"  {mode} x {count}: {med}", flush=True)
+      lines.append(f"| {mode} ({med['images']:.0f} images) | {count} | {med['loaded_mb']:.0f} | "
+                   f"{med['peak_mb']:.0f} | {med['peak_mb'] - med['loaded_mb']:.0f} | "
+                   f"{med['first_batch_s']:.1f} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   unknown = set(FLAGS.value) - set(BENCH_MODELS)
@@ -467,6 +536,19 @@ def main(argv):
   if _PROBE.value:
     framework, name = _PROBE.value.split(":")
     print(json.dumps(probe_memory(framework, name, IMAGE_SIZE.value, BATCH_SIZE.value)))
+    return
+  if _PROBE_PARTITION.value or PARTITION.value:
+    from xrayjax.data import pipeline
+    pipeline.configure_tensorflow(jax.default_backend())  # TF's threads as in runs
+    if not TFDS_DIR.value:
+      raise app.UsageError("--partition_memory needs --tfds_dir (where the films are built)")
+    if _PROBE_PARTITION.value:
+      mode, index, count = _PROBE_PARTITION.value.split(":")
+      print(json.dumps(probe_partition(mode, int(index), int(count), IMAGE_SIZE.value,
+                                       BATCH_SIZE.value)))
+    else:
+      print(partition_table([int(c) for c in PARTITION.value], IMAGE_SIZE.value,
+                            BATCH_SIZE.value))
     return
   print(f"jax {jax.__version__} on {jax.devices()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True)
