@@ -207,7 +207,8 @@ def test_a_directory_in_another_layout_is_refused_with_what_was_expected(tmp_pat
     sources.builder(c, source)
 
 
-def test_an_interrupted_build_resumes_from_its_cache(tmp_path, monkeypatch):
+def _five_image_nih(tmp_path):
+  """A NIH-layout folder of five "No Finding" images: (root, file names in key order)."""
   root = tmp_path / "nih"
   (root / "images").mkdir(parents=True)
   names = [f"0000000{k}_000.png" for k in range(1, 6)]
@@ -216,6 +217,11 @@ def test_an_interrupted_build_resumes_from_its_cache(tmp_path, monkeypatch):
   (root / "Data_Entry_2017.csv").write_text(
       "Image Index,Finding Labels,Follow-up #,Patient ID,View Position\n"
       + "".join(f"{n},No Finding,0,{k},PA\n" for k, n in enumerate(names)))
+  return root, names
+
+
+def test_an_interrupted_build_resumes_from_its_cache(tmp_path, monkeypatch):
+  root, names = _five_image_nih(tmp_path)
   monkeypatch.setattr(native, "CHUNK", 2)
   calls = []
   real = decode.read_image
@@ -243,14 +249,7 @@ def test_parallel_build_processes_decode_their_share_of_chunks_then_one_builds(t
                                                                               monkeypatch):
   """A multi-process build: each process decodes the chunks k with k % processes == its
   index into the resume cache (before a barrier), and the build then decodes nothing."""
-  root = tmp_path / "nih"
-  (root / "images").mkdir(parents=True)
-  names = [f"0000000{k}_000.png" for k in range(1, 6)]
-  for k, n in enumerate(names):
-    Image.fromarray(_image(30 + k)).save(root / "images" / n)
-  (root / "Data_Entry_2017.csv").write_text(
-      "Image Index,Finding Labels,Follow-up #,Patient ID,View Position\n"
-      + "".join(f"{n},No Finding,0,{k},PA\n" for k, n in enumerate(names)))
+  root, names = _five_image_nih(tmp_path)
   monkeypatch.setattr(native, "CHUNK", 2)  # chunks: names[0:2], names[2:4], names[4:]
   events = []
   real = decode.read_image
