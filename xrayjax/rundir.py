@@ -260,7 +260,7 @@ def eval_config(workdir: str, given):
   old = flax.traverse_util.flatten_dict(saved, sep=".")
   new = flax.traverse_util.flatten_dict(plain(given.to_dict()), sep=".")
   # Fields the run's code did not have yet are not a change (the saved config is used).
-  new = {k: v for k, v in new.items() if k in old or k.startswith("eval.")}
+  new = {k: v for k, v in new.items() if k in old}
   diffs = [d for d in diff(old, new) if not d.startswith("eval.")]
   if diffs:
     raise ValueError(
