@@ -65,8 +65,8 @@ def test_eval_takes_other_eval_settings_and_refuses_any_other_change(tiny_config
   assert config.eval.gradcam.target == "block2" and config.eval.bootstrap == 7
   assert config.to_dict() == {**files.read_json(os.path.join(workdir, "config.json")),
                               "eval": rundir.plain(c.eval.to_dict())}
-  c.newer_field = 3  # a field the run's code did not have: not a change, and not used
-  assert rundir.eval_config(workdir, c).to_dict() == config.to_dict()
+  c.newer_field = 3  # a field the run's code did not have: not a change; code reading it finds it
+  assert rundir.eval_config(workdir, c).to_dict() == {**config.to_dict(), "newer_field": 3}
   c.stage_b.optimizer.lr = 0.5
   with pytest.raises(ValueError, match=r"only eval\.\* fields.*\n  stage_b\.optimizer\.lr: "):
     rundir.eval_config(workdir, c)

@@ -17,6 +17,7 @@ import datetime
 import fcntl
 import hashlib
 import json
+import functools
 import os
 import socket
 import sys
@@ -253,24 +254,26 @@ def _split_changes(old: dict, new: dict) -> list[str]:
 
 def eval_config(workdir: str, given):
   """The config `--mode=eval` scores `workdir`'s run with: its saved config, with `given`'s
-  `eval` fields (what is scored and how: Grad-CAM target and method, bootstrap, ...).
-  Refuses a `given` that differs from the saved config anywhere else (fields newer than the
-  run aside): that would be another run, not another look at this one."""
+  `eval` fields (what is scored and how: Grad-CAM target and method, bootstrap, ...) and
+  `given`'s values of fields newer than the run (code that reads them finds them).
+  Refuses a `given` that differs from the saved config anywhere else: that would be another
+  run, not another look at this one."""
   saved = files.read_json(os.path.join(workdir, CONFIG))
   old = flax.traverse_util.flatten_dict(saved, sep=".")
   new = flax.traverse_util.flatten_dict(plain(given.to_dict()), sep=".")
-  # Fields the run's code did not have yet are not a change (the saved config is used).
-  new = {k: v for k, v in new.items() if k in old}
-  diffs = [d for d in diff(old, new) if not d.startswith("eval.")]
+  # Fields the run's code did not have yet are not a change.
+  diffs = [d for d in diff(old, {k: v for k, v in new.items() if k in old})
+           if not d.startswith("eval.")]
   if diffs:
     raise ValueError(
         f"--mode=eval: --config may change only eval.* fields (how the run is scored), but it "
         f"differs from {os.path.join(workdir, CONFIG)} in:\n  " + "\n  ".join(diffs)
         + "\nGive the config args the run was trained with (or no --config, to score it as "
           "it was).")
-  out = config_dict.ConfigDict(saved)
-  out.eval = config_dict.ConfigDict(plain(given.eval.to_dict()))
-  return out
+  flat = functools.partial(flax.traverse_util.flatten_dict, sep=".", keep_empty_nodes=True)
+  merged = {**flat(plain(given.to_dict())),
+            **{k: v for k, v in flat(saved).items() if not k.startswith("eval.")}}
+  return config_dict.ConfigDict(flax.traverse_util.unflatten_dict(merged, sep="."))
 
 
 def write_config(workdir: str, config, allow_change: bool) -> None:
