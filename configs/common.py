@@ -108,12 +108,15 @@ def eval_config(bootstrap: int = 1000, per_class: int = 3) -> ml_collections.Con
   outlined) of per_class right and per_class wrong predictions of every class, and of every
   misclassified image when `misclassified`; localisation scores; the model-randomisation
   check on the first sanity_folds folds. also_score: further maps scored for localisation
-  only (concat: each branch's).
+  only (concat: each branch's). reference: '' (maps as published: activations measured
+  against zero) or a class name, e.g. normal: each map measured against its mean over the
+  evaluated model's training images of that class (evaluate/gradcam.py; docs/detl.md).
   """
   return ml_collections.ConfigDict(dict(
       prevalences=(0.01, 0.05, 0.2), bootstrap=bootstrap,
       gradcam=dict(enabled=True, target="features", method="gradcam", per_class=per_class,
-                   misclassified=True, sanity_folds=1, batch_size=16, also_score=())))
+                   misclassified=True, sanity_folds=1, batch_size=16, also_score=(),
+                   reference="")))
 
 
 def audit_config() -> ml_collections.ConfigDict:

@@ -124,6 +124,20 @@ def test_concat_names_the_empty_class_from_the_cohort(tmp_path):
           "(manifest.csv lines 6, 7, 8)") in message
 
 
+def test_a_gradcam_reference_that_is_no_class_of_the_model_stops_the_run_before_training(
+    tmp_path):
+  labels = ["normal"] * 10 + ["pneumonia"] * 10 + ["covid"] * 10
+  c = _data_config(_manifest(str(tmp_path), labels), tmp_path / "tfds", "data=manifest,runlocal",
+                   concat)
+  c.phases.fresh = {"normal": 2, "pneumonia": 1}
+  c.eval.gradcam.reference = "healthy"
+  with pytest.raises(ValueError, match=r"config.eval.gradcam.reference='healthy' is not a class "
+                     r"of stage fold0/concat \(classes \['normal', 'pneumonia', 'covid'\]\)"):
+    experiment.prepare(c)
+  c.eval.gradcam.reference = "covid"
+  experiment.prepare(c)
+
+
 def test_plain_metadata_still_gets_the_class_and_the_labels_left_out():
   meta = {"label": np.array(["normal", "pneumonia", "other_disease", "COVID-19"], object),
           "source": np.array(["s"] * 4, object),

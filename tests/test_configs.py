@@ -120,8 +120,10 @@ def test_detl_presets_are_rows_of_one_table():
   assert (demo.data.image_size, paper.data.image_size, tiny.data.image_size) == (128, 224, 32)
   # A demo recipe is a row of DEMO_RECIPES over the demo's row: VGG16 at 128 px, the rest 96.
   assert detl.get_config("model=alexnet").data.image_size == 96
-  assert (demo.eval.gradcam.method, demo.eval.gradcam.target) == ("hirescam", "block3")
-  assert (paper.eval.gradcam.method, paper.eval.gradcam.target) == ("gradcam", "features")
+  assert (demo.eval.gradcam.method, demo.eval.gradcam.target, demo.eval.gradcam.reference) == (
+      "hirescam", "block4", "normal")
+  assert (paper.eval.gradcam.method, paper.eval.gradcam.target, paper.eval.gradcam.reference) == (
+      "gradcam", "features", "")
   assert detl.get_config("runlocal,scale=paper").data.image_size == 32  # runlocal wins
   assert detl.get_config("data=manifest").data.image_size == 64
   assert detl.get_config("data=manifest,classes=3").data.image_size == 128

@@ -90,6 +90,81 @@ def test_hirescam_finds_what_a_positional_head_reads_where_gradcam_cannot():
   np.testing.assert_allclose(gap["hirescam"], gap["gradcam"], rtol=1e-6)
 
 
+class SwitchedOff(nn.Module):
+  """A map that a bright finding switches *off* (A = 1 - image), and a class-1 score that
+  rises as it does (-sum A): the evidence is an activation that is absent."""
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    out = {}
+    x = common.record(self, out, "features", 1.0 - images)
+    return jnp.stack([x.sum(axis=(1, 2, 3)), -x.sum(axis=(1, 2, 3))], -1), out
+
+
+def _switched_off_images(n, size=8):
+  """n films at 0 (healthy) and the same with a bright 2x2 finding at a different place in
+  each; the finding's masks."""
+  normal = np.zeros((n, size, size, 1), np.float32)
+  lesion = np.zeros((n, size, size), bool)
+  for k in range(n):
+    lesion[k, 2 * (k % 3):2 * (k % 3) + 2, 4:6] = True
+  return normal, np.where(lesion[..., None], 1.0, 0.0).astype(np.float32), lesion
+
+
+@pytest.mark.parametrize("method", ("gradcam", "hirescam"))  # (++ weighs positive g only)
+def test_a_reference_map_credits_evidence_carried_by_switching_activations_off(method):
+  # Against zero (the published maps) the finding lowers A, so g * A is never positive and
+  # the map is empty; against the healthy films' mean map it is exactly the finding.
+  normal, sick, lesion = _switched_off_images(3)
+  fn = gradcam.make_fn(SwitchedOff(), "features", method)
+  batch = {"image": sick, "class": jnp.ones((3,), jnp.int32)}
+  np.testing.assert_array_equal(fn({}, batch)["map"], 0.0)
+  reference = (1.0 - normal).mean(0)
+  res = fn({}, batch, reference=reference)
+  assert np.all(np.asarray(res["map"])[lesion] > 0) and np.asarray(res["map"])[~lesion].max() == 0
+  assert gradcam.pointing_game(np.asarray(res["cam"]), lesion).tolist() == [1.0] * 3
+  # A zero reference is the published map; an image's own map as reference leaves nothing.
+  np.testing.assert_array_equal(fn({}, batch, reference=np.zeros_like(reference))["map"],
+                                fn({}, batch)["map"])
+  np.testing.assert_allclose(fn({}, {"image": normal[:1], "class": jnp.ones((1,), jnp.int32)},
+                                reference=reference)["map"], 0.0)
+
+
+def test_audit_takes_the_reference_as_the_mean_map_of_its_images(tmp_path):
+  """explain_fold with `reference`: the map against its mean over the reference images (the
+  padding of the last batch left out of the mean) finds the finding the published map
+  cannot."""
+  import ml_collections
+  from xrayjax.evaluate import audit
+  n = 3
+  _, sick, lesion = _switched_off_images(n)
+  # uint8 u is u / 127.5 - 1 to the model: healthy films 0, 51, 102 -> maps 2.0, 1.6, 1.2.
+  normal_ds = pipeline.from_arrays(np.arange(n).reshape(n, 1, 1, 1) * np.full(
+      (n, 8, 8, 1), 51, np.uint8), label=np.zeros(n, np.int64))
+  mesh = sharding.make_mesh()
+  ref = audit.reference_map(SwitchedOff(), {}, "features", (normal_ds, n), 2, mesh)
+  assert ref.shape == (8, 8, 1)
+  np.testing.assert_allclose(ref, 1.6, rtol=1e-5)  # batch 2: the padded image left out
+  sick_ds = pipeline.from_arrays((sick * 255).astype(np.uint8), label=np.ones(n, np.int64))
+  masks = {"lesion": lesion, "has_lesion": np.ones(n, bool),
+           "lung": np.ones((n, 8, 8), bool), "has_lung": np.ones(n, bool)}
+  labels = np.ones(n, np.int64)
+  result = {}
+  for reference in (None, (normal_ds, n)):
+    cfg = ml_collections.ConfigDict(dict(target="features", method="hirescam", per_class=1,
+                                         misclassified=False, batch_size=2, also_score=()))
+    result[reference is None] = audit.explain_fold(
+        model=SwitchedOff(), variables={}, ds=sick_ds,
+        num_examples=n, labels=labels, masks=masks, classes=("normal", "finding"), cfg=cfg,
+        groups={}, out_dir=str(tmp_path), names=np.array([f"i{k}" for k in range(n)]), fold=0,
+        seed=0, sanity=False, mesh=mesh, reference=reference)
+  assert np.isnan(result[True]["pointing_game"]).all()  # the published map points nowhere
+  assert result[True]["reference_images"] == 0
+  assert result[False]["pointing_game"].tolist() == [1.0] * n
+  assert np.all(result[False]["energy_in_lesion"] > 0.5)
+  assert result[False]["reference_images"] == n
+
+
 def test_unknown_target_lists_the_valid_ones():
   model = models.build("vgg16", 2, {"width": 1 / 16})
   x = np.zeros((1, 32, 32, 1), np.float32)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from xrayjax import methods, models, sharding
 from xrayjax.data import regions
-from xrayjax.evaluate import shortcuts
+from xrayjax.evaluate import score, shortcuts
 
 
 def config_fields(config) -> None:
@@ -63,6 +63,10 @@ def plan_sizes(config, plan: methods.Plan, mesh) -> None:
                          f"than one batch of {s.batch_size}; lower the stage's batch_size in "
                          "the config or add data")
   image_size(config.model_name, config.model, config.data.image_size)
+  reference = config.eval.gradcam.get("reference", "")
+  if config.eval.gradcam.enabled and reference:
+    for name in dict.fromkeys(e.stage for e in plan.evaluations):
+      score.reference_rows(plan.stage(name), reference)
 
 
 def image_size(model_name: str, model_config, size: int) -> None:

@@ -8,6 +8,9 @@
   the pointing game (is the map's peak inside the lesion?) and the fraction of the map's
   energy inside the lesion (synthetic lesion masks, NIH / RSNA boxes) and inside the lungs
   (lung masks).
+- With `reference` (a class name, e.g. normal), every map is measured against that map's
+  mean over the evaluated model's training images of the class (gradcam.py), not against
+  zero; the randomised model's maps against its own mean.
 - Model randomisation (Adebayo et al. 2018): the layers of the last conv block and the head
   are re-initialised and the maps recomputed for the same classes; the Spearman rank
   correlation with the trained network's maps is reported. Maps that barely change would
@@ -16,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -24,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xrayjax import files, infer
+from xrayjax import files, infer, sharding
 from xrayjax.data import pipeline
 from xrayjax.evaluate import gradcam
 
@@ -35,6 +39,18 @@ def maps(cam_fn, variables, ds, num_examples: int, classes: np.ndarray, batch: i
   the one padded-batch loop: {cam, probs, class, map} per image, in index order."""
   with_class = pipeline.with_field(ds, "class", np.asarray(classes, np.int32))
   return infer.batched(cam_fn, variables, with_class, num_examples, batch, mesh)
+
+
+def reference_map(model, variables, target: str, reference: tuple, batch: int, mesh
+                  ) -> np.ndarray:
+  """The mean of `target`'s map over the reference images (`reference` = (dataset, count)),
+  by a process-local loop (the mesh's devices are this process's: Grad-CAM runs on one)."""
+  ds, count = reference
+  fn = gradcam.make_sum_fn(model, target)
+  total = 0.0
+  for b in infer.eval_batches(ds, count, batch, 0, 1):
+    total = total + np.asarray(jax.device_get(fn(variables, sharding.to_global(b, mesh))))
+  return total / count
 
 
 def randomised_top(model, variables, image_size: int, groups: dict, seed: int) -> dict:
@@ -53,25 +69,36 @@ def randomised_top(model, variables, image_size: int, groups: dict, seed: int) -
 
 def explain_fold(*, model, variables, ds, num_examples: int, labels: np.ndarray,
                  masks: dict, classes, cfg, groups: dict, out_dir: str, names: np.ndarray,
-                 fold: int, seed: int, sanity: bool, mesh) -> dict:
+                 fold: int, seed: int, sanity: bool, mesh, reference: tuple | None = None
+                 ) -> dict:
   """Grad-CAM audit of one fold's test images: `ds` (index k = the k-th test image, true
-  label `labels[k]`, mask `masks[...][k]`, name `names[k]`)."""
-  cam_fn = gradcam.make_fn(model, cfg.target, cfg.method)
+  label `labels[k]`, mask `masks[...][k]`, name `names[k]`). `reference` = (dataset, count)
+  of the images whose mean map every map is measured against (cfg.reference), or None."""
+
+  def cam_fn_for(target, weights):
+    fn = gradcam.make_fn(model, target, cfg.method)
+    if reference is None:
+      return fn
+    return functools.partial(fn, reference=reference_map(model, weights, target, reference,
+                                                         cfg.batch_size, mesh))
+
+  cam_fn = cam_fn_for(cfg.target, variables)
   pred = maps(cam_fn, variables, ds, num_examples, np.full(num_examples, -1), cfg.batch_size,
               mesh)
   true = maps(cam_fn, variables, ds, num_examples, labels, cfg.batch_size, mesh)
   result = {"fold": fold, "target": cfg.target, "method": cfg.method, "per_image": [],
+            "reference_images": reference[1] if reference else 0,
             **localisation(true["cam"], masks)}
   # Other maps of the same network (concat: each branch), scored the same way.
   result["targets"] = {
-      t: localisation(maps(gradcam.make_fn(model, t, cfg.method), variables, ds, num_examples,
-                           labels, cfg.batch_size, mesh)["cam"], masks)
+      t: localisation(maps(cam_fn_for(t, variables), variables, ds, num_examples, labels,
+                           cfg.batch_size, mesh)["cam"], masks)
       for t in cfg.get("also_score", ()) if t != cfg.target}
   lesion = masks["has_lesion"]
   if sanity:
     size = int(ds.element_spec["image"].shape[0])
     rand = randomised_top(model, variables, size, groups, seed)
-    again = maps(cam_fn, rand, ds, num_examples, pred["class"], cfg.batch_size, mesh)
+    again = maps(cam_fn_for(cfg.target, rand), rand, ds, num_examples, pred["class"], cfg.batch_size, mesh)
     result["randomisation_spearman"] = gradcam.rank_similarity(pred["cam"], again["cam"])
   # Gallery: per class, a sample of right and of wrong predictions (seeded), and optionally
   # every misclassified image.

@@ -17,6 +17,14 @@ The class score is the pre-softmax logit, as in the paper. The map for image i a
               position into every other, and the map need not show what raised the score;
               for a global-average-pooling + linear head the two are the same)
 
+With a reference map R (the target map's mean over a set of reference images, e.g. the
+training images of the normal class; audit.reference_map) every form combines A - R instead
+of A (HiResCAM: cam = relu(sum_k g_k * (A_k - R_k)), the first-order Taylor term of the score
+against the reference, as DeepLIFT and integrated gradients measure against a baseline).
+Plain maps are the case R = 0: they credit only activations that are present, so evidence a
+network carries by switching activations *off* (measured for a DETL seed, docs/detl.md) earns
+no credit, and the map's peak slides to the lesion's rim.
+
 Maps are upsampled (bilinear) to the input size and scaled to [0, 1] per image (all zero if
 the map is all zero). One jitted call handles a batch; BatchNorm runs in inference mode.
 """
@@ -54,17 +62,18 @@ def targets(model, variables, image_size: int) -> list[str]:
 
 @functools.lru_cache(maxsize=8)  # one compiled function per model, target and method
 def make_fn(model, target: str = "features", method: str = "gradcam"):
-  """-> jitted fn(variables, batch) -> {"cam" [B, H, W] in [0, 1], "probs" [B, C],
-  "class" [B], "map" [B, h, w] (unscaled)}, for infer.batched.
+  """-> jitted fn(variables, batch, reference=None) -> {"cam" [B, H, W] in [0, 1], "probs"
+  [B, C], "class" [B], "map" [B, h, w] (unscaled)}, for infer.batched (bind a reference
+  with functools.partial).
 
   `batch["image"]` [B, H, W, 1] normalised; `batch["class"]` [B] is the class to explain
-  (-1 or absent: the predicted one).
+  (-1 or absent: the predicted one); `reference` [h, w, K] the target map's reference R.
   """
   if method not in METHODS:
     raise ValueError(f"unknown Grad-CAM method {method!r}; valid: {METHODS}")
 
   @jax.jit
-  def fn(variables, batch):
+  def fn(variables, batch, reference=None):
     images = batch["image"]
     classes = batch.get("class", jnp.full(images.shape[:1], -1, jnp.int32))
     shapes = jax.eval_shape(lambda: model.apply(variables, images, train=False,
@@ -86,8 +95,9 @@ def make_fn(model, target: str = "features", method: str = "gradcam"):
     grads, (logits, fmap, chosen) = jax.grad(score, has_aux=True)(zeros)
     g = flax.traverse_util.flatten_dict(grads)[path].astype(jnp.float32)
     a = fmap.astype(jnp.float32)
+    shifted = a if reference is None else a - reference.astype(jnp.float32)
     if method == "hirescam":
-      cam = jax.nn.relu((g * a).sum(-1))
+      cam = jax.nn.relu((g * shifted).sum(-1))
     else:
       if method == "gradcam":
         weights = g.mean(axis=(1, 2))
@@ -96,12 +106,26 @@ def make_fn(model, target: str = "features", method: str = "gradcam"):
         denom = 2 * g2 + a.sum(axis=(1, 2), keepdims=True) * g3
         alpha = g2 / jnp.where(denom != 0, denom, 1.0)
         weights = (alpha * jax.nn.relu(g)).sum(axis=(1, 2))
-      cam = jax.nn.relu(jnp.einsum("bhwk,bk->bhw", a, weights))
+      cam = jax.nn.relu(jnp.einsum("bhwk,bk->bhw", shifted, weights))
     up = jax.image.resize(cam, (cam.shape[0],) + images.shape[1:3], "bilinear")
     up = jax.nn.relu(up)
     top = up.max(axis=(1, 2), keepdims=True)
     return {"cam": jnp.where(top > 0, up / jnp.where(top > 0, top, 1.0), 0.0),
             "probs": jax.nn.softmax(logits.astype(jnp.float32)), "class": chosen, "map": cam}
+
+  return fn
+
+
+@functools.lru_cache(maxsize=8)
+def make_sum_fn(model, target: str):
+  """-> jitted fn(variables, batch) -> the sum of the target map over the batch's real
+  (mask = 1) images [h, w, K]: for a reference map's mean."""
+
+  @jax.jit
+  def fn(variables, batch):
+    _, out = model.apply(variables, batch["image"], train=False)
+    fmap = out[target].astype(jnp.float32)
+    return jnp.einsum("bhwk,b->hwk", fmap, batch["mask"].astype(jnp.float32))
 
   return fn
 

@@ -128,7 +128,9 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
           classes=classes, cfg=config.eval.gradcam, groups=spec.PARAM_GROUPS,
           out_dir=os.path.join(out_dir, "gradcam" if name != "external" else "external_gradcam"),
           names=meta["image_id"][e.test], fold=e.fold, seed=methods.seed(config.seed, 30, e.fold),
-          sanity=e.fold < config.eval.gradcam.sanity_folds, mesh=cam_mesh))
+          sanity=e.fold < config.eval.gradcam.sanity_folds, mesh=cam_mesh,
+          reference=_reference(cohort, plan, e.stage, config.eval.gradcam.reference,
+                               image_size)))
     if explain:
       sharding.barrier(f"gradcam {out_dir} fold {e.fold}")
     for i, r in enumerate(e.test[index]):
@@ -180,6 +182,38 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
     files.write_text(os.path.join(out_dir, f"{name}_summary.txt"), text + "\n")
   print(text, flush=True)
   return results
+
+
+def reference_rows(stage: methods.Stage, name: str) -> np.ndarray:
+  """The stage's training images of class `name` (a Grad-CAM reference); raises ValueError,
+  naming the field, when the stage has no such class or no such training image."""
+  rows = np.unique(np.concatenate([p.train for p in stage.phases]))
+  if name not in stage.classes:
+    raise ValueError(f"config.eval.gradcam.reference={name!r} is not a class of stage "
+                     f"{stage.name} (classes {list(stage.classes)}); name one, or '' for none")
+  rows = rows[stage.labels[rows] == stage.classes.index(name)]
+  if not len(rows):
+    raise ValueError(f"config.eval.gradcam.reference={name!r}: stage {stage.name} trains on no "
+                     f"{name} image to take the reference map from; name another class")
+  return rows
+
+
+def _reference(cohort: Cohort, plan: methods.Plan, stage: str, name: str, image_size: int):
+  """(dataset, count) of the stage's training images of class `name`; None for '' or for
+  an external test set's model (its training images are not in this cohort: a plan note
+  says its maps are measured against zero)."""
+  if not name:
+    return None
+  if stage not in {s.name for s in plan.stages}:
+    note = (f"Grad-CAM maps are measured against zero, not against the models' mean {name} "
+            "training map (eval.gradcam.reference): their training images are not in this "
+            "data")
+    if note not in plan.notes:
+      plan.notes.append(note)
+    return None
+  stage = plan.stage(stage)
+  rows = reference_rows(stage, name)
+  return cohort.dataset(rows, stage.labels, image_size), len(rows)
 
 
 def pooled_metrics(config, predictions: list[dict], classes, prevalences) -> dict:
