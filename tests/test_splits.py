@@ -86,7 +86,7 @@ def test_near_pairs_is_an_exact_search():
   words = np.array([np.unpackbits(np.frombuffer(bytes.fromhex(h), np.uint8)) for h in hashes])
   dist = (words[:, None] != words[None]).sum(-1)
   for d in (0, 10, 24, 30, 100):
-    i, j = splits.near_pairs(hashes, d, budget=5000)  # small budget: many blocks
+    i, j = splits.near_pairs(hashes, d, rows=64, cols=128)  # small: many blocks, ragged ends
     want = {(a, b) for a, b in zip(*np.nonzero(dist <= d)) if a < b}
     assert set(zip(i.tolist(), j.tolist())) == want
 

@@ -440,13 +440,16 @@ class RunLock:
 def hold(workdir: str) -> RunLock:
   """The run directory's lock, taken by process 0 for the whole job (every process raises
   LockedError when another job holds it)."""
-  lock, error = RunLock(workdir), ""
-  if jax.process_index() == 0:
+  lock = RunLock(workdir)
+
+  def acquire() -> str:
     try:
       lock.acquire()
     except LockedError as e:
-      error = str(e)
-  error = sharding.from_process_0(f"lock {workdir}", error)
+      return str(e)
+    return ""
+
+  error = sharding.from_process_0(f"lock {workdir}", acquire)
   if error:
     raise LockedError(error)
   if lock.stale:

@@ -70,19 +70,22 @@ def barrier(name: str, timeout_seconds: float = 24 * 3600) -> None:
 _SHARED = itertools.count()
 
 
-def from_process_0(name: str, value: str) -> str:
-  """Process 0's `value` in every process (through jax.distributed's key-value store; a
-  no-op in one process)."""
+def from_process_0(name: str, compute):
+  """`compute()` run by process 0 alone, its value (picklable) handed to every process through
+  jax.distributed's key-value store (one process: just `compute()`): for answers that are the
+  same everywhere (the duplicate search over every image's hash, the run directory's lock).
+  `compute` returns its errors as values: the others wait for its key."""
   if jax.process_count() == 1:
-    return value
+    return compute()
+  import pickle
   from jax._src import distributed
   # (a key is set once: every process counts its calls, which all make in the same order)
   client, key = distributed.global_state.client, f"xrayjax:{name}:{next(_SHARED)}"
   if jax.process_index() == 0:
-    client.key_value_set(key, value or "-")
+    value = compute()
+    client.key_value_set_bytes(key, pickle.dumps(value))
     return value
-  got = client.blocking_key_value_get(key, 3600 * 1000)
-  return "" if got == "-" else got
+  return pickle.loads(client.blocking_key_value_get_bytes(key, 3600 * 1000))
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
