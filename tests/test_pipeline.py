@@ -159,6 +159,38 @@ def test_train_batches_split_an_epoch_over_processes():
   assert len(seen) == n
 
 
+def test_per_process_stream_evaluates_every_image_once_from_its_own_share(tiny_config):
+  """A validation partition above the memory budget: each process decodes only its share of
+  the positions, once, and yields exactly the padded batches eval_batches gives it from the
+  cached selection; together the processes score every image once."""
+  from xrayjax import experiment
+  cohort, plan = experiment.prepare(tiny_config)
+  stage = plan.stages[0]
+  rows = stage.val
+  n, batch = len(rows), 6
+  cached, _ = cohort.partition_data(rows, stage.labels, 32, budget_mb=1)
+  stream, _ = cohort.partition_data(rows, stage.labels, 32, budget_mb=0)
+  assert isinstance(stream, pipeline.Stream) and n > 2 * batch
+  seen = []
+  for count in (1, 2, 3):
+    for p in range(count):
+      want = list(pipeline.eval_batches(cached, n, batch, p, count))
+      got = list(stream.eval_batches(n, batch, p, count))
+      assert stream.decoded == len(range(p, n, count))  # its share, nothing more
+      assert len(got) == len(want) == -(-n // batch)
+      for a, b in zip(want, got):
+        assert a.keys() == b.keys()
+        for k in a:
+          np.testing.assert_array_equal(a[k], b[k])
+      if count == 3:
+        seen += [int(i) for b in got for i in b["index"][b["mask"] > 0]]
+  assert sorted(seen) == list(range(n))
+  shares = []
+  stream._share = lambda rows, share=stream._share: shares.append(rows) or share(rows)
+  list(stream.eval_batches(n, batch, 2, 3))  # the same share again: kept, not decoded again
+  assert shares == []
+
+
 @pytest.mark.parametrize("audit_input", ["full", "lungs"])
 def test_per_process_stream_decodes_only_its_share_and_yields_the_cached_batches(
     tiny_config, audit_input):
@@ -172,10 +204,10 @@ def test_per_process_stream_decodes_only_its_share_and_yields_the_cached_batches
   stage = plan.stages[0]
   rows = stage.phases[0].train
   n, batch, ops = len(rows), 8, ("rotate(10)", "flip_lr")
-  cached, how = cohort.training_data(rows, stage.labels, 32, budget_mb=1)
+  cached, how = cohort.partition_data(rows, stage.labels, 32, budget_mb=1)
   assert not isinstance(cached, pipeline.Stream) and "cached in memory" in how
-  stream, how = cohort.training_data(rows, stage.labels, 32, budget_mb=0)
-  assert isinstance(stream, pipeline.Stream) and "each process decodes its share" in how
+  stream, how = cohort.partition_data(rows, stage.labels, 32, budget_mb=0)
+  assert isinstance(stream, pipeline.Stream) and "each process decodes only its share" in how
   steps = n // batch
 
   def epoch(ds, p, count, start=0):

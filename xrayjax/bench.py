@@ -483,13 +483,13 @@ def _partition_config():
 
 def probe_partition(mode: str, index: int, count: int, size: int, batch: int) -> dict:
   """Process `index` of `count`: one epoch of the whole cohort as one training partition,
-  cached or streamed (Cohort.training_data), with DETL's augmentation."""
+  cached or streamed (Cohort.partition_data), with DETL's augmentation."""
   from xrayjax.data.cohort import Cohort
   cohort = Cohort.load(_partition_config().data)
   loaded = _max_rss_mb()
   rows = np.arange(len(cohort.meta["image_id"]))
   start = time.perf_counter()
-  data, _ = cohort.training_data(rows, np.zeros(len(rows), np.int32), size,
+  data, _ = cohort.partition_data(rows, np.zeros(len(rows), np.int32), size,
                                  0 if mode == "streamed" else float("inf"))
   batches = train._train_batches(data, len(rows), batch, 0, 0, ("rotate(10)", "zoom(0.1)",
                                  "flip_lr"), index, count)

@@ -23,7 +23,7 @@ def config_fields(config) -> None:
                      ">= 0 (0: about every 10 minutes)")
   if float(config.cache_budget_mb) < 0:
     raise ValueError(f"config.cache_budget_mb={config.cache_budget_mb} must be >= 0 (0: stream "
-                     "every training partition)")
+                     "every partition)")
   models.spec(config.model_name)  # an unknown model is named with the valid ones
   a = config.audit
   if a.input not in regions.INPUTS:

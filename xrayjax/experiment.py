@@ -163,13 +163,14 @@ def _run_checked(config, workdir: str, mode: str, allow_config_change: bool,
     model, _ = model_for(len(stage.classes))
     phases = []
     for j, p in enumerate(stage.phases):
-      ds, how = cohort.training_data(p.train, stage.labels, size, config.cache_budget_mb)
+      ds, how = cohort.partition_data(p.train, stage.labels, size, config.cache_budget_mb)
       logging.info("%s: %s", methods.partition_name(stage.name, j, len(stage.phases)), how)
       phases.append((ds, len(p.train)))
-    data = train.StageData(
-        phases=phases,
-        val=cohort.dataset(stage.val, stage.labels, size) if len(stage.val) else None,
-        num_val=len(stage.val))
+    val = None
+    if len(stage.val):
+      val, how = cohort.partition_data(stage.val, stage.labels, size, config.cache_budget_mb)
+      logging.info("%s/val: %s", stage.name, how)
+    data = train.StageData(phases=phases, val=val, num_val=len(stage.val))
     try:
       variables[stage.name], summaries[stage.name] = train.train_stage(
           stage=stage, model=model,

@@ -90,12 +90,13 @@ class Cohort:
     transform = self._transform(rows, image_size)
     return transform(ds).cache() if transform else ds
 
-  def training_data(self, rows: np.ndarray, labels: np.ndarray, image_size: int,
-                    budget_mb: float):
-    """(data, how) for training on the rows: their cached dataset (`dataset`) when their
-    images fit in `budget_mb` (every process holds them all), else a pipeline.Stream (each
-    process decodes its share of every epoch's batches: the same batches); `how` says which
-    and why, for the log."""
+  def partition_data(self, rows: np.ndarray, labels: np.ndarray, image_size: int,
+                     budget_mb: float):
+    """(data, how) for training or validating on the rows: their cached dataset (`dataset`)
+    when their images fit in `budget_mb` (every process holds them all), else a
+    pipeline.Stream (each process decodes only its share: of every epoch's batches in
+    training, once for evaluation; the same batches); `how` says which and why, for the
+    log."""
     mb = len(rows) * image_size ** 2 / 2 ** 20
     if mb <= budget_mb:
       return (self.dataset(rows, labels, image_size),
@@ -106,8 +107,7 @@ class Cohort:
                              self.meta["position"][rows], image_size,
                              self._transform(rows, image_size))
     return stream, (f"{len(rows)} images, {mb:.0f} MB at {image_size} px, above "
-                    f"cache_budget_mb {budget_mb:g}: each process decodes its share of every "
-                    "epoch")
+                    f"cache_budget_mb {budget_mb:g}: each process decodes only its share")
 
   def _transform(self, rows: np.ndarray, image_size: int):
     """ds -> ds applying the audit's input op to the rows' images (None: no op)."""

@@ -285,12 +285,13 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class Stream:
-  """A training selection too large for every process to cache (above the memory budget,
-  `config.cache_budget_mb`): every epoch, each process decodes only the images of its share
-  of that epoch's batches (one pass over the files, its share held in memory: 1/processes of
-  the selection). Batches are exactly `train_batches`' on the cached selection with the same
-  seed, epoch and process: the epoch's order is the same permutation of the same dataset
-  positions. `transform` (ds -> ds, keyed by `index`) is applied to the decoded images, as
+  """A selection too large for every process to cache (above the memory budget,
+  `config.cache_budget_mb`). Training: every epoch, each process decodes only the images of
+  its share of that epoch's batches (one pass over the files, its share held in memory:
+  1/processes of the selection). Evaluation (a validation set): each process decodes its
+  share once and keeps it. Batches are exactly `train_batches`' and `eval_batches`' on the
+  cached selection with the same seed, epoch and process: the same dataset positions in the
+  same order. `transform` (ds -> ds, keyed by `index`) is applied to the decoded images, as
   `Cohort.dataset` applies the audit's input op."""
 
   def __init__(self, builders, builder_index, image_ids, labels, positions, image_size: int,
@@ -302,7 +303,8 @@ class Stream:
     self.labels = np.asarray(labels, np.int32)
     # Selection index at each dataset position, in `select`'s order (builder, then file).
     self.at_position = np.lexsort((np.asarray(positions), builder_index))
-    self.decoded = 0  # images decoded by the last epoch (its share)
+    self.decoded = 0  # images decoded by the last epoch or evaluation share (this process's)
+    self._eval_share = None  # ((process, count), the decoded share)
 
   def __len__(self) -> int:
     return len(self.image_ids)
@@ -317,6 +319,17 @@ class Stream:
     mine = mine[start * local_batch:steps * local_batch]  # this process's examples, in order
     return _augmented_batches(self._share(mine), local_batch, steps - start,
                               _epoch_seed(seed, epoch), augment_ops)
+
+  def eval_batches(self, num_examples: int, global_batch: int, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Every example once, as `eval_batches` yields it from the cached selection: this
+    process's positions (`shard`'s), decoded on the first call and kept."""
+    if self._eval_share is None or self._eval_share[0] != (process_index, process_count):
+      self._eval_share = None  # (the old share's memory goes before the new one is read)
+      self._eval_share = ((process_index, process_count),
+                          self._share(self.at_position[process_index::process_count]))
+    return _padded_batches(self._eval_share[1], global_batch // process_count,
+                           math.ceil(num_examples / global_batch))
 
   def _share(self, rows: np.ndarray) -> tf.data.Dataset:
     """Images `rows` (selection indices) decoded, as {image, label, index} in that order."""
@@ -364,11 +377,16 @@ def eval_batches(ds: tf.data.Dataset, num_examples: int, global_batch: int,
 
   Every process yields the same number of batches (some may be all padding).
   """
-  local_batch = global_batch // process_count
-  num_batches = math.ceil(num_examples / global_batch)
-  ds = ds.shard(process_count, process_index).map(
-      lambda ex: {**ex, "image": normalise(ex["image"])},
-      num_parallel_calls=tf.data.AUTOTUNE).batch(local_batch).prefetch(2)
+  return _padded_batches(ds.shard(process_count, process_index), global_batch // process_count,
+                         math.ceil(num_examples / global_batch))
+
+
+def _padded_batches(ds: tf.data.Dataset, local_batch: int, num_batches: int
+                    ) -> Iterator[dict[str, np.ndarray]]:
+  """This process's examples `ds` -> `num_batches` normalised batches of `local_batch`,
+  padded with mask = 0."""
+  ds = ds.map(lambda ex: {**ex, "image": normalise(ex["image"])},
+              num_parallel_calls=tf.data.AUTOTUNE).batch(local_batch).prefetch(2)
   it = ds.as_numpy_iterator()
   for _ in range(num_batches):
     batch = next(it, None)
