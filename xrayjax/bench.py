@@ -32,9 +32,10 @@ synthetic images at 96 px, 1/8 width, batch 32) and at 224 px from decoded 256 p
 images (full width, batch 16).
 
 `--partition_memory=1,2,8 --tfds_dir=DIR` measures, for one epoch of a training partition
-(synthetic films built in DIR; `--patients` sets their number), the peak resident memory
-and the time to the first batch of each of P processes started at once, with the partition
-cached in every process and streamed (`pipeline.Stream`: each process decodes its share).
+and one pass over a validation partition (`--val_images`; synthetic films built in DIR at
+`--film_size`; `--patients` sets their number), the peak resident memory and the time to the
+first batch of each of P processes started at once, with the partitions cached in every
+process and streamed (`pipeline.Stream`: each process decodes its share; `--partition_modes`).
 
 `--profile` traces `--steps` training steps of each model with `jax.profiler` and sums the
 time of XLA's ops per kind (convolutions, the native kernels, BatchNorm, pooling, layout
@@ -72,7 +73,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from xrayjax import hugepages, kernels, models, train  # noqa: E402
+from xrayjax import hugepages, infer, kernels, models, train  # noqa: E402
 
 BENCH_MODELS = ("vgg16", "resnet50", "resnet50v2", "xception", "concat")
 FLAGS = flags.DEFINE_list("models", list(BENCH_MODELS), f"models to measure, of {BENCH_MODELS}")
@@ -94,11 +95,17 @@ _PROBE = flags.DEFINE_string("probe_memory", None, "internal: FRAMEWORK:MODEL, p
                              "memory of two training steps as JSON")
 PARTITION = flags.DEFINE_list(
     "partition_memory", [], "process counts, e.g. 1,2,8: peak memory and time to the first "
-    "batch of one epoch of a training partition, cached and streamed, in that many processes "
-    "at once (synthetic films built in --tfds_dir at 256 px, trained at --image_size)")
+    "batch of one epoch of a training partition (and a pass over a validation partition of "
+    "--val_images), cached and streamed, in that many processes at once (synthetic films "
+    "built in --tfds_dir at --film_size, trained at --image_size)")
+PARTITION_MODES = flags.DEFINE_list("partition_modes", ["cached", "streamed"],
+                                    "--partition_memory: which ways to hold the partitions")
 TFDS_DIR = flags.DEFINE_string("tfds_dir", None, "--partition_memory: where the films are built")
 PATIENTS = flags.DEFINE_list("patients", ["2500", "60", "2500", "60"],
                              "--partition_memory: synthetic patients per class")
+FILM_SIZE = flags.DEFINE_integer("film_size", 256, "--partition_memory: the films' stored size")
+VAL_IMAGES = flags.DEFINE_integer("val_images", 0, "--partition_memory: the cohort's last rows "
+                                  "that form the validation partition (the rest train)")
 _PROBE_PARTITION = flags.DEFINE_string("probe_partition", None,
                                        "internal: MODE:P:COUNT, one process's epoch as JSON")
 CLASSES = 3
@@ -477,41 +484,54 @@ def _partition_config():
   from configs import detl
   c = detl.get_config("")
   c.data.tfds_dir = TFDS_DIR.value
-  c.data.synthetic.update(image_size=256, patients=tuple(int(p) for p in PATIENTS.value))
+  c.data.synthetic.update(image_size=FILM_SIZE.value,
+                          patients=tuple(int(p) for p in PATIENTS.value))
   return c
 
 
-def probe_partition(mode: str, index: int, count: int, size: int, batch: int) -> dict:
-  """Process `index` of `count`: one epoch of the whole cohort as one training partition,
-  cached or streamed (Cohort.partition_data), with DETL's augmentation."""
+def probe_partition(mode: str, index: int, count: int, size: int, batch: int,
+                    val_images: int) -> dict:
+  """Process `index` of `count`: one epoch of a training partition and one pass over a
+  validation partition (the cohort's last `val_images` rows; the rest train), cached or
+  streamed (Cohort.partition_data), with DETL's augmentation: stage A's pipeline."""
   from xrayjax.data.cohort import Cohort
   cohort = Cohort.load(_partition_config().data)
   loaded = _max_rss_mb()
   rows = np.arange(len(cohort.meta["image_id"]))
+  rows, val = rows[:len(rows) - val_images], rows[len(rows) - val_images:]
+  labels = np.zeros(len(cohort.meta["image_id"]), np.int32)
+  budget = 0 if mode == "streamed" else float("inf")
   start = time.perf_counter()
-  data, _ = cohort.partition_data(rows, np.zeros(len(rows), np.int32), size,
-                                 0 if mode == "streamed" else float("inf"))
+  data, _ = cohort.partition_data(rows, labels, size, budget)
   batches = train._train_batches(data, len(rows), batch, 0, 0, ("rotate(10)", "zoom(0.1)",
                                  "flip_lr"), index, count)
   first = None
   for _ in batches:
     first = first or time.perf_counter() - start
-  return {"images": len(rows), "loaded_mb": loaded, "peak_mb": _max_rss_mb(),
-          "first_batch_s": first, "epoch_s": time.perf_counter() - start}
+  epoch = time.perf_counter() - start
+  if len(val):
+    val_data, _ = cohort.partition_data(val, labels, size, budget)
+    for _ in infer.eval_batches(val_data, len(val), batch, index, count):
+      pass
+  return {"images": len(rows), "val_images": len(val), "loaded_mb": loaded,
+          "peak_mb": _max_rss_mb(), "first_batch_s": first, "epoch_s": epoch,
+          "val_s": time.perf_counter() - start - epoch}
 
 
-def partition_table(counts, size: int, batch: int) -> str:
+def partition_table(counts, modes, size: int, batch: int, val_images: int) -> str:
   from xrayjax.data import sources
   sources.load(_partition_config().data)  # build once, before the processes start
-  lines = [f"One epoch of a training partition (synthetic films at 256 px, trained at {size} px,"
-           f" batch {batch}); median over the processes:", "",
+  lines = [f"One epoch of a training partition and one pass over a validation partition of "
+           f"{val_images} images (synthetic films at {FILM_SIZE.value} px, trained at {size} "
+           f"px, batch {batch}); median over the processes:", "",
            "| partition | processes | rss after load (MB) | peak rss (MB) | added (MB) | "
-           "first batch (s) |", "|---|---|---|---|---|---|"]
-  for mode in ("cached", "streamed"):
+           "first batch (s) | epoch (s) | validation (s) |", "|---|---|---|---|---|---|---|---|"]
+  for mode in modes:
     for count in counts:
       procs = [subprocess.Popen(
           [sys.executable, "-m", "xrayjax.bench", f"--probe_partition={mode}:{i}:{count}",
            f"--tfds_dir={TFDS_DIR.value}", f"--patients={','.join(PATIENTS.value)}",
+           f"--film_size={FILM_SIZE.value}", f"--val_images={val_images}",
            f"--image_size={size}", f"--batch_size={batch}"],
           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(count)]
       out = []
@@ -522,9 +542,10 @@ def partition_table(counts, size: int, batch: int) -> str:
         out.append(json.loads(stdout.strip().splitlines()[-1]))
       med = {k: statistics.median(o[k] for o in out) for k in out[0]}
       print(f"  {mode} x {count}: {med}", flush=True)
-      lines.append(f"| {mode} ({med['images']:.0f} images) | {count} | {med['loaded_mb']:.0f} | "
-                   f"{med['peak_mb']:.0f} | {med['peak_mb'] - med['loaded_mb']:.0f} | "
-                   f"{med['first_batch_s']:.1f} |")
+      lines.append(f"| {mode} ({med['images']:.0f} + {med['val_images']:.0f} images) | {count} | "
+                   f"{med['loaded_mb']:.0f} | {med['peak_mb']:.0f} | "
+                   f"{med['peak_mb'] - med['loaded_mb']:.0f} | {med['first_batch_s']:.1f} | "
+                   f"{med['epoch_s']:.0f} | {med['val_s']:.0f} |")
   return "\n".join(lines)
 
 
@@ -545,10 +566,10 @@ def main(argv):
     if _PROBE_PARTITION.value:
       mode, index, count = _PROBE_PARTITION.value.split(":")
       print(json.dumps(probe_partition(mode, int(index), int(count), IMAGE_SIZE.value,
-                                       BATCH_SIZE.value)))
+                                       BATCH_SIZE.value, VAL_IMAGES.value)))
     else:
-      print(partition_table([int(c) for c in PARTITION.value], IMAGE_SIZE.value,
-                            BATCH_SIZE.value))
+      print(partition_table([int(c) for c in PARTITION.value], PARTITION_MODES.value,
+                            IMAGE_SIZE.value, BATCH_SIZE.value, VAL_IMAGES.value))
     return
   print(f"jax {jax.__version__} on {jax.devices()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True)
