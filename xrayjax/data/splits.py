@@ -135,8 +135,8 @@ def near_pairs(phash: np.ndarray, max_distance: int, rows: int = 1024, cols: int
                ) -> tuple[np.ndarray, np.ndarray]:
   """(i, j), i < j, of every pair of hashes at most `max_distance` bits apart (exact search).
 
-  Every pair is compared (blocks of `rows` x `cols` in one compiled XLA loop: about 50x
-  numpy's speed, docs/data.md); only the few rows with a near pair are then resolved here.
+  Every pair is compared (blocks of `rows` x `cols` in one compiled XLA loop: about 10x a
+  numpy loop's speed, docs/data.md); only the few rows with a near pair are resolved here.
   """
   n = len(phash)
   if n < 2 or max_distance < 0:
