@@ -45,6 +45,25 @@ def test_tiny_run_trains_evaluates_and_reports(tiny_config, tiny_run, tiny_run_c
   np.testing.assert_equal(third["fold_metrics"], results["fold_metrics"])
 
 
+def test_eval_measures_the_maps_against_each_fold_models_normal_training_films(
+    tiny_config, tiny_run, tmp_path):
+  """eval.gradcam.reference=normal: each fold's maps against the mean map of the normal
+  images its model trained on (not its test images), counted in the results."""
+  c = tiny_config.copy_and_resolve_references()
+  c.eval.gradcam.update(enabled=True, reference="normal", per_class=0, misclassified=False,
+                        sanity_folds=0)
+  results = experiment.run(c, tiny_run[0], mode="eval", eval_dir=str(tmp_path / "eval"))
+  _, plan = experiment.prepare(c)
+  for fold, e in zip(results["gradcam_folds"], plan.evaluations):
+    stage = plan.stage(e.stage)
+    trained = np.unique(np.concatenate([p.train for p in stage.phases]))
+    normal = trained[stage.labels[trained] == stage.classes.index("normal")]
+    assert fold["reference_images"] == len(normal) > 0
+    assert not set(normal) & set(e.test)
+  lungs = results["gradcam"]["energy_in_lungs"]  # every test image mapped (or all zero)
+  assert lungs["images"] > 0 and lungs["images"] + lungs["undefined"] == results["num_images"]
+
+
 def test_a_run_that_streams_per_process_trains_exactly_as_the_cached_run(tiny_config, tiny_run,
                                                                         tmp_path):
   """cache_budget_mb=0 streams every training partition (each process decodes its share of

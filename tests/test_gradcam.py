@@ -142,7 +142,7 @@ def test_audit_takes_the_reference_as_the_mean_map_of_its_images(tmp_path):
   normal_ds = pipeline.from_arrays(np.arange(n).reshape(n, 1, 1, 1) * np.full(
       (n, 8, 8, 1), 51, np.uint8), label=np.zeros(n, np.int64))
   mesh = sharding.make_mesh()
-  ref = audit.reference_map(SwitchedOff(), {}, "features", (normal_ds, n), 2, mesh)
+  ref = audit.reference_maps(SwitchedOff(), {}, ("features",), (normal_ds, n), 2, mesh)["features"]
   assert ref.shape == (8, 8, 1)
   np.testing.assert_allclose(ref, 1.6, rtol=1e-5)  # batch 2: the padded image left out
   sick_ds = pipeline.from_arrays((sick * 255).astype(np.uint8), label=np.ones(n, np.int64))

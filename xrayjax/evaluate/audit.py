@@ -41,16 +41,18 @@ def maps(cam_fn, variables, ds, num_examples: int, classes: np.ndarray, batch: i
   return infer.batched(cam_fn, variables, with_class, num_examples, batch, mesh)
 
 
-def reference_map(model, variables, target: str, reference: tuple, batch: int, mesh
-                  ) -> np.ndarray:
-  """The mean of `target`'s map over the reference images (`reference` = (dataset, count)),
-  by a process-local loop (the mesh's devices are this process's: Grad-CAM runs on one)."""
+def reference_maps(model, variables, targets: tuple[str, ...], reference: tuple, batch: int,
+                   mesh) -> dict[str, np.ndarray]:
+  """{target: the mean of its map over the reference images} (`reference` = (dataset,
+  count)), one forward pass for all targets, by a process-local loop (the mesh's devices
+  are this process's: Grad-CAM runs on one)."""
   ds, count = reference
-  fn = gradcam.make_sum_fn(model, target)
-  total = 0.0
+  fn = gradcam.make_sum_fn(model, tuple(targets))
+  total = {t: 0.0 for t in targets}
   for b in infer.eval_batches(ds, count, batch, 0, 1):
-    total = total + np.asarray(jax.device_get(fn(variables, sharding.to_global(b, mesh))))
-  return total / count
+    sums = jax.device_get(fn(variables, sharding.to_global(b, mesh)))
+    total = {t: total[t] + np.asarray(sums[t]) for t in targets}
+  return {t: v / count for t, v in total.items()}
 
 
 def randomised_top(model, variables, image_size: int, groups: dict, seed: int) -> dict:
@@ -75,30 +77,31 @@ def explain_fold(*, model, variables, ds, num_examples: int, labels: np.ndarray,
   label `labels[k]`, mask `masks[...][k]`, name `names[k]`). `reference` = (dataset, count)
   of the images whose mean map every map is measured against (cfg.reference), or None."""
 
-  def cam_fn_for(target, weights):
-    fn = gradcam.make_fn(model, target, cfg.method)
-    if reference is None:
-      return fn
-    return functools.partial(fn, reference=reference_map(model, weights, target, reference,
-                                                         cfg.batch_size, mesh))
+  also = [t for t in cfg.get("also_score", ()) if t != cfg.target]
 
-  cam_fn = cam_fn_for(cfg.target, variables)
-  pred = maps(cam_fn, variables, ds, num_examples, np.full(num_examples, -1), cfg.batch_size,
-              mesh)
-  true = maps(cam_fn, variables, ds, num_examples, labels, cfg.batch_size, mesh)
+  def cam_fns(weights, targets) -> dict:
+    """{target: its Grad-CAM fn, bound to its reference map when there is one}."""
+    refs = (reference_maps(model, weights, targets, reference, cfg.batch_size, mesh)
+            if reference else {})
+    return {t: functools.partial(gradcam.make_fn(model, t, cfg.method), reference=refs[t])
+            if refs else gradcam.make_fn(model, t, cfg.method) for t in targets}
+
+  fns = cam_fns(variables, (cfg.target, *also))
+  pred = maps(fns[cfg.target], variables, ds, num_examples, np.full(num_examples, -1),
+              cfg.batch_size, mesh)
+  true = maps(fns[cfg.target], variables, ds, num_examples, labels, cfg.batch_size, mesh)
   result = {"fold": fold, "target": cfg.target, "method": cfg.method, "per_image": [],
             "reference_images": reference[1] if reference else 0,
             **localisation(true["cam"], masks)}
   # Other maps of the same network (concat: each branch), scored the same way.
-  result["targets"] = {
-      t: localisation(maps(cam_fn_for(t, variables), variables, ds, num_examples, labels,
-                           cfg.batch_size, mesh)["cam"], masks)
-      for t in cfg.get("also_score", ()) if t != cfg.target}
+  result["targets"] = {t: localisation(maps(fns[t], variables, ds, num_examples, labels,
+                                            cfg.batch_size, mesh)["cam"], masks) for t in also}
   lesion = masks["has_lesion"]
   if sanity:
     size = int(ds.element_spec["image"].shape[0])
     rand = randomised_top(model, variables, size, groups, seed)
-    again = maps(cam_fn_for(cfg.target, rand), rand, ds, num_examples, pred["class"], cfg.batch_size, mesh)
+    again = maps(cam_fns(rand, (cfg.target,))[cfg.target], rand, ds, num_examples,
+                 pred["class"], cfg.batch_size, mesh)
     result["randomisation_spearman"] = gradcam.rank_similarity(pred["cam"], again["cam"])
   # Gallery: per class, a sample of right and of wrong predictions (seeded), and optionally
   # every misclassified image.

@@ -117,15 +117,15 @@ def make_fn(model, target: str = "features", method: str = "gradcam"):
 
 
 @functools.lru_cache(maxsize=8)
-def make_sum_fn(model, target: str):
-  """-> jitted fn(variables, batch) -> the sum of the target map over the batch's real
-  (mask = 1) images [h, w, K]: for a reference map's mean."""
+def make_sum_fn(model, targets: tuple[str, ...]):
+  """-> jitted fn(variables, batch) -> {target: the sum of its map over the batch's real
+  (mask = 1) images [h, w, K]}, every target from one forward pass: for reference maps."""
 
   @jax.jit
   def fn(variables, batch):
     _, out = model.apply(variables, batch["image"], train=False)
-    fmap = out[target].astype(jnp.float32)
-    return jnp.einsum("bhwk,b->hwk", fmap, batch["mask"].astype(jnp.float32))
+    mask = batch["mask"].astype(jnp.float32)
+    return {t: jnp.einsum("bhwk,b->hwk", out[t].astype(jnp.float32), mask) for t in targets}
 
   return fn
 
