@@ -352,7 +352,7 @@ def profile(name: str, size: int, batch: int, steps: int) -> dict:
     wall = (time.perf_counter() - t) / steps
     trace = jax.profiler.ProfileData.from_file(
         glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
-  seconds, unmatched = collections.Counter(), 0.0
+  seconds = collections.Counter()
   for plane in trace.planes:
     for line in plane.lines if plane.name == "/host:CPU" else ():
       for event in line.events:
