@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import functools
 import hashlib
 import json
-import functools
 import os
 import socket
 import sys
