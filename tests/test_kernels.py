@@ -1,8 +1,6 @@
-"""The CPU fast paths against the reference ops, values and gradients: the native weight-gradient
-kernels (xrayjax/kernels, 3x3, depthwise and 1x1) and max pooling's native input gradient
-against lax, max pooling (native or as slices) against nn.max_pool."""
-
-import os
+"""The CPU fast paths against the reference ops, values and gradients: oneDNN's convolutions
+(every form the models use), the native 1x1 weight gradient and max pooling's native input
+gradient against lax, max pooling (native or as slices) against nn.max_pool."""
 
 import jax
 import flax.linen as nn
@@ -18,73 +16,107 @@ NHWC = kernels.NHWC
 
 
 def test_the_kernels_build_here():
-  # Every machine the README's install supports has a compiler; CI must not silently fall back.
+  # Every machine the README's install supports has a compiler and oneDNN's wheel; CI must not
+  # silently fall back.
   assert kernels.native(), kernels.status()
-  assert kernels.status().startswith("native")
+  assert kernels.status().startswith("native CPU kernels: oneDNN")
 
 
-def _lax_weight_grad(x, g, w_shape, padding, groups=1):
-  f = lambda w: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC,
-                                         feature_group_count=groups)
-  return jax.vjp(f, jnp.zeros(w_shape, jnp.float32))[1](g)[0]
+def _lax_conv(x, w, stride, padding, groups=1):
+  return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC,
+                                  feature_group_count=groups)
 
 
-def _operands(rng, n, h, w, cin, cout, kernel, padding):
-  (pt, pb), (pl, pr) = padding
-  out_h, out_w = h + pt + pb - kernel[0] + 1, w + pl + pr - kernel[1] + 1
+# (input shape, kernel, Ci / groups, Co, stride, padding, groups): every form the models send,
+# and a few they might: SAME and VALID, strided with uneven and absent trailing padding, the
+# ResNets' 7x7/2 stem and its Keras form (pad 3, then VALID: the last window stops short),
+# rectangular kernels with asymmetric padding, one input channel, depthwise, grouped.
+CONVS = {
+    "3x3": ((2, 9, 7, 5), (3, 3), 5, 6, 1, ((1, 1), (1, 1)), 1),
+    "3x3_valid": ((3, 8, 8, 4), (3, 3), 4, 3, 1, ((0, 0), (0, 0)), 1),
+    "2x4_asymmetric": ((1, 6, 11, 3), (2, 4), 3, 8, 1, ((0, 1), (2, 1)), 1),
+    "5x5_one_channel": ((2, 10, 10, 1), (5, 5), 1, 4, 1, ((2, 2), (2, 2)), 1),
+    "3x3_wide": ((2, 16, 16, 96), (3, 3), 96, 160, 1, ((1, 1), (1, 1)), 1),
+    "3x3/2_same": ((2, 9, 9, 6), (3, 3), 6, 8, 2, ((1, 1), (1, 1)), 1),
+    "3x3/2_valid_odd": ((2, 13, 12, 4), (3, 3), 4, 5, 2, ((0, 0), (0, 0)), 1),
+    "3x3/2_resnet": ((2, 10, 10, 4), (3, 3), 4, 4, 2, ((0, 1), (0, 1)), 1),
+    "7x7/2_stem": ((2, 23, 23, 3), (7, 7), 3, 8, 2, ((3, 3), (3, 3)), 1),
+    "7x7/2_keras_stem": ((2, 22, 22, 3), (7, 7), 3, 8, 2, ((3, 3), (3, 3)), 1),
+    "5x5/3_short": ((1, 20, 20, 1), (5, 5), 1, 8, 3, ((1, 0), (0, 2)), 1),
+    "depthwise": ((2, 7, 9, 5), (3, 3), 1, 5, 1, ((1, 1), (1, 1)), 5),
+    "depthwise_valid": ((3, 6, 6, 17), (3, 3), 1, 17, 1, ((0, 0), (0, 0)), 17),
+    "depthwise/2": ((2, 9, 9, 8), (3, 3), 1, 8, 2, ((1, 1), (1, 1)), 8),
+    "grouped": ((2, 8, 8, 8), (3, 3), 2, 12, 1, ((1, 1), (1, 1)), 4),
+}
+
+
+@pytest.mark.parametrize("form", CONVS)
+def test_onednn_convs_match_lax_in_value_and_both_gradients(form):
+  shape, kernel, cin, cout, stride, padding, groups = CONVS[form]
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape, np.float32))
+  w = jnp.asarray(rng.standard_normal((*kernel, cin, cout), np.float32))
+  y = _lax_conv(x, w, stride, padding, groups)
+  weights = jnp.asarray(rng.standard_normal(y.shape, np.float32))  # every output counts apart
+
+  def loss(conv):
+    return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(conv(x, w) * weights), (0, 1)))
+
+  ours = lambda x, w: kernels.conv(x, w, stride, padding, groups)
+  (v, (dx, dw)) = loss(ours)(x, w)
+  (rv, (rdx, rdw)) = loss(lambda x, w: _lax_conv(x, w, stride, padding, groups))(x, w)
+  np.testing.assert_allclose(ours(x, w), y, rtol=1e-5, atol=1e-5 * float(jnp.abs(y).max()))
+  np.testing.assert_allclose(v, rv, rtol=1e-5)
+  np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-5 * float(jnp.abs(rdx).max()))
+  np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-5 * float(jnp.abs(rdw).max()))
+  hlo = loss(ours).lower(x, w).as_text()
+  for target in ("fwd", "bwd_data", "bwd_weights"):  # all three passes are oneDNN's
+    assert f"xrayjax_dnnl_conv_{target}" in hlo
+
+
+def test_other_dtypes_keep_xlas_convolutions():
+  x = jnp.ones((1, 8, 8, 3), jnp.bfloat16)
+  w = jnp.ones((3, 3, 3, 4), jnp.bfloat16)
+  f = lambda w: jnp.sum(kernels.conv(x, w, 1, ((1, 1), (1, 1))).astype(jnp.float32))
+  assert "xrayjax_" not in jax.jit(jax.grad(f)).lower(w).as_text()
+  f = lambda w: jnp.sum(kernels.pointwise(x, w[:1, :1]).astype(jnp.float32))
+  assert "xrayjax_" not in jax.jit(jax.grad(f)).lower(w).as_text()
+
+
+def test_a_program_lowered_for_an_accelerator_keeps_xlas_convolutions():
+  x = jnp.ones((1, 8, 8, 3))
+  w = jnp.ones((3, 3, 3, 4))
+  f = jax.jit(jax.grad(lambda w: jnp.sum(kernels.conv(x, w, 2, ((1, 1), (1, 1))))))
+  assert "xrayjax_dnnl_conv" in f.trace(w).lower(lowering_platforms=("cpu",)).as_text()
+  assert "xrayjax_" not in f.trace(w).lower(lowering_platforms=("cuda",)).as_text()
+
+
+# (batch, height, width, cin, cout): rows within one tile, over several tiles, and output
+# channels in blocks of 128 with a partial last one (the block schedule).
+POINTWISE = [(2, 5, 7, 8, 3), (2, 24, 24, 96, 160), (1, 4, 6, 64, 300)]
+
+
+@pytest.mark.parametrize("private_bytes", [64 << 20, 0], ids=["tiles", "blocks"])
+@pytest.mark.parametrize("n,h,w,cin,cout", POINTWISE)
+def test_pointwise_weight_grad_matches_lax(n, h, w, cin, cout, private_bytes):
+  rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((n, h, w, cin), np.float32))
-  g = jnp.asarray(rng.standard_normal((n, out_h, out_w, cout), np.float32))
-  return x, g
-
-
-# (batch, height, width, cin, cout, kernel, padding): SAME and VALID 3x3, asymmetric and
-# rectangular windows, one input channel (VGG's first layer on grey films), more rows than
-# one tile, and output channels in blocks of 128 with a partial last one (tap by tap).
-DENSE = [
-    (2, 9, 7, 5, 6, (3, 3), ((1, 1), (1, 1))),
-    (3, 8, 8, 4, 3, (3, 3), ((0, 0), (0, 0))),
-    (1, 6, 11, 3, 8, (2, 4), ((0, 1), (2, 1))),
-    (2, 10, 10, 1, 4, (5, 5), ((2, 2), (2, 2))),
-    (2, 12, 12, 3, 8, (7, 7), ((3, 3), (3, 3))),
-    (2, 16, 16, 96, 160, (3, 3), ((1, 1), (1, 1))),  # 630 rows: two tiles of 384
-    (1, 4, 6, 64, 300, (3, 3), ((1, 1), (1, 1))),
-    (2, 5, 7, 8, 3, (1, 1), ((0, 0), (0, 0))),  # 1x1: unpadded operands, every row
-    (2, 24, 24, 96, 160, (1, 1), ((0, 0), (0, 0))),  # 1x1 over several tiles
-    (2, 5, 7, 8, 3, (1, 1), ((1, 0), (0, 1))),  # 1x1 with padding: the shifted layout
-]
-
-
-@pytest.mark.parametrize("private_bytes", [64 << 20, 0], ids=["tiles", "taps"])
-@pytest.mark.parametrize("n,h,w,cin,cout,kernel,padding", DENSE)
-def test_conv_weight_grad_matches_lax(n, h, w, cin, cout, kernel, padding, private_bytes):
-  x, g = _operands(np.random.default_rng(0), n, h, w, cin, cout, kernel, padding)
-  got = jax.jit(kernels.conv_weight_grad, static_argnums=(2, 3, 4))(x, g, kernel, padding,
-                                                                     private_bytes)
-  want = _lax_weight_grad(x, g, (*kernel, cin, cout), padding)
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
-
-
-@pytest.mark.parametrize("n,h,w,c,kernel,padding", [
-    (2, 7, 9, 5, (3, 3), ((1, 1), (1, 1))),
-    (3, 6, 6, 17, (3, 3), ((0, 0), (0, 0))),
-    (1, 8, 5, 4, (2, 3), ((1, 0), (0, 2))),
-    (70, 3, 3, 2, (3, 3), ((1, 1), (1, 1))),  # more rows than work items: several rows each
-])
-def test_depthwise_weight_grad_matches_lax(n, h, w, c, kernel, padding):
-  x, g = _operands(np.random.default_rng(1), n, h, w, c, c, kernel, padding)
-  got = jax.jit(kernels.depthwise_weight_grad, static_argnums=(2, 3))(x, g, kernel, padding)
-  want = _lax_weight_grad(x, g, (*kernel, 1, c), padding, groups=c)
+  g = jnp.asarray(rng.standard_normal((n, h, w, cout), np.float32))
+  got = jax.jit(kernels.pointwise_weight_grad, static_argnums=2)(x, g, private_bytes)
+  want = jax.vjp(lambda w: _lax_conv(x, w, 1, ((0, 0), (0, 0))),
+                 jnp.zeros((1, 1, cin, cout)))[1](g)[0]
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
 @pytest.mark.parametrize("kind,strides", [
-    ("dense", (1, 1)), ("depthwise", (1, 1)), ("pointwise", (1, 1)), ("pointwise", (2, 2))])
+    ("dense", (1, 1)), ("dense", (2, 2)), ("depthwise", (1, 1)), ("pointwise", (1, 1)),
+    ("pointwise", (2, 2))])
 def test_model_convs_match_lax_in_value_and_both_gradients(kind, strides):
   # Through models/common.py (what the models call), under jit and grad, with a loss that
   # weights every output differently.
   rng = np.random.default_rng(2)
   c = 6
-  x = jnp.asarray(rng.standard_normal((2, 32, 28, c), np.float32))  # native from 28x28 maps
+  x = jnp.asarray(rng.standard_normal((2, 32, 28, c), np.float32))
   kernel = (1, 1) if kind == "pointwise" else (3, 3)
   w = jnp.asarray(rng.standard_normal((*kernel, 1 if kind == "depthwise" else c, c), np.float32))
   weights = jnp.asarray(rng.standard_normal((2, 32 // strides[0], 28 // strides[1], c),
@@ -102,21 +134,9 @@ def test_model_convs_match_lax_in_value_and_both_gradients(kind, strides):
   np.testing.assert_allclose(v, rv, rtol=1e-5)
   np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-4)
-  # The native kernel is in the CPU program (not XLA's gradient).
+  # The native kernels are in the CPU program (not XLA's gradient).
   hlo = jax.jit(jax.grad(lambda w: loss(common.conv_general_dilated, x, w))).lower(w).as_text()
-  assert "xrayjax_" in hlo
-
-
-@pytest.mark.parametrize("dtype,size,native", [
-    (jnp.float32, 28, True), (jnp.bfloat16, 28, False), (jnp.float32, 27, False)])
-def test_other_dtypes_and_small_maps_keep_xlas_gradient(dtype, size, native):
-  x = jnp.ones((1, size, size, 3), dtype)
-  w = jnp.ones((3, 3, 3, 4), dtype)
-  f = lambda w: jnp.sum(kernels.conv(x, w, ((1, 1), (1, 1))).astype(jnp.float32))
-  assert ("xrayjax_" in jax.jit(jax.grad(f)).lower(w).as_text()) == native
-  # 1x1 convs take the native gradient at every size, in float32 only.
-  f = lambda w: jnp.sum(kernels.pointwise(x, w[:1, :1]).astype(jnp.float32))
-  assert ("xrayjax_" in jax.jit(jax.grad(f)).lower(w).as_text()) == (dtype == jnp.float32)
+  assert ("xrayjax_conv_weight_grad" if kind == "pointwise" else "xrayjax_dnnl_conv") in hlo
 
 
 def test_without_a_compiler_the_models_fall_back_and_say_so(monkeypatch, tmp_path):
@@ -128,12 +148,13 @@ def test_without_a_compiler_the_models_fall_back_and_say_so(monkeypatch, tmp_pat
     assert "no C++ compiler ('no-such-compiler'" in kernels.status()
     x = jnp.ones((1, 5, 5, 2))
     w = jnp.ones((3, 3, 2, 2))
-    g = jax.grad(lambda w: jnp.sum(kernels.conv(x, w, ((1, 1), (1, 1)))))(w)
-    np.testing.assert_allclose(g, _lax_weight_grad(x, jnp.ones((1, 5, 5, 2)), w.shape,
-                                                   ((1, 1), (1, 1))))
+    pad = ((1, 1), (1, 1))
+    f = lambda conv: jax.grad(lambda w: jnp.sum(conv(x, w, 1, pad)))(w)
+    np.testing.assert_allclose(f(kernels.conv), f(_lax_conv))
+    assert "xrayjax_" not in jax.jit(lambda w: kernels.conv(x, w, 1, pad)).lower(w).as_text()
     monkeypatch.setenv("XRAYJAX_NATIVE", "0")
     kernels._load.cache_clear()
-    assert kernels.status() == "pure-JAX convolution gradients (XRAYJAX_NATIVE=0)"
+    assert kernels.status() == "XLA's convolutions (XRAYJAX_NATIVE=0)"
   finally:
     kernels._load.cache_clear()
     monkeypatch.undo()
@@ -180,16 +201,20 @@ def test_native_max_pool_gradient_picks_the_maxima_xla_picks(shape, window, stri
   assert "xrayjax_" not in hlo(jnp.bfloat16)  # other dtypes keep XLA's gradient
 
 
-def test_weight_grads_are_bit_reproducible():
-  # Training must repeat exactly (a resumed run matches an uninterrupted one): the threads'
-  # shares of the sums are fixed, whichever thread runs them. Many tiles, several calls.
+def test_convolutions_are_bit_reproducible():
+  # Training must repeat exactly (a resumed run matches an uninterrupted one): at a fixed thread
+  # count oneDNN's primitives split their sums the same way on every call, and the 1x1 kernel's
+  # threads' shares are fixed, whichever thread runs them. Several calls, every pass.
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.standard_normal((4, 40, 40, 96), np.float32))
+  w = jnp.asarray(rng.standard_normal((3, 3, 96, 160), np.float32))
   g = jnp.asarray(rng.standard_normal((4, 40, 40, 160), np.float32))
   pad = ((1, 1), (1, 1))
-  dense = jax.jit(lambda x, g: kernels.conv_weight_grad(x, g, (3, 3), pad))
-  depth = jax.jit(lambda x, g: kernels.depthwise_weight_grad(x, g[..., :96], (3, 3), pad))
-  for f in (dense, depth):
-    first = np.asarray(f(x, g))
-    for _ in range(5):
-      np.testing.assert_array_equal(np.asarray(f(x, g)), first)
+  dense = jax.jit(lambda x, w, g: jax.vjp(lambda x, w: kernels.conv(x, w, 1, pad), x, w)[1](g))
+  depth = jax.jit(lambda x, w, g: jax.vjp(lambda x, w: kernels.conv(x, w, 1, pad, 96), x,
+                                          w[:, :, :1, :96])[1](g[..., :96]))
+  point = jax.jit(lambda x, w, g: kernels.pointwise_weight_grad(x, g))
+  for f in (dense, depth, point):
+    first = jax.tree.map(np.asarray, f(x, w, g))
+    for _ in range(3):
+      jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, f(x, w, g)), first)

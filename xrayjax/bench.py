@@ -294,8 +294,10 @@ def gradcam_table(rows: list[dict], size: int, batch: int) -> str:
 # The kind of an op of the compiled step, from its JAX primitive and the modules it came from.
 def _op_kind(opcode: str, op_name: str, target: str) -> str:
   if target:
-    return {"xrayjax_conv_weight_grad": "conv weight gradient (native)",
-            "xrayjax_depthwise_weight_grad": "depthwise weight gradient (native)",
+    return {"xrayjax_conv_weight_grad": "1x1 conv weight gradient (native)",
+            "xrayjax_dnnl_conv_fwd": "conv forward (oneDNN)",
+            "xrayjax_dnnl_conv_bwd_data": "conv input gradient (oneDNN)",
+            "xrayjax_dnnl_conv_bwd_weights": "conv weight gradient (oneDNN)",
             "xrayjax_max_pool_grad": "max pooling (native gradient)"}.get(target, target)
   parts = op_name.split("/")
   prim, modules = parts[-1], parts[:-1]
@@ -303,8 +305,6 @@ def _op_kind(opcode: str, op_name: str, target: str) -> str:
     return "layout copies"
   if "jvp(" not in op_name:
     return "optimizer update and loss"
-  if any("depthwise" in m for m in modules):
-    return "depthwise conv (XLA's fused shifts)"
   if prim in ("conv_general_dilated", "dot_general"):
     return "conv and matmul (XLA)"
   if prim.startswith(("reduce_window", "select_and_scatter")) or any("pool" in m for m in modules):

@@ -1,14 +1,13 @@
-// xrayjax's CPU kernels: the convolution weight gradients and max pooling's input gradient,
-// which XLA's CPU backend runs far below this machine's peak (docs/performance.md). Registered
+// xrayjax's own CPU kernels: the 1x1 convolution weight gradient and max pooling's input
+// gradient, which XLA's CPU backend runs far below this machine's peak and oneDNN does not beat
+// (docs/performance.md; larger convolutions run through oneDNN, onednn_conv.cc). Registered
 // through jax.ffi by xrayjax/kernels/__init__.py, which compiles this file on first use; values
 // and gradients are tested against lax in tests/test_kernels.py.
 //
-// The convolution kernels take the input already padded by the caller (so any padding is one
-// layout here). All run on XLA's intra-op thread pool: work items are claimed from an atomic
-// counter by the calling thread and by tasks scheduled on the pool, so a task that starts late
-// finds nothing to do and the call never waits on a task that has not started. Each item's
-// share of the sums is fixed and sums are added in item order, so results are the same
-// whichever thread ran what.
+// Both run on XLA's intra-op thread pool: work items are claimed from an atomic counter by the
+// calling thread and by tasks scheduled on the pool, so a task that starts late finds nothing
+// to do and the call never waits on a task that has not started. Each item's share of the sums
+// is fixed and sums are added in item order, so results are the same whichever thread ran what.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -68,115 +67,53 @@ int Workers(ffi::ThreadPool& pool, int64_t items) {
   return static_cast<int>(std::min(threads, std::max<int64_t>(1, items)));
 }
 
-// Dense conv weight gradient, stride 1:
-//   dw[ky, kx, ci, co] = sum_{n, y, x} xp[n, y + ky, x + kx, ci] * gp[n, y, x, co]
-// xp: (N, Hp, Wp, Ci), gp: (N, Hp, Wp, Co), where Hp = Ho + kh and Wp = Wo + kw - 1, and gp is
-// zero outside [0, Ho) x [0, Wo). Flattening (n, y, x) into one row index k, tap (ky, kx) of xp
-// is the same matrix shifted by ky * Wp + kx rows, so each tap is one GEMM with transposed
-// operands over every row at once (the zero rows and columns of gp cancel the positions that
-// wrap across a row or an image). The last kh rows of the last image are zero in gp and are
-// left out, so no tap reads past the end of xp. A 1x1 conv (`pointwise`) needs no shift and
-// so no padding: Hp = Ho, Wp = Wo, and every row counts.
-//
+// 1x1 conv weight gradient: dw[0, 0, ci, co] = sum over rows k = (n, y, x) of
+// x[k, ci] * g[k, co], one GEMM with a transposed operand. x: (N, H, W, Ci), g: (N, H, W, Co).
 // Two schedules:
-//   tiles of `tile` rows for all taps (each tile is read from memory once and reused by every
-//     tap from cache); workers accumulate privately and the sums are added at the end. Faster
-//     at every VGG16 layer (docs/performance.md);
-//   one tap and a block of output channels per work item, over all rows, when the private sums
-//     would take more than `private_bytes` (wide layers on many threads).
-
-ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
-                          ffi::Buffer<ffi::F32> gp, ffi::ResultBuffer<ffi::F32> dw, int64_t kh,
-                          int64_t kw, int64_t tile, int64_t private_bytes) {
-  auto xd = xp.dimensions();
-  auto gd = gp.dimensions();
-  const bool pointwise = kh == 1 && kw == 1;
+//   tiles of `tile` rows (each read from memory once); workers accumulate privately and the
+//     sums are added at the end;
+//   a block of output channels per work item, over all rows, when the private sums would take
+//     more than `private_bytes` (wide layers on many threads).
+ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw, int64_t tile,
+                          int64_t private_bytes) {
+  auto xd = x.dimensions();
+  auto gd = g.dimensions();
   if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[1] != gd[1] || xd[2] != gd[2] ||
-      (!pointwise && (xd[1] <= kh || xd[2] < kw)) || tile <= 0) {
-    return ffi::Error::InvalidArgument("conv_weight_grad: operands are not (N, Ho+kh, Wo+kw-1, C), or (N, Ho, Wo, C) for 1x1");
+      tile <= 0) {
+    return ffi::Error::InvalidArgument("conv_weight_grad: operands are not (N, H, W, Ci) and (N, H, W, Co)");
   }
-  const int64_t N = xd[0], Hp = xd[1], Wp = xd[2], Ci = xd[3], Co = gd[3];
-  const int64_t taps = kh * kw;
-  const int64_t rows = N * Hp * Wp - (pointwise ? 0 : kh * Wp);
-  const float* X = xp.typed_data();
-  const float* G = gp.typed_data();
+  const int64_t Ci = xd[3], Co = gd[3], rows = xd[0] * xd[1] * xd[2];
+  const float* X = x.typed_data();
+  const float* G = g.typed_data();
   float* D = dw->typed_data();
   static const bool single = (scipy_openblas_set_num_threads(1), true);  // ours: XLA's pool
   (void)single;
   const int64_t tiles = (rows + tile - 1) / tile;
   const int workers = Workers(pool, tiles);
-  if (workers * taps * Ci * Co * int64_t{sizeof(float)} <= private_bytes) {
+  if (workers * Ci * Co * int64_t{sizeof(float)} <= private_bytes) {
     // Work item w sums a fixed, contiguous range of tiles into its own buffer, and the buffers
     // are added in order: the result does not depend on which thread ran what, so training is
     // bit-reproducible (resumed runs match uninterrupted ones).
-    std::vector<float> acc(static_cast<size_t>(workers) * taps * Ci * Co, 0.f);
+    std::vector<float> acc(static_cast<size_t>(workers) * Ci * Co, 0.f);
     ParallelFor(pool, workers, workers, [&](int64_t w) {
-      float* out = acc.data() + static_cast<size_t>(w) * taps * Ci * Co;
+      float* out = acc.data() + static_cast<size_t>(w) * Ci * Co;
       for (int64_t t = tiles * w / workers; t < tiles * (w + 1) / workers; ++t) {
         const int64_t k0 = t * tile, k = std::min(tile, rows - k0);
-        for (int64_t tap = 0; tap < taps; ++tap) {
-          const int64_t shift = (tap / kw) * Wp + tap % kw;
-          scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Ci, Co, k, 1.f,
-                            X + (k0 + shift) * Ci, Ci, G + k0 * Co, Co, 1.f,
-                            out + tap * Ci * Co, Co);
-        }
+        scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Ci, Co, k, 1.f, X + k0 * Ci,
+                          Ci, G + k0 * Co, Co, 1.f, out, Co);
       }
     });
-    SumInOrder(acc, workers, taps * Ci * Co, D);
+    SumInOrder(acc, workers, Ci * Co, D);
   } else {
     const int64_t block = Co >= 256 ? 128 : Co;
     const int64_t blocks = (Co + block - 1) / block;
-    ParallelFor(pool, taps * blocks, Workers(pool, taps * blocks), [&](int64_t item) {
-      const int64_t tap = item / blocks, c0 = (item % blocks) * block;
-      const int64_t shift = (tap / kw) * Wp + tap % kw;
+    ParallelFor(pool, blocks, Workers(pool, blocks), [&](int64_t item) {
+      const int64_t c0 = item * block;
       scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Ci, std::min(block, Co - c0),
-                        rows, 1.f, X + shift * Ci, Ci, G + c0, Co, 0.f,
-                        D + tap * Ci * Co + c0, Co);
+                        rows, 1.f, X, Ci, G + c0, Co, 0.f, D + c0, Co);
     });
   }
-  return ffi::Error::Success();
-}
-
-// Depthwise conv weight gradient, stride 1:
-//   dw[ky, kx, 0, c] = sum_{n, y, x} xp[n, y + ky, x + kx, c] * g[n, y, x, c]
-// xp: (N, Ho+kh-1, Wo+kw-1, C), g: (N, Ho, Wo, C). A work item is a range of output rows (n, y)
-// with its own kh * kw * C sums (in cache) over contiguous channels.
-ffi::Error DepthwiseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
-                               ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw,
-                               int64_t kh, int64_t kw) {
-  auto xd = xp.dimensions();
-  auto gd = g.dimensions();
-  if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[3] != gd[3] ||
-      xd[1] != gd[1] + kh - 1 || xd[2] != gd[2] + kw - 1) {
-    return ffi::Error::InvalidArgument("depthwise_weight_grad: operands are not (N, Ho+kh-1, Wo+kw-1, C) and (N, Ho, Wo, C)");
-  }
-  const int64_t N = gd[0], Ho = gd[1], Wo = gd[2], C = gd[3], Hp = xd[1], Wp = xd[2];
-  const int64_t taps = kh * kw;
-  const float* X = xp.typed_data();
-  const float* G = g.typed_data();
-  float* D = dw->typed_data();
-  // As above: work item w sums a fixed range of rows into its own buffer (deterministic).
-  const int workers = Workers(pool, N * Ho);
-  std::vector<float> acc(static_cast<size_t>(workers) * taps * C, 0.f);
-  ParallelFor(pool, workers, workers, [&](int64_t w) {
-    float* out = acc.data() + static_cast<size_t>(w) * taps * C;
-    for (int64_t r = N * Ho * w / workers; r < N * Ho * (w + 1) / workers; ++r) {
-      const int64_t n = r / Ho, y = r % Ho;
-      const float* grow = G + (n * Ho + y) * Wo * C;
-      for (int64_t ky = 0; ky < kh; ++ky) {
-        const float* xrow = X + (n * Hp + y + ky) * Wp * C;
-        for (int64_t kx = 0; kx < kw; ++kx) {
-          float* __restrict d = out + (ky * kw + kx) * C;
-          for (int64_t x = 0; x < Wo; ++x) {
-            const float* __restrict a = xrow + (x + kx) * C;
-            const float* __restrict b = grow + x * C;
-            for (int64_t c = 0; c < C; ++c) d[c] += a[c] * b[c];
-          }
-        }
-      }
-    }
-  });
-  SumInOrder(acc, workers, taps * C, D);
   return ffi::Error::Success();
 }
 
@@ -257,19 +194,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_conv_weight_grad, ConvWeightGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
                                   .Attr<int64_t>("tile")
                                   .Attr<int64_t>("private_bytes"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_depthwise_weight_grad, DepthwiseWeightGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_max_pool_grad, MaxPoolGrad,
                               ffi::Ffi::Bind()

@@ -48,40 +48,29 @@ def zero_pad(x, pad: int):
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
-  """lax.conv_general_dilated, with three kinds of conv computed another way (same result).
-
-  XLA's CPU backend is slow at all three (xrayjax.bench, docs/performance.md):
+  """lax.conv_general_dilated, with the convs the models use computed another way (same
+  result), since XLA's CPU backend is slow at them (xrayjax.bench, docs/performance.md):
     - a plain 1x1 conv is one matrix product (faster, forward and backward), with a native
-      weight gradient on the CPU (xrayjax/kernels);
-    - a depthwise conv at stride 1 is a sum of shifted, channel-scaled copies of the input,
-      which XLA fuses into one loop (grouped convolutions run far below peak there), with a
-      native weight gradient on the CPU (xrayjax/kernels);
-    - any other plain conv at stride 1 keeps XLA's forward pass and input gradient and takes
-      the native weight gradient on the CPU (xrayjax/kernels);
-    - a plain strided conv keeps XLA's forward pass and input gradient, and on the image stems
-      takes the native weight gradient on the input's s x s blocks (`kernels.strided_conv`).
+      weight gradient on the CPU (`kernels.pointwise`);
+    - any other plain conv with equal strides (dense, strided, grouped, depthwise) runs its
+      three passes through oneDNN on the CPU (`kernels.conv`; a depthwise conv at stride 1 is
+      a fused sum of shifted copies of the input where oneDNN is missing).
   """
   nhwc = dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
   plain = nhwc and not kwargs and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
-  kh, kw, cin, cout = rhs.shape
+  kh, kw = rhs.shape[:2]
   if plain and (kh, kw) == (1, 1) and feature_group_count == 1 and _no_padding(padding):
     x = lhs[:, ::window_strides[0], ::window_strides[1]]
     if precision is None:
       return kernels.pointwise(x, rhs)
     return kernels.pointwise_product(x, rhs, precision)
   stride = tuple(window_strides)
-  if plain and stride[0] == stride[1]:
+  if plain and stride[0] == stride[1] and precision is None:
     if isinstance(padding, str):
       padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), stride, padding)
     pads = tuple(tuple(int(p) for p in pair) for pair in padding)
-    dense = feature_group_count == 1 and precision is None
     if min(min(pair) for pair in pads) >= 0:
-      if stride == (1, 1) and cin == 1 and feature_group_count == lhs.shape[3] == cout:
-        return kernels.depthwise(lhs, rhs, pads)
-      if stride == (1, 1) and dense:
-        return kernels.conv(lhs, rhs, pads)
-      if dense:
-        return kernels.strided_conv(lhs, rhs, stride[0], pads)
+      return kernels.conv(lhs, rhs, stride[0], pads, feature_group_count)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                   dimension_numbers, feature_group_count, precision=precision,
                                   **kwargs)
