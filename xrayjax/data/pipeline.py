@@ -18,6 +18,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from xrayjax.data import records
+
 METADATA_KEYS = ("image_id", "patient_id", "label", "source", "site", "view", "file_sha1",
                  "phash")
 
@@ -28,20 +30,24 @@ def _skip_images(builder) -> dict:
 
 
 def read_metadata(builder: tfds.core.DatasetBuilder, split: str = "train") -> dict[str, np.ndarray]:
-  """Per-image metadata, `findings` and `position` (the image's place in the split's files;
-  no image is decoded), sorted by image_id."""
-  ds = builder.as_dataset(split=split, decoders=_skip_images(builder), shuffle_files=False)
+  """Per-image metadata, `findings`, `position` (the image's place in the split's files as
+  `select` reads them) and `record` (its index in the split's records, records.reader; no
+  image is decoded), sorted by image_id."""
+  ds = builder.as_dataset(split=split, decoders=_skip_images(builder), shuffle_files=False,
+                          read_config=tfds.ReadConfig(add_tfds_id=True))
   keys = [k for k in METADATA_KEYS if k in builder.info.features]
-  ds = ds.map(lambda ex: {k: ex[k] for k in keys + ["findings"]}).batch(4096)
-  cols: dict[str, list] = {k: [] for k in keys}
+  ds = ds.map(lambda ex: {k: ex[k] for k in keys + ["findings", "tfds_id"]}).batch(4096)
+  cols: dict[str, list] = {k: [] for k in keys + ["tfds_id"]}
   findings = []
   for batch in ds.as_numpy_iterator():
-    for k in keys:
+    for k in keys + ["tfds_id"]:
       cols[k].extend(v.decode() for v in batch[k])
     findings.append(batch["findings"])
+  tfds_ids = cols.pop("tfds_id")
   meta = {k: np.array(v, dtype=object) for k, v in cols.items()}
   meta["findings"] = np.concatenate(findings) if findings else np.zeros((0, 0), bool)
   meta["position"] = np.arange(len(meta["image_id"]))  # the image's place in the split's files
+  meta["record"] = records.record_of(builder, tfds_ids, split)
   order = np.argsort(meta["image_id"].astype(str), kind="stable")
   return {k: v[order] for k, v in meta.items()}
 
