@@ -11,10 +11,16 @@ batch; `sharding.to_global` turns them into global jax.Arrays.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import io
 import math
+import os
+import threading
 from typing import Iterator
 
 import numpy as np
+import PIL.Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -101,12 +107,13 @@ def _select_one(builder, image_ids, positions, label_of, image_size, split):
 
 
 def to_model_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
-  """A stored uint8 image [h, w, 1] -> the model's input size (antialiased, rounded to uint8).
+  """A stored uint8 image [h, w, 1] (or a batch [n, h, w, 1]) -> the model's input size
+  (antialiased, rounded to uint8).
 
   The one resize between a built image and the model: training, evaluation and `predict`
   all go through it.
   """
-  if image.shape[0] == image_size and image.shape[1] == image_size:
+  if image.shape[-3] == image_size and image.shape[-2] == image_size:
     return image
   image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size), antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
@@ -290,27 +297,39 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
                      num_examples)
 
 
+# Stream's reads: jobs of READ_CHUNK images on READ_THREADS threads (PIL's PNG decode releases
+# the GIL), at most READ_AHEAD jobs ahead of the one being consumed (the memory a stream holds
+# beyond tf.data's few batches).
+READ_CHUNK = 64
+READ_AHEAD = 4
+READ_THREADS = min(4, os.cpu_count() or 1)
+
+
 class Stream:
   """A selection too large for every process to cache (above the memory budget,
-  `config.cache_budget_mb`). Training: every epoch, each process decodes only the images of
-  its share of that epoch's batches (one pass over the files, its share held in memory:
-  1/processes of the selection). Evaluation (a validation set): each process decodes its
-  share once and keeps it. Batches are exactly `train_batches`' and `eval_batches`' on the
-  cached selection with the same seed, epoch and process: the same dataset positions in the
-  same order. `transform` (ds -> ds, keyed by `index`) is applied to the decoded images, as
-  `Cohort.dataset` applies the audit's input op."""
+  `config.cache_budget_mb`). Each process reads only the records of its share, by index
+  (records.reader), and decodes them as its batches need them. Training: every epoch, its
+  share of that epoch's batches, in order, a few jobs ahead (READ_AHEAD). Evaluation (a
+  validation set): its share, once, kept. Batches are exactly `train_batches`' and
+  `eval_batches`' on the cached selection with the same seed, epoch and process: the same
+  dataset positions in the same order. Every record read is checked to hold the image the
+  metadata names. `transform` (ds -> ds, keyed by `index`) is applied to the decoded images,
+  as `Cohort.dataset` applies the audit's input op."""
 
-  def __init__(self, builders, builder_index, image_ids, labels, positions, image_size: int,
-               transform=None, split: str = "train"):
+  def __init__(self, builders, builder_index, image_ids, labels, positions, records,
+               image_size: int, transform=None, split: str = "train"):
     builder_index = np.asarray(builder_index)
     self.builders, self.image_size, self.transform, self.split = (builders, image_size,
                                                                   transform, split)
     self.builder_index, self.image_ids = builder_index, np.asarray(image_ids)
     self.labels = np.asarray(labels, np.int32)
+    self.records = np.asarray(records, np.int64)  # each image's index in its builder's records
     # Selection index at each dataset position, in `select`'s order (builder, then file).
     self.at_position = np.lexsort((np.asarray(positions), builder_index))
     self.decoded = 0  # images decoded by the last epoch or evaluation share (this process's)
     self._eval_share = None  # ((process, count), the decoded share)
+    self._readers: dict[int, tuple] = {}  # builder index -> (records.reader, its decoders)
+    self._lock = threading.Lock()
 
   def __len__(self) -> int:
     return len(self.image_ids)
@@ -323,7 +342,7 @@ class Stream:
     order = epoch_order(num_examples, seed, epoch)
     mine = self.at_position[order[process_index::process_count]]
     mine = mine[start * local_batch:steps * local_batch]  # this process's examples, in order
-    return _augmented_batches(self._share(mine), local_batch, steps - start,
+    return _augmented_batches(self._images(mine), local_batch, steps - start,
                               _epoch_seed(seed, epoch), augment_ops)
 
   def eval_batches(self, num_examples: int, global_batch: int, process_index: int = 0,
@@ -338,17 +357,13 @@ class Stream:
                            math.ceil(num_examples / global_batch))
 
   def _share(self, rows: np.ndarray) -> tf.data.Dataset:
-    """Images `rows` (selection indices) decoded, as {image, label, index} in that order."""
-    ds = _decoded(self.builders, self.builder_index[rows], self.image_ids[rows],
-                  self.labels[rows], self.image_size, self.split)
-    rows_t = tf.constant(rows.astype(np.int32))
-    ds = ds.map(lambda ex: {**ex, "place": ex["index"], "index": tf.gather(rows_t, ex["index"])})
-    if self.transform:
-      ds = self.transform(ds)
+    """Images `rows` (selection indices) decoded into memory, as {image, label, index} in
+    that order."""
     images = np.zeros((len(rows), self.image_size, self.image_size, 1), np.uint8)
-    for batch in ds.batch(256).as_numpy_iterator():
-      images[batch["place"]] = batch["image"]
-    self.decoded = len(rows)
+    done = 0
+    for batch in self._images(rows).batch(256).as_numpy_iterator():
+      images[done:done + len(batch["image"])] = batch["image"]
+      done += len(batch["image"])
     labels, index = self.labels[rows], rows.astype(np.int32)
     # A generator over the arrays: from_tensor_slices would hold a second copy of the share.
     return tf.data.Dataset.from_generator(
@@ -357,6 +372,74 @@ class Stream:
         output_signature={"image": tf.TensorSpec(images.shape[1:], tf.uint8),
                           "label": tf.TensorSpec((), tf.int32),
                           "index": tf.TensorSpec((), tf.int32)})
+
+  def _images(self, rows: np.ndarray) -> tf.data.Dataset:
+    """Images `rows` (selection indices) as {image, label, index} in that order, read and
+    decoded while the dataset is iterated (`transform` applied)."""
+    labels, index = self.labels[rows], rows.astype(np.int32)
+
+    def generate():
+      self.decoded = 0
+      for start, images in self._decoded_chunks(rows):
+        end = start + len(images)
+        yield {"image": images, "label": labels[start:end], "index": index[start:end]}
+
+    s = self.image_size
+    ds = tf.data.Dataset.from_generator(
+        generate, output_signature={"image": tf.TensorSpec((None, s, s, 1), tf.uint8),
+                                    "label": tf.TensorSpec((None,), tf.int32),
+                                    "index": tf.TensorSpec((None,), tf.int32)}).unbatch()
+    return self.transform(ds) if self.transform else ds
+
+  def _decoded_chunks(self, rows: np.ndarray):
+    """(start, images) of each READ_CHUNK of `rows`, in order; at most READ_AHEAD chunks
+    are read beyond the one being consumed."""
+    pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS)
+    jobs = collections.deque()
+    try:
+      for start in range(0, len(rows), READ_CHUNK):
+        jobs.append((start, pool.submit(self._read, rows[start:start + READ_CHUNK])))
+        if len(jobs) > READ_AHEAD:
+          first, job = jobs.popleft()
+          yield first, job.result()
+      while jobs:
+        first, job = jobs.popleft()
+        yield first, job.result()
+    finally:  # (also when the consumer stops early: the jobs not started are dropped)
+      pool.shutdown(wait=True, cancel_futures=True)
+
+  def _read(self, rows: np.ndarray) -> np.ndarray:
+    """Images `rows` (selection indices) read by record index, checked and decoded, at the
+    model's size: uint8 [n, s, s, 1]."""
+    images = []
+    for row in rows:
+      b, record = int(self.builder_index[row]), int(self.records[row])
+      reader, decoders = self._reader(b)
+      builder = self.builders[b]
+      ex = builder.info.features.deserialize_example_np(reader[record], decoders=decoders)
+      found = ex["image_id"].decode()
+      if found != str(self.image_ids[row]):
+        raise ValueError(
+            f"{builder.data_dir}: record {record} holds image {found!r} where the metadata "
+            f"puts {self.image_ids[row]!r}: its array_record copy ({records.SUFFIX}* files) does "
+            "not match its tfrecord build; delete those files and load the data again (any "
+            "run) to write them again")
+      with PIL.Image.open(io.BytesIO(ex["image"])) as image:
+        if image.mode != "L":
+          raise ValueError(f"{builder.data_dir}: record {record} ({found}) is a {image.mode} "
+                           "PNG; builds store 8-bit grey images: build the source again")
+        images.append(np.asarray(image)[..., None])
+    with self._lock:
+      self.decoded += len(rows)
+    return to_model_size(tf.constant(np.stack(images)), self.image_size).numpy()
+
+  def _reader(self, b: int) -> tuple:
+    """(records.reader, decoders keeping images encoded) of builder `b`, opened once."""
+    with self._lock:
+      if b not in self._readers:
+        builder = self.builders[b]
+        self._readers[b] = (records.reader(builder, self.split), _skip_images(builder))
+      return self._readers[b]
 
 
 def configure_tensorflow(jax_backend: str) -> None:
