@@ -37,8 +37,8 @@ def _skip_images(builder) -> dict:
 
 def read_metadata(builder: tfds.core.DatasetBuilder, split: str = "train") -> dict[str, np.ndarray]:
   """Per-image metadata, `findings`, `position` (the image's place in the split's files as
-  `select` reads them) and `record` (its index in the split's records, records.reader; no
-  image is decoded), sorted by image_id."""
+  `select` reads them) and `record` (its index in the split's records, as records.reader
+  reads them), sorted by image_id; no image is decoded."""
   ds = builder.as_dataset(split=split, decoders=_skip_images(builder), shuffle_files=False,
                           read_config=tfds.ReadConfig(add_tfds_id=True))
   keys = [k for k in METADATA_KEYS if k in builder.info.features]
