@@ -11,16 +11,10 @@ batch; `sharding.to_global` turns them into global jax.Arrays.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import io
 import math
-import os
-import threading
 from typing import Iterator
 
 import numpy as np
-import PIL.Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -107,13 +101,12 @@ def _select_one(builder, image_ids, positions, label_of, image_size, split):
 
 
 def to_model_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
-  """A stored uint8 image [h, w, 1] (or a batch [n, h, w, 1]) -> the model's input size
-  (antialiased, rounded to uint8).
+  """A stored uint8 image [h, w, 1] -> the model's input size (antialiased, rounded to uint8).
 
   The one resize between a built image and the model: training, evaluation and `predict`
   all go through it.
   """
-  if image.shape[-3] == image_size and image.shape[-2] == image_size:
+  if image.shape[0] == image_size and image.shape[1] == image_size:
     return image
   image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size), antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
@@ -297,19 +290,11 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.concatenate(list(order.batch(65536).as_numpy_iterator()))
 
 
-# Stream's reads: jobs of READ_CHUNK images on READ_THREADS threads (PIL's PNG decode releases
-# the GIL), at most READ_AHEAD jobs ahead of the one being consumed (the memory a stream holds
-# beyond tf.data's few batches).
-READ_CHUNK = 64
-READ_AHEAD = 4
-READ_THREADS = min(4, os.cpu_count() or 1)
-
-
 class Stream:
   """A selection too large for every process to cache (above the memory budget,
   `config.cache_budget_mb`). Each process reads only the records of its share, by index
   (records.reader), and decodes them as its batches need them. Training: every epoch, its
-  share of that epoch's batches, in order, a few jobs ahead (READ_AHEAD). Evaluation (a
+  share of that epoch's batches, in order, as tf.data asks for them. Evaluation (a
   validation set): its share, once, kept. Batches are exactly `train_batches`' and
   `eval_batches`' on the cached selection with the same seed, epoch and process: the same
   dataset positions in the same order. Every record read is checked to hold the image the
@@ -328,8 +313,7 @@ class Stream:
     self.at_position = np.lexsort((np.asarray(positions), builder_index))
     self.decoded = 0  # images decoded by the last epoch or evaluation share (this process's)
     self._eval_share = None  # ((process, count), the decoded share)
-    self._readers: dict[int, tuple] = {}  # builder index -> (records.reader, its decoders)
-    self._lock = threading.Lock()
+    self._readers = {}  # builder index -> its records.reader, opened at the first read
 
   def __len__(self) -> int:
     return len(self.image_ids)
@@ -374,72 +358,42 @@ class Stream:
                           "index": tf.TensorSpec((), tf.int32)})
 
   def _images(self, rows: np.ndarray) -> tf.data.Dataset:
-    """Images `rows` (selection indices) as {image, label, index} in that order, read and
-    decoded while the dataset is iterated (`transform` applied)."""
-    labels, index = self.labels[rows], rows.astype(np.int32)
+    """Images `rows` (selection indices) as {image, label, index} in that order (`transform`
+    applied): each record read by index as tf.data asks for it, then decoded and resized as
+    `select` does, in parallel (so tf.data's buffers bound what is read ahead)."""
+    labels, index, size = self.labels[rows], rows.astype(np.int32), self.image_size
 
     def generate():
       self.decoded = 0
-      for start, images in self._decoded_chunks(rows):
-        end = start + len(images)
-        yield {"image": images, "label": labels[start:end], "index": index[start:end]}
+      for k, row in enumerate(rows):
+        png = self._png(row)
+        self.decoded += 1
+        yield {"png": png, "label": labels[k], "index": index[k]}
 
-    s = self.image_size
     ds = tf.data.Dataset.from_generator(
-        generate, output_signature={"image": tf.TensorSpec((None, s, s, 1), tf.uint8),
-                                    "label": tf.TensorSpec((None,), tf.int32),
-                                    "index": tf.TensorSpec((None,), tf.int32)}).unbatch()
+        generate, output_signature={"png": tf.TensorSpec((), tf.string),
+                                    "label": tf.TensorSpec((), tf.int32),
+                                    "index": tf.TensorSpec((), tf.int32)})
+    ds = ds.map(lambda ex: {"image": to_model_size(tf.io.decode_png(ex["png"], 1), size),
+                            "label": ex["label"], "index": ex["index"]},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return self.transform(ds) if self.transform else ds
 
-  def _decoded_chunks(self, rows: np.ndarray):
-    """(start, images) of each READ_CHUNK of `rows`, in order; at most READ_AHEAD chunks
-    are read beyond the one being consumed."""
-    pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS)
-    jobs = collections.deque()
-    try:
-      for start in range(0, len(rows), READ_CHUNK):
-        jobs.append((start, pool.submit(self._read, rows[start:start + READ_CHUNK])))
-        if len(jobs) > READ_AHEAD:
-          first, job = jobs.popleft()
-          yield first, job.result()
-      while jobs:
-        first, job = jobs.popleft()
-        yield first, job.result()
-    finally:  # (also when the consumer stops early: the jobs not started are dropped)
-      pool.shutdown(wait=True, cancel_futures=True)
-
-  def _read(self, rows: np.ndarray) -> np.ndarray:
-    """Images `rows` (selection indices) read by record index, checked and decoded, at the
-    model's size: uint8 [n, s, s, 1]."""
-    images = []
-    for row in rows:
-      b, record = int(self.builder_index[row]), int(self.records[row])
-      reader, decoders = self._reader(b)
-      builder = self.builders[b]
-      ex = builder.info.features.deserialize_example_np(reader[record], decoders=decoders)
-      found = ex["image_id"].decode()
-      if found != str(self.image_ids[row]):
-        raise ValueError(
-            f"{builder.data_dir}: record {record} holds image {found!r} where the metadata "
-            f"puts {self.image_ids[row]!r}: its array_record copy ({records.SUFFIX}* files) does "
-            "not match its tfrecord build; delete those files and load the data again (any "
-            "run) to write them again")
-      with PIL.Image.open(io.BytesIO(ex["image"])) as image:
-        if image.mode != "L":
-          raise ValueError(f"{builder.data_dir}: record {record} ({found}) is a {image.mode} "
-                           "PNG; builds store 8-bit grey images: build the source again")
-        images.append(np.asarray(image)[..., None])
-    with self._lock:
-      self.decoded += len(rows)
-    return to_model_size(tf.constant(np.stack(images)), self.image_size).numpy()
-
-  def _reader(self, b: int) -> tuple:
-    """(records.reader, decoders keeping images encoded) of builder `b`, opened once."""
-    with self._lock:
-      if b not in self._readers:
-        builder = self.builders[b]
-        self._readers[b] = (records.reader(builder, self.split), _skip_images(builder))
-      return self._readers[b]
+  def _png(self, row: int) -> bytes:
+    """The stored PNG of selection index `row`, read by record index and checked to be the
+    image the metadata names."""
+    b, record = int(self.builder_index[row]), int(self.records[row])
+    if b not in self._readers:
+      self._readers[b] = records.reader(self.builders[b], self.split)
+    feature = tf.train.Example.FromString(self._readers[b][record]).features.feature
+    found = feature["image_id"].bytes_list.value[0].decode()
+    if found != str(self.image_ids[row]):
+      raise ValueError(
+          f"{self.builders[b].data_dir}: record {record} holds image {found!r} where the "
+          f"metadata puts {self.image_ids[row]!r}: its array_record copy ({records.SUFFIX}* "
+          "files) does not match its tfrecord build; delete those files and load the data "
+          "again (any run) to write them again")
+    return feature["image"].bytes_list.value[0]
 
 
 def configure_tensorflow(jax_backend: str) -> None:
