@@ -104,7 +104,7 @@ class Cohort:
               f"(cache_budget_mb {budget_mb:g})")
     stream = pipeline.Stream(self.builders, self.meta["builder"][rows],
                              self.meta["image_id"][rows], labels[rows],
-                             self.meta["position"][rows], image_size,
+                             self.meta["position"][rows], self.meta["record"][rows], image_size,
                              self._transform(rows, image_size))
     return stream, (f"{len(rows)} images, {mb:.0f} MB at {image_size} px, above "
                     f"cache_budget_mb {budget_mb:g}: each process decodes only its share")

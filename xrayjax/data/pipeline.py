@@ -18,6 +18,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from xrayjax.data import records
+
 METADATA_KEYS = ("image_id", "patient_id", "label", "source", "site", "view", "file_sha1",
                  "phash")
 
@@ -28,20 +30,24 @@ def _skip_images(builder) -> dict:
 
 
 def read_metadata(builder: tfds.core.DatasetBuilder, split: str = "train") -> dict[str, np.ndarray]:
-  """Per-image metadata, `findings` and `position` (the image's place in the split's files;
-  no image is decoded), sorted by image_id."""
-  ds = builder.as_dataset(split=split, decoders=_skip_images(builder), shuffle_files=False)
+  """Per-image metadata, `findings`, `position` (the image's place in the split's files as
+  `select` reads them) and `record` (its index in the split's records, as records.reader
+  reads them), sorted by image_id; no image is decoded."""
+  ds = builder.as_dataset(split=split, decoders=_skip_images(builder), shuffle_files=False,
+                          read_config=tfds.ReadConfig(add_tfds_id=True))
   keys = [k for k in METADATA_KEYS if k in builder.info.features]
-  ds = ds.map(lambda ex: {k: ex[k] for k in keys + ["findings"]}).batch(4096)
-  cols: dict[str, list] = {k: [] for k in keys}
+  ds = ds.map(lambda ex: {k: ex[k] for k in keys + ["findings", "tfds_id"]}).batch(4096)
+  cols: dict[str, list] = {k: [] for k in keys + ["tfds_id"]}
   findings = []
   for batch in ds.as_numpy_iterator():
-    for k in keys:
+    for k in keys + ["tfds_id"]:
       cols[k].extend(v.decode() for v in batch[k])
     findings.append(batch["findings"])
+  tfds_ids = cols.pop("tfds_id")
   meta = {k: np.array(v, dtype=object) for k, v in cols.items()}
   meta["findings"] = np.concatenate(findings) if findings else np.zeros((0, 0), bool)
   meta["position"] = np.arange(len(meta["image_id"]))  # the image's place in the split's files
+  meta["record"] = records.record_of(builder, tfds_ids, split)
   order = np.argsort(meta["image_id"].astype(str), kind="stable")
   return {k: v[order] for k, v in meta.items()}
 
@@ -279,32 +285,35 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   """The epoch's order of a selection's `num_examples` dataset positions: the permutation
   `train_batches` shuffles a cached selection by (it does not depend on the images), computed
   on the positions alone."""
-  return np.fromiter(_shuffle(tf.data.Dataset.range(num_examples), num_examples,
-                              _epoch_seed(seed, epoch)).as_numpy_iterator(), np.int64,
-                     num_examples)
+  order = _shuffle(tf.data.Dataset.range(num_examples), num_examples, _epoch_seed(seed, epoch))
+  # In batches: one position at a time took 5 s for stage A's 88,188 at paper size.
+  return np.concatenate(list(order.batch(65536).as_numpy_iterator()))
 
 
 class Stream:
   """A selection too large for every process to cache (above the memory budget,
-  `config.cache_budget_mb`). Training: every epoch, each process decodes only the images of
-  its share of that epoch's batches (one pass over the files, its share held in memory:
-  1/processes of the selection). Evaluation (a validation set): each process decodes its
-  share once and keeps it. Batches are exactly `train_batches`' and `eval_batches`' on the
-  cached selection with the same seed, epoch and process: the same dataset positions in the
-  same order. `transform` (ds -> ds, keyed by `index`) is applied to the decoded images, as
-  `Cohort.dataset` applies the audit's input op."""
+  `config.cache_budget_mb`). Each process reads only the records of its share, by index
+  (records.reader), and decodes them as its batches need them. Training: every epoch, its
+  share of that epoch's batches, in order, as tf.data asks for them. Evaluation (a
+  validation set): its share, once, kept. Batches are exactly `train_batches`' and
+  `eval_batches`' on the cached selection with the same seed, epoch and process: the same
+  dataset positions in the same order. Every record read is checked to hold the image the
+  metadata names. `transform` (ds -> ds, keyed by `index`) is applied to the decoded images,
+  as `Cohort.dataset` applies the audit's input op."""
 
-  def __init__(self, builders, builder_index, image_ids, labels, positions, image_size: int,
-               transform=None, split: str = "train"):
+  def __init__(self, builders, builder_index, image_ids, labels, positions, records,
+               image_size: int, transform=None, split: str = "train"):
     builder_index = np.asarray(builder_index)
     self.builders, self.image_size, self.transform, self.split = (builders, image_size,
                                                                   transform, split)
     self.builder_index, self.image_ids = builder_index, np.asarray(image_ids)
     self.labels = np.asarray(labels, np.int32)
+    self.records = np.asarray(records, np.int64)  # each image's index in its builder's records
     # Selection index at each dataset position, in `select`'s order (builder, then file).
     self.at_position = np.lexsort((np.asarray(positions), builder_index))
     self.decoded = 0  # images decoded by the last epoch or evaluation share (this process's)
     self._eval_share = None  # ((process, count), the decoded share)
+    self._readers = {}  # builder index -> its records.reader, opened at the first read
 
   def __len__(self) -> int:
     return len(self.image_ids)
@@ -317,7 +326,7 @@ class Stream:
     order = epoch_order(num_examples, seed, epoch)
     mine = self.at_position[order[process_index::process_count]]
     mine = mine[start * local_batch:steps * local_batch]  # this process's examples, in order
-    return _augmented_batches(self._share(mine), local_batch, steps - start,
+    return _augmented_batches(self._images(mine), local_batch, steps - start,
                               _epoch_seed(seed, epoch), augment_ops)
 
   def eval_batches(self, num_examples: int, global_batch: int, process_index: int = 0,
@@ -332,17 +341,13 @@ class Stream:
                            math.ceil(num_examples / global_batch))
 
   def _share(self, rows: np.ndarray) -> tf.data.Dataset:
-    """Images `rows` (selection indices) decoded, as {image, label, index} in that order."""
-    ds = _decoded(self.builders, self.builder_index[rows], self.image_ids[rows],
-                  self.labels[rows], self.image_size, self.split)
-    rows_t = tf.constant(rows.astype(np.int32))
-    ds = ds.map(lambda ex: {**ex, "place": ex["index"], "index": tf.gather(rows_t, ex["index"])})
-    if self.transform:
-      ds = self.transform(ds)
+    """Images `rows` (selection indices) decoded into memory, as {image, label, index} in
+    that order."""
     images = np.zeros((len(rows), self.image_size, self.image_size, 1), np.uint8)
-    for batch in ds.batch(256).as_numpy_iterator():
-      images[batch["place"]] = batch["image"]
-    self.decoded = len(rows)
+    done = 0
+    for batch in self._images(rows).batch(256).as_numpy_iterator():
+      images[done:done + len(batch["image"])] = batch["image"]
+      done += len(batch["image"])
     labels, index = self.labels[rows], rows.astype(np.int32)
     # A generator over the arrays: from_tensor_slices would hold a second copy of the share.
     return tf.data.Dataset.from_generator(
@@ -351,6 +356,44 @@ class Stream:
         output_signature={"image": tf.TensorSpec(images.shape[1:], tf.uint8),
                           "label": tf.TensorSpec((), tf.int32),
                           "index": tf.TensorSpec((), tf.int32)})
+
+  def _images(self, rows: np.ndarray) -> tf.data.Dataset:
+    """Images `rows` (selection indices) as {image, label, index} in that order (`transform`
+    applied): each record read by index as tf.data asks for it, then decoded and resized as
+    `select` does, in parallel (so tf.data's buffers bound what is read ahead)."""
+    labels, index, size = self.labels[rows], rows.astype(np.int32), self.image_size
+
+    def generate():
+      self.decoded = 0
+      for k, row in enumerate(rows):
+        png = self._png(row)
+        self.decoded += 1
+        yield {"png": png, "label": labels[k], "index": index[k]}
+
+    ds = tf.data.Dataset.from_generator(
+        generate, output_signature={"png": tf.TensorSpec((), tf.string),
+                                    "label": tf.TensorSpec((), tf.int32),
+                                    "index": tf.TensorSpec((), tf.int32)})
+    ds = ds.map(lambda ex: {"image": to_model_size(tf.io.decode_png(ex["png"], 1), size),
+                            "label": ex["label"], "index": ex["index"]},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return self.transform(ds) if self.transform else ds
+
+  def _png(self, row: int) -> bytes:
+    """The stored PNG of selection index `row`, read by record index and checked to be the
+    image the metadata names."""
+    b, record = int(self.builder_index[row]), int(self.records[row])
+    if b not in self._readers:
+      self._readers[b] = records.reader(self.builders[b], self.split)
+    feature = tf.train.Example.FromString(self._readers[b][record]).features.feature
+    found = feature["image_id"].bytes_list.value[0].decode()
+    if found != str(self.image_ids[row]):
+      raise ValueError(
+          f"{self.builders[b].data_dir}: record {record} holds image {found!r} where the "
+          f"metadata puts {self.image_ids[row]!r}: its array_record copy ({records.SUFFIX}* "
+          "files) does not match its tfrecord build; delete those files and load the data "
+          "again (any run) to write them again")
+    return feature["image"].bytes_list.value[0]
 
 
 def configure_tensorflow(jax_backend: str) -> None:

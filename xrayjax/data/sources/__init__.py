@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from xrayjax import files, sharding
-from xrayjax.data import tasks
+from xrayjax.data import records, tasks
 from xrayjax.data.sources import (covidx, ieee8023_covid, manifest, native, nih_cxr14,
                                   rsna_pneumonia, synthetic_cxr)
 
@@ -69,7 +69,9 @@ def builder(data_config, name: str | None = None) -> tfds.core.DatasetBuilder:
   many images of each odd mode (16-bit, RGBA, palette, CMYK, 1-bit, DICOM) were converted to
   8-bit grey, and per task the rows whose label it leaves out and the skipped rows of each
   class (native.NativeBuilder, tasks.where_rows_went) to `build_report.json` in its data
-  dir, and logs a summary (the first skipped rows; per task the labels left out).
+  dir, and logs a summary (the first skipped rows; per task the labels left out). Beside the
+  build's tfrecord files it writes their array_record copy (records.convert), which
+  pipeline.Stream reads by index.
   """
   name = name or _only(data_config)
   cls, cfg = _config(name, data_config)
@@ -106,6 +108,10 @@ def builder(data_config, name: str | None = None) -> tfds.core.DatasetBuilder:
                  report["skipped_by_reason"])
     for line in summary_lines(report):
       logging.info("%s: %s", name, line)
+  # Every build gets its array_record copy (records.convert; builds made before it get theirs
+  # at their first load), whether or not a partition will stream: that is decided later, per
+  # partition (config.cache_budget_mb), and here is where the processes wait for one writer.
+  records.convert(b)
   if first:
     sharding.barrier(f"build {name}")
   return b
