@@ -6,6 +6,7 @@ r"""Training and inference throughput of xrayjax models against their Keras twin
   python -m xrayjax.bench --pipeline            # the input pipeline against the model's step
   python -m xrayjax.bench --memory              # peak memory of training, against Keras
   python -m xrayjax.bench --profile             # where the training step's time goes
+  python -m xrayjax.bench --layers              # each conv pass: oneDNN against XLA's form
 
 For each model, one run alternates rounds of xrayjax training steps (the jitted,
 donating `train.make_train_step` that experiments use) and Keras training steps
@@ -85,6 +86,8 @@ GRADCAM = flags.DEFINE_bool("gradcam", False,
                             "measure Grad-CAM of a batch (one jitted call per method: "
                             "gradcam, gradcam++, hirescam) against one training step "
                             "instead of Keras")
+LAYERS = flags.DEFINE_bool("layers", False, "time each pass of the models' convolution layers, "
+                           "oneDNN (xrayjax.kernels.conv) against XLA's form, at --batch_size")
 PIPELINE = flags.DEFINE_bool("pipeline", False,
                               "time the input pipeline against each model's training step")
 PROFILE = flags.DEFINE_bool("profile", False, "where a training step's time goes: XLA's ops "
@@ -288,6 +291,60 @@ def gradcam_table(rows: list[dict], size: int, batch: int) -> str:
   for r in rows:
     lines.append(f"| {r['model']} | {r['train']:.3f} | " + " | ".join(
         f"{r[m]:.3f} | {r[m] / r['train']:.2f}x" for m in gradcam.METHODS) + " |")
+  return "\n".join(lines)
+
+
+# Convolution layers of the models at 224 px: (input h = w, Ci, Co, kernel, stride, padding,
+# groups). Depthwise convs have groups = Ci = Co.
+CONV_LAYERS = {
+    "vgg16 conv1_2": (224, 64, 64, 3, 1, 1, 1),
+    "vgg16 conv3_2": (56, 256, 256, 3, 1, 1, 1),
+    "vgg16 conv5_2": (14, 512, 512, 3, 1, 1, 1),
+    "resnet50 stem 7x7/2": (224, 3, 64, 7, 2, 3, 1),
+    "resnet50 3x3 @28": (28, 128, 128, 3, 1, 1, 1),
+    "resnet50v2 3x3/2 @56": (56, 64, 64, 3, 2, 1, 1),
+    "xception depthwise 256 @55": (55, 256, 256, 3, 1, 1, 256),
+    "xception depthwise 728 @14": (14, 728, 728, 3, 1, 1, 728),
+}
+
+
+def measure_layers(batch: int, rounds: int) -> str:
+  """Median ms of each pass of each layer, oneDNN against XLA's form, alternated per round."""
+  lines = [f"Each pass of the models' convolutions, batch {batch}, median of {rounds} rounds "
+           f"(oneDNN and XLA alternated), {os.cpu_count()} cores; XLA's form is what runs "
+           "without oneDNN (a depthwise conv: fused shifted sums).", "",
+           "| layer | GFLOP | forward ms oneDNN / XLA | ratio | input gradient ms | ratio "
+           "| weight gradient ms | ratio |", "|---|---|---|---|---|---|---|---|"]
+  rng = np.random.default_rng(0)
+  for name, (h, ci, co, k, s, p, groups) in CONV_LAYERS.items():
+    x = jnp.asarray(rng.standard_normal((batch, h, h, ci), np.float32))
+    w = jnp.asarray(rng.standard_normal((k, k, ci // groups, co), np.float32) * 0.05)
+    pad = ((p, p), (p, p))
+    forms = {"oneDNN": lambda x, w: kernels.conv(x, w, s, pad, groups),
+             "XLA": lambda x, w: kernels._conv_xla(x, w, s, pad, groups)}  # pylint: disable=protected-access
+    g = jnp.ones(jax.eval_shape(forms["XLA"], x, w).shape, jnp.float32)
+    passes = {}
+    for form, f in forms.items():
+      passes[form] = [
+          jax.jit(f),
+          jax.jit(lambda x, w, f=f: jax.vjp(lambda x: f(x, w), x)[1](g)[0]),
+          jax.jit(lambda x, w, f=f: jax.vjp(lambda w: f(x, w), w)[1](g)[0])]
+    times = {(form, i): [] for form in forms for i in range(3)}
+    for fn in (fn for fs in passes.values() for fn in fs):
+      fn(x, w).block_until_ready()  # compile, create the primitives
+    for r in range(rounds):
+      for form in (forms if r % 2 == 0 else reversed(forms)):
+        for i, fn in enumerate(passes[form]):
+          t = time.perf_counter()
+          fn(x, w).block_until_ready()
+          times[form, i].append(time.perf_counter() - t)
+    med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+    ho = (h + 2 * p - k) // s + 1
+    gflop = 2 * batch * ho * ho * co * k * k * (ci // groups) / 1e9
+    lines.append(f"| {name} | {gflop:.2f} | " + " | ".join(
+        f"{med['oneDNN', i]:.1f} / {med['XLA', i]:.1f} | {med['oneDNN', i] / med['XLA', i]:.2f}"
+        for i in range(3)) + " |")
+    print(lines[-1], flush=True)
   return "\n".join(lines)
 
 
@@ -582,6 +639,9 @@ def main(argv):
     from xrayjax.data import pipeline
     pipeline.configure_tensorflow(jax.default_backend())  # TF's threads as in runs
     print(measure_pipeline(FLAGS.value, ROUNDS.value, STEPS.value))
+    return
+  if LAYERS.value:
+    print(measure_layers(BATCH_SIZE.value, ROUNDS.value))
     return
   if PROFILE.value:
     for name in FLAGS.value:
