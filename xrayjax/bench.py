@@ -18,7 +18,7 @@ inference images/s, the first-step (compile) time, the model's FLOPs per image
 matmul peak that xrayjax's training reaches (training taken as 3x the forward
 FLOPs; the peak is measured in every round, between the steps, and the highest
 reading is used, since one reading alone varies by 2x here). The last lines are a
-Markdown table for docs/performance.md; the first say which convolution gradients ran
+Markdown table for docs/performance.md; the first say which CPU convolutions ran
 (`xrayjax.kernels.status`).
 
 `--memory` prints instead the peak resident memory of a process that builds the model
@@ -486,7 +486,8 @@ def pipeline_rate(stored: int, size: int, batch: int, ops, streamed: bool,
   """Images/s of one epoch of training batches. Cached: `pipeline.train_batches` once the
   resized images are cached (as in runs: `pipeline.select` resizes before its cache; the first
   epoch fills it). Streamed: as `pipeline.Stream` spends an epoch, decoding the stored PNGs
-  (synthetic films, `phantom.render`, as a build stores them) and resizing, then batching."""
+  (synthetic films, `phantom.render`, as a build stores them) and resizing them as the
+  batches need them."""
   import tensorflow as tf
 
   from xrayjax.data import pipeline
@@ -505,14 +506,15 @@ def pipeline_rate(stored: int, size: int, batch: int, ops, streamed: bool,
                           anatomy=phantom.sample_anatomy(rng), site=phantom.SITES[0], view="PA",
                           severity=0.8, finding=None)["image"] for _ in range(64)]
   pngs = [tf.io.encode_png(f[..., None]).numpy() for f in films]
-  encoded = tf.data.Dataset.from_tensor_slices([pngs[k % len(pngs)] for k in range(images)])
 
-  def epoch(e):
-    decoded = encoded.map(lambda png: pipeline.to_model_size(tf.io.decode_png(png, 1), size),
-                          num_parallel_calls=tf.data.AUTOTUNE)
-    share = np.concatenate(list(decoded.batch(256).as_numpy_iterator()))
-    return sum(len(b["label"]) for b in pipeline.train_batches(
-        pipeline.from_arrays(share), images, batch, seed=0, epoch=e, augment_ops=ops))
+  def epoch(e):  # as Stream.train_batches, its records read (0.1-0.2 ms each) left out
+    ds = tf.data.Dataset.from_generator(
+        lambda: ({"png": pngs[k % len(pngs)], "label": 0, "index": k} for k in range(images)),
+        output_signature={"png": tf.TensorSpec((), tf.string),
+                          "label": tf.TensorSpec((), tf.int32),
+                          "index": tf.TensorSpec((), tf.int32)})
+    return sum(len(b["label"]) for b in pipeline._augmented_batches(  # pylint: disable=protected-access
+        pipeline.decode_pngs(ds, size), batch, images // batch, e, ops))
 
   epoch(0)  # tracing, as the cached path's first epoch
   t = time.perf_counter()
@@ -630,7 +632,7 @@ def main(argv):
     return
   print(f"jax {jax.__version__} on {jax.devices()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True)
-  print(f"convolution gradients: {kernels.status()}", flush=True)
+  print(f"CPU convolutions: {kernels.status()}", flush=True)
   print(f"memory: {hugepages.status()}", flush=True)
   if MEMORY.value:
     print(memory_table(FLAGS.value, IMAGE_SIZE.value, BATCH_SIZE.value))

@@ -110,7 +110,7 @@ def main(argv):
     raise app.UsageError("--retrain goes with --mode=train")
   logging.info("workdir: %s", workdir)
   if jax.default_backend() == "cpu":
-    logging.info("convolution gradients: %s", kernels.status())
+    logging.info("CPU convolutions: %s", kernels.status())
     logging.info("memory: %s", hugepages.status())
   try:
     if _EVAL_DATA.value:

@@ -290,6 +290,16 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.concatenate(list(order.batch(65536).as_numpy_iterator()))
 
 
+def decode_pngs(ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
+  """{png, ...} -> {image, ...}: each stored PNG decoded and resized to the model's size as
+  `select` does, in parallel, in order."""
+  def decode(ex):
+    out = {k: v for k, v in ex.items() if k != "png"}
+    out["image"] = to_model_size(tf.io.decode_png(ex["png"], 1), image_size)
+    return out
+  return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 class Stream:
   """A selection too large for every process to cache (above the memory budget,
   `config.cache_budget_mb`). Each process reads only the records of its share, by index
@@ -361,7 +371,7 @@ class Stream:
     """Images `rows` (selection indices) as {image, label, index} in that order (`transform`
     applied): each record read by index as tf.data asks for it, then decoded and resized as
     `select` does, in parallel (so tf.data's buffers bound what is read ahead)."""
-    labels, index, size = self.labels[rows], rows.astype(np.int32), self.image_size
+    labels, index = self.labels[rows], rows.astype(np.int32)
 
     def generate():
       self.decoded = 0
@@ -374,9 +384,7 @@ class Stream:
         generate, output_signature={"png": tf.TensorSpec((), tf.string),
                                     "label": tf.TensorSpec((), tf.int32),
                                     "index": tf.TensorSpec((), tf.int32)})
-    ds = ds.map(lambda ex: {"image": to_model_size(tf.io.decode_png(ex["png"], 1), size),
-                            "label": ex["label"], "index": ex["index"]},
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = decode_pngs(ds, self.image_size)
     return self.transform(ds) if self.transform else ds
 
   def _png(self, row: int) -> bytes:
