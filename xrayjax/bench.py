@@ -351,7 +351,7 @@ def measure_layers(batch: int, rounds: int) -> str:
 # The kind of an op of the compiled step, from its JAX primitive and the modules it came from.
 def _op_kind(opcode: str, op_name: str, target: str) -> str:
   if target:
-    return {"xrayjax_conv_weight_grad": "1x1 conv weight gradient (native)",
+    return {"xrayjax_pointwise_weight_grad": "1x1 conv weight gradient (native)",
             "xrayjax_dnnl_conv_fwd": "conv forward (oneDNN)",
             "xrayjax_dnnl_conv_bwd_data": "conv input gradient (oneDNN)",
             "xrayjax_dnnl_conv_bwd_weights": "conv weight gradient (oneDNN)",

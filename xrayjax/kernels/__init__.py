@@ -44,7 +44,7 @@ from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 _SOURCES = ("cpu_kernels.cc", "onednn_conv.cc")
-_TARGETS = ("xrayjax_conv_weight_grad", "xrayjax_max_pool_grad", "xrayjax_dnnl_conv_fwd",
+_TARGETS = ("xrayjax_pointwise_weight_grad", "xrayjax_max_pool_grad", "xrayjax_dnnl_conv_fwd",
             "xrayjax_dnnl_conv_bwd_data", "xrayjax_dnnl_conv_bwd_weights")
 
 
@@ -228,7 +228,7 @@ def pointwise_weight_grad(x, g, private_bytes: int = 64 << 20):
   `private_bytes`; then each takes a block of output channels (see cpu_kernels.cc)."""
   _require()  # registers the FFI targets in this process
   ci, co = x.shape[-1], g.shape[-1]
-  call = jax.ffi.ffi_call("xrayjax_conv_weight_grad",
+  call = jax.ffi.ffi_call("xrayjax_pointwise_weight_grad",
                           jax.ShapeDtypeStruct((1, 1, ci, co), jnp.float32),
                           vmap_method="sequential")
   return call(x, g, tile=_rows_per_tile(ci, co), private_bytes=private_bytes)

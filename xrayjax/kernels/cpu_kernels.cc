@@ -74,14 +74,14 @@ int Workers(ffi::ThreadPool& pool, int64_t items) {
 //     sums are added at the end;
 //   a block of output channels per work item, over all rows, when the private sums would take
 //     more than `private_bytes` (wide layers on many threads).
-ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+ffi::Error PointwiseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw, int64_t tile,
                           int64_t private_bytes) {
   auto xd = x.dimensions();
   auto gd = g.dimensions();
   if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[1] != gd[1] || xd[2] != gd[2] ||
       tile <= 0) {
-    return ffi::Error::InvalidArgument("conv_weight_grad: operands are not (N, H, W, Ci) and (N, H, W, Co)");
+    return ffi::Error::InvalidArgument("pointwise_weight_grad: operands are not (N, H, W, Ci) and (N, H, W, Co)");
   }
   const int64_t Ci = xd[3], Co = gd[3], rows = xd[0] * xd[1] * xd[2];
   const float* X = x.typed_data();
@@ -188,7 +188,7 @@ ffi::Error MaxPoolGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_conv_weight_grad, ConvWeightGrad,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_pointwise_weight_grad, PointwiseWeightGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
