@@ -202,9 +202,10 @@ def test_native_max_pool_gradient_picks_the_maxima_xla_picks(shape, window, stri
 
 
 def test_convolutions_are_bit_reproducible():
-  # Training must repeat exactly (a resumed run matches an uninterrupted one): at a fixed thread
-  # count oneDNN's primitives split their sums the same way on every call, and the 1x1 kernel's
-  # threads' shares are fixed, whichever thread runs them. Several calls, every pass.
+  # Training must repeat exactly (a resumed run matches an uninterrupted one): each slice of the
+  # batch runs a single-threaded oneDNN primitive and the weight gradient's slices are added in
+  # order, and the 1x1 kernel's threads' shares are fixed, whichever thread runs them. Several
+  # calls, every pass.
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.standard_normal((4, 40, 40, 96), np.float32))
   w = jnp.asarray(rng.standard_normal((3, 3, 96, 160), np.float32))
@@ -218,3 +219,23 @@ def test_convolutions_are_bit_reproducible():
     first = jax.tree.map(np.asarray, f(x, w, g))
     for _ in range(3):
       jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, f(x, w, g)), first)
+
+
+def test_convolutions_in_branches_side_by_side_match_lax():
+  # XLA runs independent branches at once on its thread pool (concat's two backbones): calls of
+  # one primitive then run concurrently, and so do their slices (a batch of 5: two sizes).
+  rng = np.random.default_rng(5)
+  xs = [jnp.asarray(rng.standard_normal((5, 20, 20, 48), np.float32)) for _ in range(4)]
+  w = jnp.asarray(rng.standard_normal((3, 3, 48, 64), np.float32))
+  pad = ((1, 1), (1, 1))
+
+  def branches(conv):
+    def loss(xs, w):
+      return sum(jnp.sum(jnp.tanh(conv(x, w)) * (i + 1)) for i, x in enumerate(xs))
+    return jax.jit(jax.grad(loss, (0, 1)))
+
+  (dxs, dw) = branches(lambda x, w: kernels.conv(x, w, 1, pad))(xs, w)
+  (rdxs, rdw) = branches(lambda x, w: _lax_conv(x, w, 1, pad, 1))(xs, w)
+  for dx, rdx in zip(dxs, rdxs):
+    np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-5 * float(jnp.abs(rdx).max()))
+  np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-5 * float(jnp.abs(rdw).max()))

@@ -44,6 +44,7 @@ from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 _SOURCES = ("cpu_kernels.cc", "onednn_conv.cc")
+_HEADERS = ("parallel.h",)
 _TARGETS = ("xrayjax_pointwise_weight_grad", "xrayjax_max_pool_grad", "xrayjax_dnnl_conv_fwd",
             "xrayjax_dnnl_conv_bwd_data", "xrayjax_dnnl_conv_bwd_weights")
 
@@ -79,7 +80,7 @@ def _build() -> pathlib.Path:
   import scipy_openblas32  # pylint: disable=import-outside-toplevel
 
   cxx = os.environ.get("CXX", "c++")
-  codes = [(resources.files(__package__) / name).read_bytes() for name in _SOURCES]
+  codes = [(resources.files(__package__) / name).read_bytes() for name in _SOURCES + _HEADERS]
   dnnl_version, dnnl_include, dnnl_lib = _onednn()
   blas_lib = scipy_openblas32.get_lib_dir()
   flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
@@ -97,9 +98,9 @@ def _build() -> pathlib.Path:
     raise RuntimeError(f"no C++ compiler ({cxx!r} is not on PATH; set $CXX)")
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    for name, code in zip(_SOURCES + _HEADERS, codes):
+      (pathlib.Path(tmp) / name).write_bytes(code)
     sources = [pathlib.Path(tmp) / name for name in _SOURCES]
-    for src, code in zip(sources, codes):
-      src.write_bytes(code)
     out = pathlib.Path(tmp) / target.name
     done = subprocess.run([cxx, *map(str, sources), "-o", str(out), *flags], capture_output=True,
                           text=True)

@@ -4,68 +4,25 @@
 // through jax.ffi by xrayjax/kernels/__init__.py, which compiles this file on first use; values
 // and gradients are tested against lax in tests/test_kernels.py.
 //
-// Both run on XLA's intra-op thread pool: work items are claimed from an atomic counter by the
-// calling thread and by tasks scheduled on the pool, so a task that starts late finds nothing
-// to do and the call never waits on a task that has not started. Each item's share of the sums
-// is fixed and sums are added in item order, so results are the same whichever thread ran what.
+// Both run on XLA's intra-op thread pool (parallel.h). Each work item's share of the sums is
+// fixed and sums are added in item order, so results are the same whichever thread ran what.
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #include "cblas.h"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using xrayjax::ParallelFor;
+using xrayjax::SumInOrder;
+using xrayjax::Workers;
 
 extern "C" void scipy_openblas_set_num_threads(int);
 
 namespace {
-
-struct ForState {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-// Runs fn(item) for item in [0, n) on `workers` threads (the caller is one of them).
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int workers, const F& fn) {
-  auto state = std::make_shared<ForState>();
-  auto run = [state, n, &fn] {
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      fn(i);
-      if (state->done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  // A late task only reads `state` (kept alive by its own reference) and exits.
-  for (int w = 1; w < workers; ++w) pool.Schedule([run] { run(); });
-  run();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == n; });
-}
-
-// out = the sum of `parts` buffers of `size` floats laid end to end, added in order.
-void SumInOrder(const std::vector<float>& acc, int parts, int64_t size, float* out) {
-  std::memcpy(out, acc.data(), size * sizeof(float));
-  for (int p = 1; p < parts; ++p) {
-    const float* a = acc.data() + static_cast<size_t>(p) * size;
-    for (int64_t i = 0; i < size; ++i) out[i] += a[i];
-  }
-}
-
-int Workers(ffi::ThreadPool& pool, int64_t items) {
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  return static_cast<int>(std::min(threads, std::max<int64_t>(1, items)));
-}
 
 // 1x1 conv weight gradient: dw[0, 0, ci, co] = sum over rows k = (n, y, x) of
 // x[k, ci] * g[k, co], one GEMM with a transposed operand. x: (N, H, W, Ci), g: (N, H, W, Co).
@@ -104,7 +61,7 @@ ffi::Error PointwiseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           Ci, G + k0 * Co, Co, 1.f, out, Co);
       }
     });
-    SumInOrder(acc, workers, Ci * Co, D);
+    SumInOrder(acc.data(), workers, Ci * Co, D);
   } else {
     const int64_t block = Co >= 256 ? 128 : Co;
     const int64_t blocks = (Co + block - 1) / block;

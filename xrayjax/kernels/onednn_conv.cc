@@ -13,12 +13,15 @@
 //
 // Activations are used in place as nhwc (oneDNN's blocked activation layouts cost reorders of
 // whole maps and were slower here); weights are described with explicit strides and reordered
-// to and from the layout the primitive asks for. Primitives are created once per
-// (pass, shapes, attributes, threads) key: oneDNN fixes a primitive's thread split when it is
-// created. Calls run one at a time under one lock, each on as many OpenMP threads as XLA's
-// intra-op pool has (a second call at once would only oversubscribe the cores), which lets all
-// calls share one weight buffer and one scratchpad instead of one per primitive. At a fixed
-// thread count the results are the same run to run.
+// to and from the layout the primitive asks for.
+//
+// Threads: a call splits its batch into one slice per thread of XLA's intra-op pool and runs
+// each slice as a single-threaded oneDNN primitive on that pool (parallel.h), so oneDNN never
+// starts OpenMP threads of its own: when XLA runs two branches of a model side by side, each
+// call's slices queue behind the other branch's work instead of competing with it for the
+// cores. The weight gradient's slices are summed in slice order, so results do not depend on
+// which thread ran what. Primitives are created once per (pass, shapes, attributes) and run
+// concurrently, each execution with its own scratchpad.
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -31,6 +34,7 @@
 #include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -42,9 +46,9 @@ namespace {
 enum Pass { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
 struct Key {
-  int64_t pass, n, h, w, ci, ho, wo, co, kh, kw, s, pt, pl, pb, pr, groups, threads;
+  int64_t pass, n, h, w, ci, ho, wo, co, kh, kw, s, pt, pl, pb, pr, groups;
   auto Tie() const {
-    return std::tie(pass, n, h, w, ci, ho, wo, co, kh, kw, s, pt, pl, pb, pr, groups, threads);
+    return std::tie(pass, n, h, w, ci, ho, wo, co, kh, kw, s, pt, pl, pb, pr, groups);
   }
   bool operator<(const Key& o) const { return Tie() < o.Tie(); }
 };
@@ -69,9 +73,11 @@ struct Buffer {
   }
 };
 
-std::mutex g_mu;  // guards everything below, and serialises the calls
+std::mutex g_mu;  // guards g_cache
 std::map<Key, std::unique_ptr<Entry>> g_cache;
-Buffer g_weights, g_scratchpad;
+// Per thread: a call's reordered weights or summed slices, a slice's weight gradient in the
+// primitive's layout, and a slice's scratchpad.
+thread_local Buffer t_call, t_slice_weights, t_scratchpad;
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -93,7 +99,10 @@ dnnl::memory::desc Weights(const Key& k) {
                             dims{cog, 1, k.co, k.kw * cig * k.co, cig * k.co});
 }
 
+// The primitive for key k, created on first use (single-threaded: the caller has set OpenMP's
+// thread count to 1, which oneDNN reads when it creates a primitive).
 Entry* Get(const Key& k) {
+  std::lock_guard<std::mutex> lock(g_mu);
   auto found = g_cache.find(k);
   if (found != g_cache.end()) return found->second.get();
   auto e = std::make_unique<Entry>();
@@ -137,102 +146,125 @@ Entry* Get(const Key& k) {
 }
 
 // Runs pass k.pass on activations `act` (x, or g for the input gradient), the other operand
-// `other` (w, or g for the weight gradient) and the result `out`.
-ffi::Error Run(Key k, int64_t threads, const float* act, const float* other, float* out) {
+// `other` (w, or g for the weight gradient) and the result `out`, in slices of the batch.
+ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* other, float* out) {
   // The high paddings the shapes imply (see the top of the file).
   k.pb = (k.ho - 1) * k.s + k.kh - k.h - k.pt;
   k.pr = (k.wo - 1) * k.s + k.kw - k.w - k.pl;
   if (k.ci % k.groups || k.co % k.groups || k.pb < -k.s || k.pr < -k.s) {
     return ffi::Error::InvalidArgument("dnnl_conv: shapes, groups and padding do not agree");
   }
-  std::lock_guard<std::mutex> lock(g_mu);
-  omp_set_num_threads(static_cast<int>(threads));
-  k.threads = threads;
+  // Slice p holds images [n * p / parts, n * (p + 1) / parts): at most two sizes.
+  const int parts = xrayjax::Workers(pool, k.n);
+  const int64_t x_image = k.h * k.w * k.ci, y_image = k.ho * k.wo * k.co;
+  omp_set_num_threads(1);
+  Entry* entries[2];
   try {
-    Entry* e = Get(k);
-    auto& engine = Engine();
-    dnnl::stream stream(engine);
-    const auto src = Activations(k.n, k.ci, k.h, k.w), dst = Activations(k.n, k.co, k.ho, k.wo);
-    dnnl::memory scratchpad(e->scratchpad, engine, g_scratchpad.Get(e->scratchpad.get_size()));
-    std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SCRATCHPAD, scratchpad}};
-    if (k.pass == kBwdWeights) {
-      dnnl::memory user(e->weights_user, engine, out);
-      dnnl::memory weights = e->reorder
-          ? dnnl::memory(e->weights_prim, engine, g_weights.Get(e->weights_prim.get_size()))
-          : user;
-      args.insert({{DNNL_ARG_SRC, dnnl::memory(src, engine, const_cast<float*>(act))},
-                   {DNNL_ARG_DIFF_DST, dnnl::memory(dst, engine, const_cast<float*>(other))},
-                   {DNNL_ARG_DIFF_WEIGHTS, weights}});
-      e->prim.execute(stream, args);
-      if (e->reorder) e->weights_reorder.execute(stream, weights, user);
-    } else {
-      dnnl::memory user(e->weights_user, engine, const_cast<float*>(other));
-      dnnl::memory weights = user;
-      if (e->reorder) {
-        weights = dnnl::memory(e->weights_prim, engine, g_weights.Get(e->weights_prim.get_size()));
-        e->weights_reorder.execute(stream, user, weights);
-      }
-      args.insert({DNNL_ARG_WEIGHTS, weights});
-      if (k.pass == kFwd) {
-        args.insert({{DNNL_ARG_SRC, dnnl::memory(src, engine, const_cast<float*>(act))},
-                     {DNNL_ARG_DST, dnnl::memory(dst, engine, out)}});
-      } else {
-        args.insert({{DNNL_ARG_DIFF_DST, dnnl::memory(dst, engine, const_cast<float*>(act))},
-                     {DNNL_ARG_DIFF_SRC, dnnl::memory(src, engine, out)}});
-      }
-      e->prim.execute(stream, args);
+    for (int i = 0; i < 2; ++i) {
+      Key slice = k;
+      slice.n = (k.n + i * (parts - 1)) / parts;  // the smaller and the larger slice
+      entries[i] = Get(slice);
     }
-    stream.wait();
   } catch (const dnnl::error& err) {
     return ffi::Error::Internal(std::string("dnnl_conv: oneDNN failed: ") + err.what());
   }
+  auto& engine = Engine();
+  const size_t user_bytes = entries[0]->weights_user.get_size();
+  // Inputs' weights, reordered once per call (each slice size may want its own layout).
+  void* weights[2] = {const_cast<float*>(other), const_cast<float*>(other)};
+  if (k.pass != kBwdWeights) {
+    char* buffer = static_cast<char*>(t_call.Get(entries[0]->weights_prim.get_size() +
+                                                 entries[1]->weights_prim.get_size()));
+    dnnl::stream stream(engine);
+    dnnl::memory user(entries[0]->weights_user, engine, const_cast<float*>(other));
+    for (int i = 0; i < 2; ++i) {
+      Entry* e = entries[i];
+      if (!e->reorder) continue;
+      if (i == 1 && e->weights_prim == entries[0]->weights_prim) {
+        weights[1] = weights[0];
+        continue;
+      }
+      weights[i] = buffer + i * entries[0]->weights_prim.get_size();
+      dnnl::memory reordered(e->weights_prim, engine, weights[i]);
+      e->weights_reorder.execute(stream, user, reordered);
+    }
+    stream.wait();
+  }
+  // The weight gradient's slices, in the user's layout, to be summed in order.
+  float* sums = parts == 1 || k.pass != kBwdWeights
+      ? nullptr : static_cast<float*>(t_call.Get(parts * user_bytes));
+  std::mutex error_mu;
+  std::string error;
+  xrayjax::ParallelFor(pool, parts, parts, [&](int64_t p) {
+    const int64_t n0 = k.n * p / parts, n = k.n * (p + 1) / parts - n0;
+    const int i = n == k.n / parts ? 0 : 1;
+    Entry* e = entries[i];
+    try {
+      omp_set_num_threads(1);
+      dnnl::stream stream(engine);
+      const auto src = Activations(n, k.ci, k.h, k.w), dst = Activations(n, k.co, k.ho, k.wo);
+      dnnl::memory scratchpad(e->scratchpad, engine, t_scratchpad.Get(e->scratchpad.get_size()));
+      std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SCRATCHPAD, scratchpad}};
+      if (k.pass == kBwdWeights) {
+        float* part = sums ? sums + p * (user_bytes / sizeof(float)) : out;
+        dnnl::memory user(e->weights_user, engine, part);
+        dnnl::memory dw = e->reorder
+            ? dnnl::memory(e->weights_prim, engine,
+                           t_slice_weights.Get(e->weights_prim.get_size()))
+            : user;
+        args.insert({{DNNL_ARG_SRC,
+                      dnnl::memory(src, engine, const_cast<float*>(act) + n0 * x_image)},
+                     {DNNL_ARG_DIFF_DST,
+                      dnnl::memory(dst, engine, const_cast<float*>(other) + n0 * y_image)},
+                     {DNNL_ARG_DIFF_WEIGHTS, dw}});
+        e->prim.execute(stream, args);
+        if (e->reorder) e->weights_reorder.execute(stream, dw, user);
+      } else {
+        args.insert({DNNL_ARG_WEIGHTS, dnnl::memory(e->weights_prim, engine, weights[i])});
+        if (k.pass == kFwd) {
+          args.insert({{DNNL_ARG_SRC,
+                        dnnl::memory(src, engine, const_cast<float*>(act) + n0 * x_image)},
+                       {DNNL_ARG_DST, dnnl::memory(dst, engine, out + n0 * y_image)}});
+        } else {
+          args.insert({{DNNL_ARG_DIFF_DST,
+                        dnnl::memory(dst, engine, const_cast<float*>(act) + n0 * y_image)},
+                       {DNNL_ARG_DIFF_SRC, dnnl::memory(src, engine, out + n0 * x_image)}});
+        }
+        e->prim.execute(stream, args);
+      }
+      stream.wait();
+    } catch (const dnnl::error& err) {
+      std::lock_guard<std::mutex> lock(error_mu);
+      error = err.what();
+    }
+  });
+  if (!error.empty()) {
+    return ffi::Error::Internal("dnnl_conv: oneDNN failed: " + error);
+  }
+  if (sums) xrayjax::SumInOrder(sums, parts, user_bytes / sizeof(float), out);
   return ffi::Error::Success();
 }
 
-Key MakeKey(int64_t pass, ffi::Span<const int64_t> x, ffi::Span<const int64_t> y,
-            ffi::Span<const int64_t> w, int64_t s, int64_t pt, int64_t pl, int64_t groups) {
-  return Key{pass, x[0], x[1], x[2], x[3], y[1], y[2], y[3], w[0], w[1], s, pt, pl, 0, 0,
-             groups, 0};
-}
-
-bool Nhwc(ffi::Span<const int64_t> d) { return d.size() == 4; }
-
-ffi::Error Fwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-               ffi::ResultBuffer<ffi::F32> y, int64_t s, int64_t pt, int64_t pl,
-               int64_t groups) {
-  if (!Nhwc(x.dimensions()) || !Nhwc(w.dimensions()) || !Nhwc(y->dimensions())) {
-    return ffi::Error::InvalidArgument("dnnl_conv_fwd: operands are not 4-D");
+// One handler per pass: `a` and `b` are the operands and `r` the result, which play the parts
+// of the input x, the output y and the weights w as the top of the file lists.
+template <Pass P>
+ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                ffi::ResultBuffer<ffi::F32> r, int64_t s, int64_t pt, int64_t pl,
+                int64_t groups) {
+  const ffi::Span<const int64_t> d[3] = {a.dimensions(), b.dimensions(), r->dimensions()};
+  if (d[0].size() != 4 || d[1].size() != 4 || d[2].size() != 4) {
+    return ffi::Error::InvalidArgument("dnnl_conv: operands are not 4-D");
   }
-  return Run(MakeKey(kFwd, x.dimensions(), y->dimensions(), w.dimensions(), s, pt, pl, groups),
-             pool.num_threads(), x.typed_data(), w.typed_data(), y->typed_data());
-}
-
-ffi::Error BwdData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> dx, int64_t s, int64_t pt, int64_t pl,
-                   int64_t groups) {
-  if (!Nhwc(g.dimensions()) || !Nhwc(w.dimensions()) || !Nhwc(dx->dimensions())) {
-    return ffi::Error::InvalidArgument("dnnl_conv_bwd_data: operands are not 4-D");
-  }
-  return Run(MakeKey(kBwdData, dx->dimensions(), g.dimensions(), w.dimensions(), s, pt, pl,
-                     groups),
-             pool.num_threads(), g.typed_data(), w.typed_data(), dx->typed_data());
-}
-
-ffi::Error BwdWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                      ffi::ResultBuffer<ffi::F32> dw, int64_t s, int64_t pt, int64_t pl,
-                      int64_t groups) {
-  if (!Nhwc(x.dimensions()) || !Nhwc(g.dimensions()) || !Nhwc(dw->dimensions())) {
-    return ffi::Error::InvalidArgument("dnnl_conv_bwd_weights: operands are not 4-D");
-  }
-  return Run(MakeKey(kBwdWeights, x.dimensions(), g.dimensions(), dw->dimensions(), s, pt, pl,
-                     groups),
-             pool.num_threads(), x.typed_data(), g.typed_data(), dw->typed_data());
+  constexpr int kX[3] = {0, 2, 0}, kY[3] = {2, 0, 1}, kW[3] = {1, 1, 2};
+  const auto x = d[kX[P]], y = d[kY[P]], w = d[kW[P]];
+  const Key k{P, x[0], x[1], x[2], x[3], y[1], y[2], y[3], w[0], w[1], s, pt, pl, 0, 0, groups};
+  return Run(pool, k, a.typed_data(), b.typed_data(), r->typed_data());
 }
 
 }  // namespace
 
-#define XRAYJAX_DNNL_CONV(name, fn)                                   \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                             \
+#define XRAYJAX_DNNL_CONV(name, pass)                                 \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, Conv<pass>,                     \
                                 ffi::Ffi::Bind()                      \
                                     .Ctx<ffi::ThreadPool>()           \
                                     .Arg<ffi::Buffer<ffi::F32>>()     \
@@ -243,6 +275,6 @@ ffi::Error BwdWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                                     .Attr<int64_t>("pl")              \
                                     .Attr<int64_t>("groups"));
 
-XRAYJAX_DNNL_CONV(xrayjax_dnnl_conv_fwd, Fwd)
-XRAYJAX_DNNL_CONV(xrayjax_dnnl_conv_bwd_data, BwdData)
-XRAYJAX_DNNL_CONV(xrayjax_dnnl_conv_bwd_weights, BwdWeights)
+XRAYJAX_DNNL_CONV(xrayjax_dnnl_conv_fwd, kFwd)
+XRAYJAX_DNNL_CONV(xrayjax_dnnl_conv_bwd_data, kBwdData)
+XRAYJAX_DNNL_CONV(xrayjax_dnnl_conv_bwd_weights, kBwdWeights)
