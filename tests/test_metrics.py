@@ -36,6 +36,25 @@ def test_hand_computed_three_class_case():
                                "accuracy": pytest.approx(4 / 6), "count": 6}]
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_auroc_and_average_precision_equal_sklearns(ties):
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    n = int(rng.integers(2, 60))
+    positives = rng.random(n) < rng.uniform(0.1, 0.9)
+    if positives.all() or not positives.any():
+      continue
+    # Tied scores (a few distinct values) exercise the thresholds' handling of ties.
+    scores = rng.integers(0, 4, n) / 3 if ties else rng.random(n)
+    assert metrics.auroc_of(positives, scores) == pytest.approx(
+        skm.roc_auc_score(positives, scores), abs=1e-12)
+    assert metrics.average_precision(positives, scores) == pytest.approx(
+        skm.average_precision_score(positives, scores), abs=1e-12)
+  labels, probs = rng.integers(0, 3, 40), rng.dirichlet(np.ones(3), 40)
+  assert metrics.classification(labels, probs, "abc")["confusion"] == skm.confusion_matrix(
+      labels, probs.argmax(-1), labels=[0, 1, 2]).tolist()
+
+
 def test_calibration_error_matches_a_direct_computation():
   rng = np.random.default_rng(0)
   probs = rng.dirichlet(np.ones(3), 500)
