@@ -282,14 +282,14 @@ def test_kills_inside_and_between_epochs_and_sigterm_resume_bit_identically(
   real_step, calls = train._compiled_step, []
 
   def compiled_step(*args, **kwargs):
-    tx, step_fn = real_step(*args, **kwargs)
+    create_fn, step_fn = real_step(*args, **kwargs)
 
     def step_and_signal(state, batch, key):
       calls.append(1)
       if len(calls) == 4:
         os.kill(os.getpid(), signal.SIGTERM)
       return step_fn(state, batch, key)
-    return tx, step_and_signal
+    return create_fn, step_and_signal
 
   monkeypatch.setattr(train, "_compiled_step", compiled_step)
   with pytest.raises(train.Interrupted, match="stopped by SIGTERM after step") as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import shutil
 import signal
@@ -89,12 +90,17 @@ def init_variables(model, image_size: int, seed: int, init_from: str | None = No
   `init_from` (config.model.init_from): Keras weight files (comma separated) to load over the
   random initialisation (see models/keras_weights.py); `spec` is the model's module.
   """
-  dummy = np.zeros((1, image_size, image_size, 1), np.float32)
-  variables = jax.jit(lambda k: variables_of(model.init({"params": k}, dummy, train=False)))(
-      jax.random.PRNGKey(seed))
+  variables = _random_variables(model, image_size, jax.random.PRNGKey(seed))
   if init_from:
     variables = keras_weights.load(init_from, jax.device_get(variables), spec)
   return variables
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random_variables(model, image_size: int, key) -> dict:
+  # One jitted init per (model, size): the folds of a run compile it once.
+  dummy = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
+  return variables_of(model.init({"params": key}, dummy, train=False))
 
 
 def transfer(source, target, head_layer: str):
@@ -293,8 +299,8 @@ def train_stage(*, stage, model, init_variables, groups, data: StageData, ckpt_d
                             stage.batch_size)
   total_steps = schedule[-1]["end"]
   init = jax.device_put(variables_of(init_variables), replicated)
-  tx, step_fn = _compiled_step(model, stage, total_steps, init, groups, mesh)
-  state = jax.jit(lambda v: TrainState.create(v, tx), out_shardings=replicated)(init)
+  create_fn, step_fn = _compiled_step(model, stage, total_steps, init, groups, mesh)
+  state = create_fn(init)
   state, step = ckpts.restore_or_init(state)
   if step > total_steps:
     raise ValueError(f"[{name}] checkpoint step {step} is past this stage's {total_steps} "
@@ -410,8 +416,8 @@ _STEPS: dict = {}
 
 
 def _compiled_step(model, stage, total_steps: int, init, groups, mesh):
-  """(optimizer, jitted train step) of a stage; stages that differ only in data and seed
-  (the folds of a run) share them, so the step compiles once per run, not once per fold.
+  """(jitted TrainState.create, jitted train step) of a stage; stages that differ only in data
+  and seed (the folds of a run) share them, so they compile once per run, not once per fold.
   A schedule that depends on the stage's length (cosine) is shared only by stages of one
   length."""
   rules = tuple(tuple(r) for r in stage.param_rules)
@@ -423,10 +429,10 @@ def _compiled_step(model, stage, total_steps: int, init, groups, mesh):
     stats_rules = optim.param_labels(init["batch_stats"], rules, groups)
     replicated = sharding.replicated(mesh)
     _STEPS.clear()  # one run's step at a time: a compiled step holds device memory
-    _STEPS[key] = (tx, jax.jit(make_train_step(model, tx, stats_rules),
-                               in_shardings=(replicated, sharding.batch_sharding(mesh),
-                                             replicated),
-                               out_shardings=(replicated, replicated), donate_argnums=0))
+    _STEPS[key] = (jax.jit(lambda v: TrainState.create(v, tx), out_shardings=replicated),
+                   jax.jit(make_train_step(model, tx, stats_rules),
+                           in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
+                           out_shardings=(replicated, replicated), donate_argnums=0))
   return _STEPS[key]
 
 
