@@ -5,6 +5,8 @@ as two local processes that find each other through JAX_COORDINATOR_ADDRESS and
 XRAYJAX_NUM_PROCESSES / XRAYJAX_PROCESS_ID (sharding.initialize_distributed), and compares
 them with the same command in one 8-device process: per-step losses, epoch metrics, every
 stage's selected parameters and the test metrics, and that the run directory is written once.
+The one-process run is also the command line's end-to-end check: its summary and progress
+lines, `--mode=eval` of it, and `xrayjax.predict` of its models in a 1-device process.
 """
 
 import glob
@@ -139,7 +141,7 @@ def _files(workdir: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one_with_eight_devices(tfds_dir, tmp_path):
+def test_cli_on_eight_devices_and_two_processes_that_train_as_one(tfds_dir, tmp_path):
   base = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
               JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # tiny models: compiling dominates
   for k in ("JAX_COORDINATOR_ADDRESS", sharding.NUM_PROCESSES_ENV, sharding.PROCESS_ID_ENV):
@@ -148,9 +150,8 @@ def test_two_processes_train_as_one_with_eight_devices(tfds_dir, tmp_path):
            "--config.eval.bootstrap=0"]
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   # One process with 8 devices (it also builds the data both runs read).
-  _launch(flags + [f"--workdir={one}"],
-          [dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=8")],
-          [str(tmp_path / "one")], timeout=600)
+  eight = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  _launch(flags + [f"--workdir={one}"], [eight], [one], timeout=600)
   # Two processes with 4 devices each.
   address = f"localhost:{_free_port()}"
   envs = [dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -206,3 +207,41 @@ def test_two_processes_train_as_one_with_eight_devices(tfds_dir, tmp_path):
   assert not [f for f in _files(two) if ".tmp" in f]
   assert _files(two).count("results.json") == 1
   assert sum(f.endswith("events") for f in _files(two)) == len(stages)
+  # (after the comparison of the two directories: evaluating writes eval.json into `one`)
+  _check_the_command_line(one, flags, eight, tmp_path)
+
+
+def _check_the_command_line(workdir, flags, env, tmp_path):
+  """The one-process run's output, `--mode=eval` of it (its metrics again, Grad-CAM off as
+  another eval.* setting), a refused eval, and its models predicting in a 1-device process."""
+  with open(workdir + ".out") as f:
+    out = f.read()
+  assert "2-fold evaluation" in out and "confusion matrix summed over folds" in out
+  with open(workdir + ".err") as f:
+    assert "steps/s, ETA" in f.read()  # progress lines
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+
+  def main(*args, env=env):
+    return subprocess.run([sys.executable, "-m", "xrayjax.main", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+  proc = main("--mode=eval", f"--workdir={workdir}", *flags,
+              "--config.eval.gradcam.enabled=False")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "eval.json")) as f:
+    assert json.load(f)["across_folds"] == results["across_folds"]
+  proc = main("--mode=eval", f"--workdir={tmp_path / 'nothing'}")
+  assert proc.returncode != 0 and "not an xrayjax run directory" in proc.stderr
+
+  from PIL import Image
+  from xrayjax.data.sources import phantom
+  rng = np.random.default_rng(0)
+  image = phantom.render(rng, size=64, label="covid", anatomy=phantom.sample_anatomy(rng),
+                         site=phantom.SITES[0], view="PA", severity=0.8, finding=None)["image"]
+  Image.fromarray(image).save(tmp_path / "x.png")
+  one_device = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-m", "xrayjax.predict", f"--workdir={workdir}",
+                         "--format=json", "--overlays=none", str(tmp_path / "x.png")],
+                        env=one_device, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert len(json.loads(proc.stdout)["predictions"]) == 1
