@@ -35,6 +35,12 @@ def pytest_configure(config):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def pytest_collection_modifyitems(items):
+  """The slow checks first: xdist hands the first tests out one per worker in turn, so they run
+  side by side from the start instead of ending the session alone on one worker."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_unconfigure(config):
   shutil.rmtree(getattr(config, "xrayjax_jax_cache", ""), ignore_errors=True)
 

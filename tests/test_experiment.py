@@ -148,6 +148,7 @@ def test_paper_protocol_runs_image_level_with_alexnet(tiny_config, tmp_path):
   assert [s["select"] for s in results["stages"]] == ["best", "last", "last"]
 
 
+@pytest.mark.slow  # a whole run of ResNet50: three stages compiled
 def test_resnet50_run_restores_batch_norm_statistics(tfds_dir, tmp_path):
   c = tiny.detl_config(tfds_dir, "model=resnet50,runlocal")
   workdir = str(tmp_path / "run")

@@ -176,6 +176,7 @@ def test_unknown_target_lists_the_valid_ones():
     gradcam.make_fn(model, "nope")(variables, {"image": x, "class": jnp.array([0])})
 
 
+@pytest.mark.slow  # the full concat network (Xception + ResNet50V2), initialised and compiled twice
 def test_concat_explains_each_branch_at_its_own_finer_maps():
   """A branch's maps are targets by path; `xception/features` is the map concat records as
   `xception`, so both give the same Grad-CAM (the gradient is read at the right tap)."""
