@@ -65,10 +65,10 @@ def _figures(workdir: str, results: dict, predictions: list[dict], plots: str
         continue
       if kind == "roc":
         x, y, _ = skm.roc_curve(positives, probs[:, c])
-        area = skm.roc_auc_score(positives, probs[:, c])
+        area = metrics_lib.auroc_of(positives, probs[:, c])
       else:
         y, x, _ = skm.precision_recall_curve(positives, probs[:, c])
-        area = skm.average_precision_score(positives, probs[:, c])
+        area = metrics_lib.average_precision(positives, probs[:, c])
       ax.plot(x, y, label=f"{name} ({area:.3f})")
     if kind == "roc":
       ax.plot([0, 1], [0, 1], "k:", lw=0.8)

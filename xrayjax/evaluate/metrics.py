@@ -72,8 +72,8 @@ def confusion(labels: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
 
 
 # AUROC and average precision in numpy, equal to sklearn's roc_auc_score and
-# average_precision_score (tests/test_metrics.py): sklearn validates its inputs on every call
-# (about 40 ms for the two), and a bootstrap calls them thousands of times.
+# average_precision_score (tests/test_metrics.py): sklearn's input checks cost about 40 ms per
+# classification() of four classes, and a bootstrap calls it thousands of times.
 def auroc_of(positives: np.ndarray, scores: np.ndarray) -> float:
   """Area under the ROC curve: the Mann-Whitney statistic, ties counted one half."""
   positives = np.asarray(positives, bool)
