@@ -74,6 +74,32 @@ def test_onednn_convs_match_lax_in_value_and_both_gradients(form):
     assert f"xrayjax_dnnl_conv_{target}" in hlo
 
 
+@pytest.mark.parametrize("form", CONVS)
+def test_fused_bias_and_relu_match_lax_in_value_and_all_three_gradients(form):
+  shape, kernel, cin, cout, stride, padding, groups = CONVS[form]
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal(shape, np.float32))
+  w = jnp.asarray(rng.standard_normal((*kernel, cin, cout), np.float32))
+  b = jnp.asarray(rng.standard_normal((cout,), np.float32))
+  ref = lambda x, w, b: jax.nn.relu(_lax_conv(x, w, stride, padding, groups) + b)
+  ours = lambda x, w, b: kernels.conv_bias_relu(x, w, b, stride, padding, groups)
+  y = ref(x, w, b)
+  assert 0.2 < float(jnp.mean(y > 0)) < 0.8  # both sides of the ReLU are exercised
+  weights = jnp.asarray(rng.standard_normal(y.shape, np.float32))
+
+  def loss(f):
+    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * weights), (0, 1, 2)))
+
+  (v, grads), (rv, rgrads) = loss(ours)(x, w, b), loss(ref)(x, w, b)
+  np.testing.assert_allclose(ours(x, w, b), y, rtol=1e-5, atol=1e-5 * float(jnp.abs(y).max()))
+  np.testing.assert_allclose(v, rv, rtol=1e-5, atol=1e-6 * float(jnp.sum(jnp.abs(y * weights))))
+  for g, rg in zip(grads, rgrads):
+    np.testing.assert_allclose(g, rg, rtol=1e-4, atol=1e-5 * float(jnp.abs(rg).max()))
+  hlo = loss(ours).lower(x, w, b).as_text()
+  for target in ("conv_bias_relu_fwd", "conv_bwd_data", "conv_bwd_weights_bias"):
+    assert f"xrayjax_dnnl_{target}" in hlo
+
+
 def test_other_dtypes_keep_xlas_convolutions():
   x = jnp.ones((1, 8, 8, 3), jnp.bfloat16)
   w = jnp.ones((3, 3, 3, 4), jnp.bfloat16)
@@ -81,14 +107,20 @@ def test_other_dtypes_keep_xlas_convolutions():
   assert "xrayjax_" not in jax.jit(jax.grad(f)).lower(w).as_text()
   f = lambda w: jnp.sum(kernels.pointwise(x, w[:1, :1]).astype(jnp.float32))
   assert "xrayjax_" not in jax.jit(jax.grad(f)).lower(w).as_text()
+  b = jnp.ones((4,), jnp.bfloat16)
+  f = lambda w: jnp.sum(kernels.conv_bias_relu(x, w, b, 1, ((1, 1), (1, 1))).astype(jnp.float32))
+  assert "xrayjax_" not in jax.jit(jax.grad(f)).lower(w).as_text()
 
 
 def test_a_program_lowered_for_an_accelerator_keeps_xlas_convolutions():
   x = jnp.ones((1, 8, 8, 3))
   w = jnp.ones((3, 3, 3, 4))
-  f = jax.jit(jax.grad(lambda w: jnp.sum(kernels.conv(x, w, 2, ((1, 1), (1, 1))))))
-  assert "xrayjax_dnnl_conv" in f.trace(w).lower(lowering_platforms=("cpu",)).as_text()
-  assert "xrayjax_" not in f.trace(w).lower(lowering_platforms=("cuda",)).as_text()
+  b = jnp.ones((4,))
+  for op in (lambda w: kernels.conv(x, w, 2, ((1, 1), (1, 1))),
+             lambda w: kernels.conv_bias_relu(x, w, b, 2, ((1, 1), (1, 1)))):
+    f = jax.jit(jax.grad(lambda w: jnp.sum(op(w))))
+    assert "xrayjax_dnnl_conv" in f.trace(w).lower(lowering_platforms=("cpu",)).as_text()
+    assert "xrayjax_" not in f.trace(w).lower(lowering_platforms=("cuda",)).as_text()
 
 
 # (batch, height, width, cin, cout): rows within one tile, over several tiles, and output
@@ -215,7 +247,9 @@ def test_convolutions_are_bit_reproducible():
   depth = jax.jit(lambda x, w, g: jax.vjp(lambda x, w: kernels.conv(x, w, 1, pad, 96), x,
                                           w[:, :, :1, :96])[1](g[..., :96]))
   point = jax.jit(lambda x, w, g: kernels.pointwise_weight_grad(x, g))
-  for f in (dense, depth, point):
+  fused = jax.jit(lambda x, w, g: jax.vjp(
+      lambda x, w, b: kernels.conv_bias_relu(x, w, b, 1, pad), x, w, g[0, 0, 0])[1](g))
+  for f in (dense, depth, point, fused):
     first = jax.tree.map(np.asarray, f(x, w, g))
     for _ in range(3):
       jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, f(x, w, g)), first)

@@ -19,7 +19,7 @@ sources, the compiler flags, jax's and oneDNN's versions and the CPU, and regist
 x86-64 Linux) or `XRAYJAX_NATIVE=0` is set, the models use XLA's forms: `status()` says which
 ran and why, and runs write it into their log.
 
-`conv`, `pointwise` and `max_pool` are the ops (`jax.custom_vjp`). The kernels run on the CPU
+`conv`, `conv_bias_relu`, `pointwise` and `max_pool` are the ops (`jax.custom_vjp`). The kernels run on the CPU
 backend only (`lax.platform_dependent`: a program lowered for an accelerator keeps XLA's forms),
 for float32 operands (other dtypes, and machines without the kernels, take XLA's).
 """
@@ -46,7 +46,8 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 _SOURCES = ("cpu_kernels.cc", "onednn_conv.cc")
 _HEADERS = ("parallel.h",)
 _TARGETS = ("xrayjax_pointwise_weight_grad", "xrayjax_max_pool_grad", "xrayjax_dnnl_conv_fwd",
-            "xrayjax_dnnl_conv_bwd_data", "xrayjax_dnnl_conv_bwd_weights")
+            "xrayjax_dnnl_conv_bwd_data", "xrayjax_dnnl_conv_bwd_weights",
+            "xrayjax_dnnl_conv_bias_relu_fwd", "xrayjax_dnnl_conv_bwd_weights_bias")
 
 
 def _cpu_identity() -> str:
@@ -169,18 +170,26 @@ def _conv_xla(x, w, stride: int, padding: Padding, groups: int):
                                   feature_group_count=groups)
 
 
-def _dnnl(name: str, shape, a, b, stride: int, padding: Padding, groups: int):
-  call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, jnp.float32),
-                          vmap_method="sequential")
-  return call(a, b, s=stride, pt=padding[0][0], pl=padding[1][0], groups=groups)
+def _dnnl(name: str, shapes, *operands, stride: int, padding: Padding, groups: int):
+  """Calls oneDNN's target `name` on float32 `operands`; `shapes` is the result's shape, or a
+  list of the results' shapes."""
+  results = (jax.ShapeDtypeStruct(shapes, jnp.float32) if isinstance(shapes, tuple)
+             else [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
+  call = jax.ffi.ffi_call(name, results, vmap_method="sequential")
+  return call(*operands, s=stride, pt=padding[0][0], pl=padding[1][0], groups=groups)
+
+
+def _conv_shape(x, w, stride: int, padding: Padding, groups: int) -> tuple[int, ...]:
+  return jax.eval_shape(functools.partial(_conv_xla, stride=stride, padding=padding,
+                                          groups=groups), x, w).shape
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_native(x, w, stride: int, padding: Padding, groups: int):
-  shape = jax.eval_shape(functools.partial(_conv_xla, stride=stride, padding=padding,
-                                           groups=groups), x, w).shape
+  shape = _conv_shape(x, w, stride, padding, groups)
+  attrs = dict(stride=stride, padding=padding, groups=groups)
   return lax.platform_dependent(
-      x, w, cpu=lambda x, w: _dnnl("xrayjax_dnnl_conv_fwd", shape, x, w, stride, padding, groups),
+      x, w, cpu=lambda x, w: _dnnl("xrayjax_dnnl_conv_fwd", shape, x, w, **attrs),
       default=lambda x, w: _conv_xla(x, w, stride, padding, groups))
 
 
@@ -188,18 +197,24 @@ def _conv_native_fwd(x, w, stride, padding, groups):
   return _conv_native(x, w, stride, padding, groups), (x, w)
 
 
+def _input_gradient(x, w, g, stride: int, padding: Padding, groups: int):
+  attrs = dict(stride=stride, padding=padding, groups=groups)
+  return lax.platform_dependent(
+      g, w, cpu=lambda g, w: _dnnl("xrayjax_dnnl_conv_bwd_data", x.shape, g, w, **attrs),
+      default=lambda g, w: jax.vjp(lambda x: _conv_xla(x, w, **attrs), x)[1](g)[0])
+
+
+def _weight_gradient_xla(x, w, g, stride: int, padding: Padding, groups: int):
+  return jax.vjp(lambda w: _conv_xla(x, w, stride, padding, groups), w)[1](g)[0]
+
+
 def _conv_native_bwd(stride, padding, groups, res, g):
   x, w = res
-  xla = lambda x, w: _conv_xla(x, w, stride, padding, groups)
-  dx = lax.platform_dependent(
-      g, w, cpu=lambda g, w: _dnnl("xrayjax_dnnl_conv_bwd_data", x.shape, g, w, stride, padding,
-                                   groups),
-      default=lambda g, w: jax.vjp(lambda x: xla(x, w), x)[1](g)[0])
+  attrs = dict(stride=stride, padding=padding, groups=groups)
   dw = lax.platform_dependent(
-      x, g, cpu=lambda x, g: _dnnl("xrayjax_dnnl_conv_bwd_weights", w.shape, x, g, stride,
-                                   padding, groups),
-      default=lambda x, g: jax.vjp(lambda w: xla(x, w), w)[1](g)[0])
-  return dx, dw
+      x, g, cpu=lambda x, g: _dnnl("xrayjax_dnnl_conv_bwd_weights", w.shape, x, g, **attrs),
+      default=lambda x, g: _weight_gradient_xla(x, w, g, **attrs))
+  return _input_gradient(x, w, g, **attrs), dw
 
 
 _conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
@@ -213,6 +228,50 @@ def conv(x, w, stride: int, padding: Padding, groups: int = 1):
   if _use_native(x, w):
     return _conv_native(x, w, int(stride), padding, int(groups))
   return _conv_xla(x, w, int(stride), padding, int(groups))
+
+
+def _conv_bias_relu_xla(x, w, b, stride: int, padding: Padding, groups: int):
+  return jax.nn.relu(_conv_xla(x, w, stride, padding, groups) + b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv_bias_relu_native(x, w, b, stride: int, padding: Padding, groups: int):
+  shape = _conv_shape(x, w, stride, padding, groups)
+  attrs = dict(stride=stride, padding=padding, groups=groups)
+  return lax.platform_dependent(
+      x, w, b, cpu=lambda x, w, b: _dnnl("xrayjax_dnnl_conv_bias_relu_fwd", shape, x, w, b,
+                                         **attrs),
+      default=lambda x, w, b: _conv_bias_relu_xla(x, w, b, **attrs))
+
+
+def _conv_bias_relu_fwd(x, w, b, stride, padding, groups):
+  y = _conv_bias_relu_native(x, w, b, stride, padding, groups)
+  return y, (x, w, y)
+
+
+def _conv_bias_relu_bwd(stride, padding, groups, res, g):
+  x, w, y = res
+  attrs = dict(stride=stride, padding=padding, groups=groups)
+  g = jnp.where(y > 0, g, 0)  # the ReLU's gradient: y > 0 exactly where conv + b > 0
+  dw, db = lax.platform_dependent(
+      x, g, cpu=lambda x, g: tuple(_dnnl("xrayjax_dnnl_conv_bwd_weights_bias",
+                                         [w.shape, w.shape[-1:]], x, g, **attrs)),
+      default=lambda x, g: (_weight_gradient_xla(x, w, g, **attrs), jnp.sum(g, (0, 1, 2))))
+  return _input_gradient(x, w, g, **attrs), dw, db
+
+
+_conv_bias_relu_native.defvjp(_conv_bias_relu_fwd, _conv_bias_relu_bwd)
+
+
+def conv_bias_relu(x, w, b, stride: int, padding: Padding, groups: int = 1):
+  """max(conv(x, w) + b, 0), as `conv` with a bias b (Co,) and a ReLU: on the CPU for float32
+  one oneDNN convolution that adds the bias and applies the ReLU as it writes its output, and
+  whose weight-gradient pass sums the bias's gradient too (TensorFlow fuses them so); XLA's
+  conv, add and ReLU elsewhere."""
+  padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+  if _use_native(x, w) and b.dtype == jnp.float32:
+    return _conv_bias_relu_native(x, w, b, int(stride), padding, int(groups))
+  return _conv_bias_relu_xla(x, w, b, int(stride), padding, int(groups))
 
 
 # --- 1x1 convolutions: a matrix product, and a native weight gradient ----------------------------

@@ -7,6 +7,11 @@
 //   xrayjax_dnnl_conv_fwd(x[N,H,W,Ci], w[KH,KW,Ci/G,Co]) -> y[N,Ho,Wo,Co]
 //   xrayjax_dnnl_conv_bwd_data(g[N,Ho,Wo,Co], w) -> dx[N,H,W,Ci]
 //   xrayjax_dnnl_conv_bwd_weights(x, g) -> dw[KH,KW,Ci/G,Co]
+// and two for a convolution with a bias and a ReLU (VGG16's layers), fused as TensorFlow fuses
+// them: the forward pass adds the bias and applies the ReLU as it writes each output, and the
+// weight gradient sums the bias's gradient as it reads g (the gradient before the ReLU):
+//   xrayjax_dnnl_conv_bias_relu_fwd(x, w, b[Co]) -> y = max(conv(x, w) + b, 0)
+//   xrayjax_dnnl_conv_bwd_weights_bias(x, g) -> (dw, db[Co])
 // Attributes: the stride s and the low paddings pt, pl; the high paddings follow from the
 // output's size (oneDNN wants the one the shapes imply: a VALID conv whose last window stops
 // short of the input's end has a smaller one).
@@ -27,6 +32,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -47,8 +53,9 @@ enum Pass { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
 struct Key {
   int64_t pass, n, h, w, ci, ho, wo, co, kh, kw, s, pt, pl, pb, pr, groups;
+  int64_t bias = 0;  // with a bias: fused with a ReLU (forward) or its gradient (weights)
   auto Tie() const {
-    return std::tie(pass, n, h, w, ci, ho, wo, co, kh, kw, s, pt, pl, pb, pr, groups);
+    return std::tie(pass, n, h, w, ci, ho, wo, co, kh, kw, s, pt, pl, pb, pr, groups, bias);
   }
   bool operator<(const Key& o) const { return Tie() < o.Tie(); }
 };
@@ -88,6 +95,10 @@ dnnl::memory::desc Activations(int64_t n, int64_t c, int64_t h, int64_t w) {
   return dnnl::memory::desc({n, c, h, w}, dt::f32, dnnl::memory::format_tag::nhwc);
 }
 
+dnnl::memory::desc Bias(int64_t co) {
+  return dnnl::memory::desc({co}, dt::f32, dnnl::memory::format_tag::a);
+}
+
 // JAX's HWIO weights (KH, KW, Ci/G, Co) as oneDNN's {O, I, KH, KW}, or {G, O/G, I/G, KH, KW}.
 dnnl::memory::desc Weights(const Key& k) {
   const int64_t g = k.groups, cig = k.ci / g, cog = k.co / g;
@@ -111,12 +122,18 @@ Entry* Get(const Key& k) {
   const dnnl::memory::desc any_weights(e->weights_user.get_dims(), dt::f32,
                                        dnnl::memory::format_tag::any);
   const dims strides{k.s, k.s}, dilation{0, 0}, low{k.pt, k.pl}, high{k.pb, k.pr};
+  const auto bias = k.bias ? Bias(k.co) : dnnl::memory::desc();
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  if (k.pass == kFwd && k.bias) {
+    dnnl::post_ops relu;
+    relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr.set_post_ops(relu);
+  }
   const auto algo = dnnl::algorithm::convolution_direct;
   dnnl::convolution_forward::primitive_desc fwd(
-      Engine(), dnnl::prop_kind::forward_training, algo, src, any_weights, dnnl::memory::desc(),
-      dst, strides, dilation, low, high, attr);
+      Engine(), dnnl::prop_kind::forward_training, algo, src, any_weights, bias, dst, strides,
+      dilation, low, high, attr);
   if (k.pass == kFwd) {
     e->prim = dnnl::convolution_forward(fwd);
     e->weights_prim = fwd.weights_desc();
@@ -129,7 +146,7 @@ Entry* Get(const Key& k) {
     e->scratchpad = pd.scratchpad_desc();
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), algo, src, any_weights, dst, strides, dilation, low, high, fwd, attr);
+        Engine(), algo, src, any_weights, bias, dst, strides, dilation, low, high, fwd, attr);
     e->prim = dnnl::convolution_backward_weights(pd);
     e->weights_prim = pd.diff_weights_desc();
     e->scratchpad = pd.scratchpad_desc();
@@ -146,8 +163,11 @@ Entry* Get(const Key& k) {
 }
 
 // Runs pass k.pass on activations `act` (x, or g for the input gradient), the other operand
-// `other` (w, or g for the weight gradient) and the result `out`, in slices of the batch.
-ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* other, float* out) {
+// `other` (w, or g for the weight gradient) and the result `out`, in slices of the batch; with
+// k.bias, the forward pass reads the bias `bias` and the weight gradient writes its gradient to
+// `bias_out`.
+ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* other, float* out,
+               const float* bias = nullptr, float* bias_out = nullptr) {
   // The high paddings the shapes imply (see the top of the file).
   k.pb = (k.ho - 1) * k.s + k.kh - k.h - k.pt;
   k.pr = (k.wo - 1) * k.s + k.kw - k.w - k.pl;
@@ -190,9 +210,12 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
     }
     stream.wait();
   }
-  // The weight gradient's slices, in the user's layout, to be summed in order.
+  // The weight gradient's slices, in the user's layout, each followed by the bias's gradient,
+  // to be summed in order.
+  const int64_t user_floats = user_bytes / sizeof(float);
+  const int64_t part_floats = user_floats + (k.bias ? k.co : 0);
   float* sums = parts == 1 || k.pass != kBwdWeights
-      ? nullptr : static_cast<float*>(t_call.Get(parts * user_bytes));
+      ? nullptr : static_cast<float*>(t_call.Get(parts * part_floats * sizeof(float)));
   std::mutex error_mu;
   std::string error;
   xrayjax::ParallelFor(pool, parts, parts, [&](int64_t p) {
@@ -206,8 +229,12 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
       dnnl::memory scratchpad(e->scratchpad, engine, t_scratchpad.Get(e->scratchpad.get_size()));
       std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SCRATCHPAD, scratchpad}};
       if (k.pass == kBwdWeights) {
-        float* part = sums ? sums + p * (user_bytes / sizeof(float)) : out;
+        float* part = sums ? sums + p * part_floats : out;
         dnnl::memory user(e->weights_user, engine, part);
+        if (k.bias) {
+          args.insert({DNNL_ARG_DIFF_BIAS,
+                       dnnl::memory(Bias(k.co), engine, sums ? part + user_floats : bias_out)});
+        }
         dnnl::memory dw = e->reorder
             ? dnnl::memory(e->weights_prim, engine,
                            t_slice_weights.Get(e->weights_prim.get_size()))
@@ -222,6 +249,10 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
       } else {
         args.insert({DNNL_ARG_WEIGHTS, dnnl::memory(e->weights_prim, engine, weights[i])});
         if (k.pass == kFwd) {
+          if (k.bias) {
+            args.insert({DNNL_ARG_BIAS,
+                         dnnl::memory(Bias(k.co), engine, const_cast<float*>(bias))});
+          }
           args.insert({{DNNL_ARG_SRC,
                         dnnl::memory(src, engine, const_cast<float*>(act) + n0 * x_image)},
                        {DNNL_ARG_DST, dnnl::memory(dst, engine, out + n0 * y_image)}});
@@ -241,24 +272,63 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
   if (!error.empty()) {
     return ffi::Error::Internal("dnnl_conv: oneDNN failed: " + error);
   }
-  if (sums) xrayjax::SumInOrder(sums, parts, user_bytes / sizeof(float), out);
+  if (sums) {
+    xrayjax::SumInOrder(sums, parts, part_floats, user_floats, out);
+    if (k.bias) xrayjax::SumInOrder(sums + user_floats, parts, part_floats, k.co, bias_out);
+  }
   return ffi::Error::Success();
 }
 
-// One handler per pass: `a` and `b` are the operands and `r` the result, which play the parts
-// of the input x, the output y and the weights w as the top of the file lists.
+// The key of pass P on operands `a` and `b` and result `r`, which play the parts of the input
+// x, the output y and the weights w as the top of the file lists (nullopt: not all 4-D).
+template <Pass P>
+std::optional<Key> MakeKey(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b,
+                           ffi::Span<const int64_t> r, int64_t s, int64_t pt, int64_t pl,
+                           int64_t groups, int64_t bias) {
+  const ffi::Span<const int64_t> d[3] = {a, b, r};
+  if (d[0].size() != 4 || d[1].size() != 4 || d[2].size() != 4) return std::nullopt;
+  constexpr int kX[3] = {0, 2, 0}, kY[3] = {2, 0, 1}, kW[3] = {1, 1, 2};
+  const auto x = d[kX[P]], y = d[kY[P]], w = d[kW[P]];
+  return Key{P, x[0], x[1], x[2], x[3], y[1], y[2], y[3], w[0], w[1], s, pt, pl, 0, 0, groups,
+             bias};
+}
+
+const ffi::Error kNot4D = ffi::Error::InvalidArgument("dnnl_conv: operands are not 4-D");
+
+// One handler per pass.
 template <Pass P>
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                 ffi::ResultBuffer<ffi::F32> r, int64_t s, int64_t pt, int64_t pl,
                 int64_t groups) {
-  const ffi::Span<const int64_t> d[3] = {a.dimensions(), b.dimensions(), r->dimensions()};
-  if (d[0].size() != 4 || d[1].size() != 4 || d[2].size() != 4) {
-    return ffi::Error::InvalidArgument("dnnl_conv: operands are not 4-D");
+  const auto k = MakeKey<P>(a.dimensions(), b.dimensions(), r->dimensions(), s, pt, pl, groups, 0);
+  if (!k) return kNot4D;
+  return Run(pool, *k, a.typed_data(), b.typed_data(), r->typed_data());
+}
+
+ffi::Error ConvBiasRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int64_t s,
+                        int64_t pt, int64_t pl, int64_t groups) {
+  const auto k = MakeKey<kFwd>(x.dimensions(), w.dimensions(), y->dimensions(), s, pt, pl,
+                               groups, 1);
+  if (!k) return kNot4D;
+  if (b.dimensions().size() != 1 || b.dimensions()[0] != k->co) {
+    return ffi::Error::InvalidArgument("dnnl_conv: the bias is not one value per output channel");
   }
-  constexpr int kX[3] = {0, 2, 0}, kY[3] = {2, 0, 1}, kW[3] = {1, 1, 2};
-  const auto x = d[kX[P]], y = d[kY[P]], w = d[kW[P]];
-  const Key k{P, x[0], x[1], x[2], x[3], y[1], y[2], y[3], w[0], w[1], s, pt, pl, 0, 0, groups};
-  return Run(pool, k, a.typed_data(), b.typed_data(), r->typed_data());
+  return Run(pool, *k, x.typed_data(), w.typed_data(), y->typed_data(), b.typed_data());
+}
+
+ffi::Error ConvBwdWeightsBias(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw,
+                              ffi::ResultBuffer<ffi::F32> db, int64_t s, int64_t pt, int64_t pl,
+                              int64_t groups) {
+  const auto k = MakeKey<kBwdWeights>(x.dimensions(), g.dimensions(), dw->dimensions(), s, pt,
+                                      pl, groups, 1);
+  if (!k) return kNot4D;
+  if (db->dimensions().size() != 1 || db->dimensions()[0] != k->co) {
+    return ffi::Error::InvalidArgument("dnnl_conv: the bias is not one value per output channel");
+  }
+  return Run(pool, *k, x.typed_data(), g.typed_data(), dw->typed_data(), nullptr,
+             db->typed_data());
 }
 
 }  // namespace
@@ -278,3 +348,26 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
 XRAYJAX_DNNL_CONV(xrayjax_dnnl_conv_fwd, kFwd)
 XRAYJAX_DNNL_CONV(xrayjax_dnnl_conv_bwd_data, kBwdData)
 XRAYJAX_DNNL_CONV(xrayjax_dnnl_conv_bwd_weights, kBwdWeights)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_dnnl_conv_bias_relu_fwd, ConvBiasRelu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("s")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("groups"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_dnnl_conv_bwd_weights_bias, ConvBwdWeightsBias,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("s")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("groups"));

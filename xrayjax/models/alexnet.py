@@ -15,7 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from xrayjax.models.common import HE_INIT, conv, max_pool, record, scaled
+from xrayjax.models.common import HE_INIT, ConvReLU, max_pool, record, scaled
 
 PARAM_GROUPS = {
     "before_last_conv_block": r"^conv[12]/",
@@ -38,14 +38,14 @@ class AlexNet(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool):
     out = {}
-    layer = lambda c, name, stride=1: conv(scaled(c, self.width), (3, 3), strides=stride,
-                                           padding="SAME", dtype=self.dtype, name=name)
-    x = _pool(nn.relu(layer(96, "conv1", 2)(images)))
+    layer = lambda c, name, stride=1: ConvReLU(scaled(c, self.width), (3, 3), strides=stride,
+                                               dtype=self.dtype, name=name)
+    x = _pool(layer(96, "conv1", 2)(images))
     x = record(self, out, "block1", x)
-    x = _pool(nn.relu(layer(256, "conv2")(x)))
+    x = _pool(layer(256, "conv2")(x))
     x = record(self, out, "block2", x)
     for i, c in ((3, 384), (4, 384), (5, 256)):
-      x = nn.relu(layer(c, f"conv{i}")(x))
+      x = layer(c, f"conv{i}")(x)
     x = record(self, out, "block3", x)
     x = record(self, out, "features", x)  # last conv block, before pooling
     x = _pool(x).reshape((x.shape[0], -1))

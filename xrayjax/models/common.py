@@ -83,6 +83,27 @@ def _no_padding(padding) -> bool:
 conv = functools.partial(nn.Conv, kernel_init=HE_INIT, conv_general_dilated=conv_general_dilated)
 
 
+class ConvReLU(nn.Module):
+  """`conv` (the same parameters: a He-initialised kernel and a zero bias) then a ReLU, as one
+  op, `kernels.conv_bias_relu`: on the CPU oneDNN adds the bias and applies the ReLU as it
+  writes the convolution's output, as TensorFlow's fused convolutions do for Keras."""
+  features: int
+  kernel_size: tuple[int, int]
+  strides: int = 1
+  padding: str = "SAME"
+  dtype: Any = None  # computation dtype (None: the input's); parameters stay float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", HE_INIT, (*self.kernel_size, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    pads = lax.padtype_to_pads(x.shape[1:3], self.kernel_size, (self.strides,) * 2,
+                               self.padding)
+    return kernels.conv_bias_relu(x, kernel, bias, self.strides, pads)
+
+
 class SeparableConv(nn.Module):
   """Keras's SeparableConv2D: a depthwise conv then a 1x1 pointwise conv (no bias)."""
   features: int

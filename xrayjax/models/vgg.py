@@ -12,7 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from xrayjax.models.common import HE_INIT, conv, max_pool, record, scaled
+from xrayjax.models.common import HE_INIT, ConvReLU, max_pool, record, scaled
 
 BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 
@@ -37,8 +37,8 @@ class VGG16(nn.Module):
     x = images
     for b, (convs, channels) in enumerate(BLOCKS, start=1):
       for c in range(1, convs + 1):
-        x = nn.relu(conv(scaled(channels, self.width), (3, 3), padding="SAME",
-                         dtype=self.dtype, name=f"block{b}_conv{c}")(x))
+        x = ConvReLU(scaled(channels, self.width), (3, 3), dtype=self.dtype,
+                     name=f"block{b}_conv{c}")(x)
       x = record(self, out, f"block{b}", x)
       if b == len(BLOCKS):  # last conv block output, before its pooling (Grad-CAM target)
         x = record(self, out, "features", x)
