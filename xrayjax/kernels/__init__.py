@@ -47,7 +47,7 @@ _SOURCES = ("cpu_kernels.cc", "onednn_conv.cc")
 _HEADERS = ("parallel.h",)
 _TARGETS = ("xrayjax_pointwise_weight_grad", "xrayjax_max_pool_grad", "xrayjax_dnnl_conv_fwd",
             "xrayjax_dnnl_conv_bwd_data", "xrayjax_dnnl_conv_bwd_weights",
-            "xrayjax_dnnl_conv_bias_relu_fwd", "xrayjax_dnnl_conv_bwd_weights_bias")
+            "xrayjax_dnnl_conv_bias_relu_fwd")
 
 
 def _cpu_identity() -> str:
@@ -253,10 +253,10 @@ def _conv_bias_relu_bwd(stride, padding, groups, res, g):
   x, w, y = res
   attrs = dict(stride=stride, padding=padding, groups=groups)
   g = jnp.where(y > 0, g, 0)  # the ReLU's gradient: y > 0 exactly where conv + b > 0
-  dw, db = lax.platform_dependent(
-      x, g, cpu=lambda x, g: tuple(_dnnl("xrayjax_dnnl_conv_bwd_weights_bias",
-                                         [w.shape, w.shape[-1:]], x, g, **attrs)),
-      default=lambda x, g: (_weight_gradient_xla(x, w, g, **attrs), jnp.sum(g, (0, 1, 2))))
+  dw = lax.platform_dependent(
+      x, g, cpu=lambda x, g: _dnnl("xrayjax_dnnl_conv_bwd_weights", w.shape, x, g, **attrs),
+      default=lambda x, g: _weight_gradient_xla(x, w, g, **attrs))
+  db = jnp.sum(g, (0, 1, 2))  # XLA's order, as for an unfused bias: training stays bit-identical
   return _input_gradient(x, w, g, **attrs), dw, db
 
 
@@ -265,9 +265,9 @@ _conv_bias_relu_native.defvjp(_conv_bias_relu_fwd, _conv_bias_relu_bwd)
 
 def conv_bias_relu(x, w, b, stride: int, padding: Padding, groups: int = 1):
   """max(conv(x, w) + b, 0), as `conv` with a bias b (Co,) and a ReLU: on the CPU for float32
-  one oneDNN convolution that adds the bias and applies the ReLU as it writes its output, and
-  whose weight-gradient pass sums the bias's gradient too (TensorFlow fuses them so); XLA's
-  conv, add and ReLU elsewhere."""
+  one oneDNN convolution that adds the bias and applies the ReLU as it writes its output
+  (TensorFlow fuses them so), with `conv`'s gradients and XLA's sum for the bias's; XLA's conv,
+  add and ReLU elsewhere."""
   padding = tuple(tuple(int(p) for p in pair) for pair in padding)
   if _use_native(x, w) and b.dtype == jnp.float32:
     return _conv_bias_relu_native(x, w, b, int(stride), padding, int(groups))

@@ -61,7 +61,7 @@ ffi::Error PointwiseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           Ci, G + k0 * Co, Co, 1.f, out, Co);
       }
     });
-    SumInOrder(acc.data(), workers, Ci * Co, Ci * Co, D);
+    SumInOrder(acc.data(), workers, Ci * Co, D);
   } else {
     const int64_t block = Co >= 256 ? 128 : Co;
     const int64_t blocks = (Co + block - 1) / block;

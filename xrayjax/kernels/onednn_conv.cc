@@ -7,11 +7,10 @@
 //   xrayjax_dnnl_conv_fwd(x[N,H,W,Ci], w[KH,KW,Ci/G,Co]) -> y[N,Ho,Wo,Co]
 //   xrayjax_dnnl_conv_bwd_data(g[N,Ho,Wo,Co], w) -> dx[N,H,W,Ci]
 //   xrayjax_dnnl_conv_bwd_weights(x, g) -> dw[KH,KW,Ci/G,Co]
-// and two for a convolution with a bias and a ReLU (VGG16's layers), fused as TensorFlow fuses
-// them: the forward pass adds the bias and applies the ReLU as it writes each output, and the
-// weight gradient sums the bias's gradient as it reads g (the gradient before the ReLU):
+// and a forward pass with a bias and a ReLU (VGG16's layers), fused as TensorFlow fuses them:
+// oneDNN adds the bias and applies the ReLU as it writes each output (the bias's gradient stays
+// XLA's sum, so training matches the unfused layers bit for bit):
 //   xrayjax_dnnl_conv_bias_relu_fwd(x, w, b[Co]) -> y = max(conv(x, w) + b, 0)
-//   xrayjax_dnnl_conv_bwd_weights_bias(x, g) -> (dw, db[Co])
 // Attributes: the stride s and the low paddings pt, pl; the high paddings follow from the
 // output's size (oneDNN wants the one the shapes imply: a VALID conv whose last window stops
 // short of the input's end has a smaller one).
@@ -53,7 +52,7 @@ enum Pass { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
 struct Key {
   int64_t pass, n, h, w, ci, ho, wo, co, kh, kw, s, pt, pl, pb, pr, groups;
-  int64_t bias = 0;  // with a bias: fused with a ReLU (forward) or its gradient (weights)
+  int64_t bias = 0;  // forward only: with a bias and a ReLU
   auto Tie() const {
     return std::tie(pass, n, h, w, ci, ho, wo, co, kh, kw, s, pt, pl, pb, pr, groups, bias);
   }
@@ -146,7 +145,7 @@ Entry* Get(const Key& k) {
     e->scratchpad = pd.scratchpad_desc();
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), algo, src, any_weights, bias, dst, strides, dilation, low, high, fwd, attr);
+        Engine(), algo, src, any_weights, dst, strides, dilation, low, high, fwd, attr);
     e->prim = dnnl::convolution_backward_weights(pd);
     e->weights_prim = pd.diff_weights_desc();
     e->scratchpad = pd.scratchpad_desc();
@@ -164,10 +163,9 @@ Entry* Get(const Key& k) {
 
 // Runs pass k.pass on activations `act` (x, or g for the input gradient), the other operand
 // `other` (w, or g for the weight gradient) and the result `out`, in slices of the batch; with
-// k.bias, the forward pass reads the bias `bias` and the weight gradient writes its gradient to
-// `bias_out`.
+// k.bias, the forward pass reads the bias `bias`.
 ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* other, float* out,
-               const float* bias = nullptr, float* bias_out = nullptr) {
+               const float* bias = nullptr) {
   // The high paddings the shapes imply (see the top of the file).
   k.pb = (k.ho - 1) * k.s + k.kh - k.h - k.pt;
   k.pr = (k.wo - 1) * k.s + k.kw - k.w - k.pl;
@@ -210,12 +208,9 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
     }
     stream.wait();
   }
-  // The weight gradient's slices, in the user's layout, each followed by the bias's gradient,
-  // to be summed in order.
-  const int64_t user_floats = user_bytes / sizeof(float);
-  const int64_t part_floats = user_floats + (k.bias ? k.co : 0);
+  // The weight gradient's slices, in the user's layout, to be summed in order.
   float* sums = parts == 1 || k.pass != kBwdWeights
-      ? nullptr : static_cast<float*>(t_call.Get(parts * part_floats * sizeof(float)));
+      ? nullptr : static_cast<float*>(t_call.Get(parts * user_bytes));
   std::mutex error_mu;
   std::string error;
   xrayjax::ParallelFor(pool, parts, parts, [&](int64_t p) {
@@ -229,12 +224,8 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
       dnnl::memory scratchpad(e->scratchpad, engine, t_scratchpad.Get(e->scratchpad.get_size()));
       std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SCRATCHPAD, scratchpad}};
       if (k.pass == kBwdWeights) {
-        float* part = sums ? sums + p * part_floats : out;
+        float* part = sums ? sums + p * (user_bytes / sizeof(float)) : out;
         dnnl::memory user(e->weights_user, engine, part);
-        if (k.bias) {
-          args.insert({DNNL_ARG_DIFF_BIAS,
-                       dnnl::memory(Bias(k.co), engine, sums ? part + user_floats : bias_out)});
-        }
         dnnl::memory dw = e->reorder
             ? dnnl::memory(e->weights_prim, engine,
                            t_slice_weights.Get(e->weights_prim.get_size()))
@@ -272,10 +263,7 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
   if (!error.empty()) {
     return ffi::Error::Internal("dnnl_conv: oneDNN failed: " + error);
   }
-  if (sums) {
-    xrayjax::SumInOrder(sums, parts, part_floats, user_floats, out);
-    if (k.bias) xrayjax::SumInOrder(sums + user_floats, parts, part_floats, k.co, bias_out);
-  }
+  if (sums) xrayjax::SumInOrder(sums, parts, user_bytes / sizeof(float), out);
   return ffi::Error::Success();
 }
 
@@ -317,20 +305,6 @@ ffi::Error ConvBiasRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return Run(pool, *k, x.typed_data(), w.typed_data(), y->typed_data(), b.typed_data());
 }
 
-ffi::Error ConvBwdWeightsBias(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                              ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw,
-                              ffi::ResultBuffer<ffi::F32> db, int64_t s, int64_t pt, int64_t pl,
-                              int64_t groups) {
-  const auto k = MakeKey<kBwdWeights>(x.dimensions(), g.dimensions(), dw->dimensions(), s, pt,
-                                      pl, groups, 1);
-  if (!k) return kNot4D;
-  if (db->dimensions().size() != 1 || db->dimensions()[0] != k->co) {
-    return ffi::Error::InvalidArgument("dnnl_conv: the bias is not one value per output channel");
-  }
-  return Run(pool, *k, x.typed_data(), g.typed_data(), dw->typed_data(), nullptr,
-             db->typed_data());
-}
-
 }  // namespace
 
 #define XRAYJAX_DNNL_CONV(name, pass)                                 \
@@ -355,17 +329,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_dnnl_conv_bias_relu_fwd, ConvBiasRelu,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("s")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl")
-                                  .Attr<int64_t>("groups"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_dnnl_conv_bwd_weights_bias, ConvBwdWeightsBias,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("s")
                                   .Attr<int64_t>("pt")

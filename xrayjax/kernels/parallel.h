@@ -43,11 +43,11 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int workers, const F& fn
   state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
 
-// out = the sum of `parts` buffers of `size` floats, `stride` floats apart, added in order.
-inline void SumInOrder(const float* acc, int parts, int64_t stride, int64_t size, float* out) {
+// out = the sum of `parts` buffers of `size` floats laid end to end, added in order.
+inline void SumInOrder(const float* acc, int parts, int64_t size, float* out) {
   std::memcpy(out, acc, size * sizeof(float));
   for (int p = 1; p < parts; ++p) {
-    const float* a = acc + static_cast<size_t>(p) * stride;
+    const float* a = acc + static_cast<size_t>(p) * size;
     for (int64_t i = 0; i < size; ++i) out[i] += a[i];
   }
 }
