@@ -26,13 +26,17 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 def pytest_configure(config):
   """Every run builds its jitted functions anew, so runs of one config compile the same
-  programs again: a persistent compilation cache, fresh each session and one per process
-  (xdist worker: no two processes write one file), compiles each of them once. Set before
-  anything compiles: JAX decides at its first compilation whether the cache is used."""
+  programs again: a persistent compilation cache, fresh each session and one per xdist
+  worker, compiles each of them once. The worker's commands (`python -m xrayjax.main` and
+  others, run one after another or killed and resumed) read and fill it too, through the
+  environment they inherit. Set before anything compiles: JAX decides at its first
+  compilation whether the cache is used."""
   config.xrayjax_jax_cache = tempfile.mkdtemp(prefix="xrayjax-test-jax-cache-")
-  jax.config.update("jax_compilation_cache_dir", config.xrayjax_jax_cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  for name, value in (("jax_compilation_cache_dir", config.xrayjax_jax_cache),
+                      ("jax_persistent_cache_min_compile_time_secs", 0),
+                      ("jax_persistent_cache_min_entry_size_bytes", 0)):
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)
 
 
 def pytest_collection_modifyitems(items):
