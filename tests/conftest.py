@@ -29,8 +29,9 @@ def pytest_configure(config):
   programs again: a persistent compilation cache, fresh each session and one per xdist
   worker, compiles each of them once. The worker's commands (`python -m xrayjax.main` and
   others, run one after another or killed and resumed) read and fill it too, through the
-  environment they inherit. Set before anything compiles: JAX decides at its first
-  compilation whether the cache is used."""
+  environment they inherit (two at once may write one entry: JAX recompiles an entry it
+  cannot read). Set before anything compiles: JAX decides at its first compilation whether
+  the cache is used."""
   config.xrayjax_jax_cache = tempfile.mkdtemp(prefix="xrayjax-test-jax-cache-")
   for name, value in (("jax_compilation_cache_dir", config.xrayjax_jax_cache),
                       ("jax_persistent_cache_min_compile_time_secs", 0),
