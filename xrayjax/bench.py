@@ -355,6 +355,7 @@ def _op_kind(opcode: str, op_name: str, target: str) -> str:
   if target:
     return {"xrayjax_pointwise_weight_grad": "1x1 conv weight gradient (native)",
             "xrayjax_dnnl_conv_fwd": "conv forward (oneDNN)",
+            "xrayjax_dnnl_conv_bias_relu_fwd": "conv forward (oneDNN)",  # + bias and ReLU
             "xrayjax_dnnl_conv_bwd_data": "conv input gradient (oneDNN)",
             "xrayjax_dnnl_conv_bwd_weights": "conv weight gradient (oneDNN)",
             "xrayjax_max_pool_grad": "max pooling (native gradient)"}.get(target, target)
