@@ -19,12 +19,19 @@ assert kernels.native()
 np.testing.assert_allclose(runner.forward_flops, xla, rtol=0.02)
 unnamed = [t for t in kernels._TARGETS if bench._op_kind("custom-call", "", t) == t]
 assert not unnamed, f"--profile has no op kind for {unnamed}"
+# Paired ratios: the geometric mean of the rounds' ratios, a t-interval on the log scale.
+np.testing.assert_allclose(bench.paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]), (2, 2, 2))
+half = 12.706205 * np.std([0.1, 0.3], ddof=1) / np.sqrt(2)  # t(0.975, 1 df)
+np.testing.assert_allclose(bench.paired_ratio(np.exp([0.1, 0.3]) * 5, [5.0, 5.0]),
+                           np.exp([0.2, 0.2 - half, 0.2 + half]), rtol=1e-6)
+assert np.isnan(bench.paired_ratio([3.0], [2.0])[1]) and bench._ratio((1.5, np.nan, np.nan)) == "1.50x"
+assert bench._ratio((1.04, 0.97, 1.115)) == "1.04x [0.97, 1.11]"
 """
 
 
-def test_forward_flops_and_profile_kinds_cover_the_native_kernels():
+def test_forward_flops_profile_kinds_and_paired_ratios():
   # XLA's cost analysis counts no FLOPs in an FFI call: the count must still include them;
-  # and `bench --profile` names each native kernel's op kind.
+  # `bench --profile` names each native kernel's op kind; the table's ratios and intervals.
   done = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == 0, done.stderr[-2000:]

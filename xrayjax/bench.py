@@ -12,8 +12,10 @@ For each model, one run alternates rounds of xrayjax training steps (the jitted,
 donating `train.make_train_step` that experiments use) and Keras training steps
 (`train_on_batch` on the keras.applications model, or the concat authors' layer
 sequence) with the same architecture, input, batch and optimizer, so both see
-the same machine state. It prints the median images/s of each and their ratio,
-inference images/s, the first-step (compile) time, the model's FLOPs per image
+the same machine state. It prints the median images/s of each, training and
+inference, and their ratios: the geometric mean of the rounds' paired ratios with a 95%
+t-interval over the rounds (`paired_ratio`; five rounds give an interval about half as wide
+as three), the first-step (compile) time, the model's FLOPs per image
 (XLA's cost analysis of the forward pass), the fraction of this machine's float32
 matmul peak that xrayjax's training reaches (training taken as 3x the forward
 FLOPs; the peak is measured in every round, between the steps, and the highest
@@ -249,12 +251,33 @@ def measure(name: str, size: int, batch: int, rounds: int, steps: int, peaks: li
     infer_j.append(_rate(mine.infer, steps, batch))
     infer_k.append(_rate(theirs.infer, steps, batch))
     print(f"  {name} round {r + 1}/{rounds}: train xrayjax {train_j[-1]:.2f} img/s, "
-          f"keras {train_k[-1]:.2f} img/s", flush=True)
+          f"keras {train_k[-1]:.2f} img/s; infer xrayjax {infer_j[-1]:.2f}, keras "
+          f"{infer_k[-1]:.2f}", flush=True)
   med = statistics.median
   return {"model": name, "train_jax": med(train_j), "train_keras": med(train_k),
           "infer_jax": med(infer_j), "infer_keras": med(infer_k),
+          "train_ratio": paired_ratio(train_j, train_k),
+          "infer_ratio": paired_ratio(infer_j, infer_k),
           "compile_jax": mine.compile_seconds, "compile_keras": keras_compile,
           "gflops_per_image": mine.forward_flops / batch / 1e9}
+
+
+def paired_ratio(ours, theirs, level: float = 0.95) -> tuple[float, float, float]:
+  """(ratio, low, high): the geometric mean of the rounds' ratios ours[r] / theirs[r] (each
+  round times both frameworks back to back, so a round's machine state cancels in its ratio)
+  and its `level` t-interval over the rounds on the log scale; (ratio, nan, nan) from one
+  round. A target such as 1.1x is met where the interval's low end is above it."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  logs = np.log(np.asarray(ours, float) / np.asarray(theirs, float))
+  mean = float(np.mean(logs))
+  if len(logs) < 2:
+    return float(np.exp(mean)), float("nan"), float("nan")
+  half = stats.t.ppf(0.5 + level / 2, len(logs) - 1) * np.std(logs, ddof=1) / np.sqrt(len(logs))
+  return float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half))
+
+
+def _ratio(r: tuple[float, float, float]) -> str:
+  return f"{r[0]:.2f}x" + ("" if np.isnan(r[1]) else f" [{r[1]:.2f}, {r[2]:.2f}]")
 
 
 def measure_gradcam(name: str, size: int, batch: int, rounds: int, steps: int) -> dict:
@@ -442,16 +465,16 @@ def table(rows: list[dict], peak: float, size: int, batch: int) -> str:
   lines = [f"Training and inference throughput, {size} px, batch {batch}, Nadam, float32; "
            f"{jax.device_count()} CPU device(s), {os.cpu_count()} cores, matmul peak "
            f"{peak / 1e9:.1f} GFLOP/s (highest reading).", "",
-           "| model | train img/s xrayjax | train img/s Keras | ratio | infer img/s xrayjax | "
-           "infer img/s Keras | first step s xrayjax / Keras | GFLOPs/img (fwd) | "
-           "% of matmul peak (train) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| model | train img/s xrayjax | train img/s Keras | train ratio [95% CI] | "
+           "infer img/s xrayjax | infer img/s Keras | infer ratio [95% CI] | "
+           "first step s xrayjax / Keras | GFLOPs/img (fwd) | % of matmul peak (train) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     achieved = 3 * r["gflops_per_image"] * 1e9 * r["train_jax"] / peak
     lines.append(
         f"| {r['model']} | {r['train_jax']:.2f} | {r['train_keras']:.2f} | "
-        f"{r['train_jax'] / r['train_keras']:.2f}x | {r['infer_jax']:.2f} | "
-        f"{r['infer_keras']:.2f} | {r['compile_jax']:.1f} / {r['compile_keras']:.1f} | "
+        f"{_ratio(r['train_ratio'])} | {r['infer_jax']:.2f} | {r['infer_keras']:.2f} | "
+        f"{_ratio(r['infer_ratio'])} | {r['compile_jax']:.1f} / {r['compile_keras']:.1f} | "
         f"{r['gflops_per_image']:.2f} | {100 * achieved:.0f}% |")
   return "\n".join(lines)
 
