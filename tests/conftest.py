@@ -11,6 +11,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # Keras is the parity refe
 # runs a process per core, and OpenBLAS threads spinning on a busy core made the pixel
 # probes (sklearn's logistic regression) 20 times slower.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Tests run tiny models for a few steps: compile time dominates, so skip most of XLA's work, in
+# this process and in the commands tests start (they inherit the environment).
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 if "numpy" in sys.modules:  # loaded before this file (by a plugin): limit it now
   import threadpoolctl
   threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")
@@ -20,8 +23,7 @@ import pytest
 
 import tiny
 
-# Tests run tiny models for a few steps: compile time dominates, so skip most of XLA's work.
-jax.config.update("jax_disable_most_optimizations", True)
+jax.config.update("jax_disable_most_optimizations", True)  # in case jax was imported already
 
 
 def pytest_configure(config):

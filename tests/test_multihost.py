@@ -142,8 +142,7 @@ def _files(workdir: str) -> list[str]:
 
 @pytest.mark.slow
 def test_cli_on_eight_devices_and_two_processes_that_train_as_one(tfds_dir, tmp_path):
-  base = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-              JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # tiny models: compiling dominates
+  base = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   for k in ("JAX_COORDINATOR_ADDRESS", sharding.NUM_PROCESSES_ENV, sharding.PROCESS_ID_ENV):
     base.pop(k, None)
   flags = ["--config=configs/detl.py:runlocal", f"--config.data.tfds_dir={tfds_dir}",

@@ -203,7 +203,7 @@ def test_a_second_command_on_a_live_run_directory_exits_2_lock(tfds_dir, tmp_pat
              f"--workdir={workdir}", f"--config.data.tfds_dir={tfds_dir}",
              "--config.eval.gradcam.enabled=False", "--config.eval.bootstrap=0",
              "--config.audit.perturb=False", "--config.audit.probes=False"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
   lock = os.path.join(workdir, rundir.LOCK)
@@ -315,7 +315,7 @@ def test_sigkill_of_the_real_command_inside_an_epoch_resumes_bit_identically(tfd
             "--config.stage_b.epochs=2", "--config.stage_b.batch_size=4",
             "--config.checkpoint_every_steps=2"]
 
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   subprocess.run(command(straight), cwd=ROOT, env=env, check=True, capture_output=True)
   proc = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

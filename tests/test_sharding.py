@@ -12,7 +12,6 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from xrayjax import models, optim, sharding, train
     assert jax.device_count() == 8, jax.devices()
-    jax.config.update("jax_disable_most_optimizations", True)  # tiny models: compile time dominates
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(16, 32, 32, 1)).astype(np.float32),
              "label": rng.integers(0, 4, 16).astype(np.int32)}
