@@ -75,6 +75,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from xrayjax import hugepages, infer, kernels, models, train  # noqa: E402
 
@@ -267,7 +268,6 @@ def paired_ratio(ours, theirs, level: float = 0.95) -> tuple[float, float, float
   round times both frameworks back to back, so a round's machine state cancels in its ratio)
   and its `level` t-interval over the rounds on the log scale; (ratio, nan, nan) from one
   round. A target such as 1.1x is met where the interval's low end is above it."""
-  from scipy import stats  # pylint: disable=import-outside-toplevel
   logs = np.log(np.asarray(ours, float) / np.asarray(theirs, float))
   mean = float(np.mean(logs))
   if len(logs) < 2:
