@@ -267,6 +267,37 @@ def test_audit_measures_on_hand_made_maps():
   assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
 
 
+def test_the_randomisation_check_and_prediction_reuse_what_training_compiled():
+  """The sanity check's fresh weights come from the jitted initialisation training compiled
+  (eagerly, each of its ops would be traced and compiled on its own), and every stage and
+  fold of a run predicts through one compiled function per model."""
+  import flax
+  from jax import monitoring
+  from xrayjax import infer
+  from xrayjax.evaluate import audit
+  model = models.get("vgg16")(num_classes=3, width=1 / 32)
+  trained = train.init_variables(model, 40, seed=0)
+  traces = []
+
+  def listen(event, duration, **kwargs):
+    if "trace" in event:
+      traces.append(event)
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    rand = audit.randomised_top(model, trained, 40, models.spec("vgg16").PARAM_GROUPS, seed=3)
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
+  assert traces == []
+  fresh = flax.traverse_util.flatten_dict(train.init_variables(model, 40, seed=3), sep="/")
+  old = flax.traverse_util.flatten_dict(trained, sep="/")
+  for path, value in flax.traverse_util.flatten_dict(rand, sep="/").items():
+    redrawn = path.split("/")[1].startswith(("block5", "fc1", "fc2", "predictions"))
+    np.testing.assert_array_equal(value, (fresh if redrawn else old)[path], err_msg=path)
+  again = models.get("vgg16")(num_classes=3, width=1 / 32)
+  assert infer.make_predict_fn(again, sharding.make_mesh()) is infer.make_predict_fn(
+      model, sharding.make_mesh())
+
+
 def test_overlay_outlines_the_lesion_mask():
   """The outline lands on the mask's boundary: every boundary pixel is drawn, nothing off
   the mask is, and the mask's interior keeps the heat map."""

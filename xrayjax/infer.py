@@ -9,6 +9,7 @@ this module imports TensorFlow only for the former.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -67,8 +68,10 @@ def model_cache(model_name: str, model_config, mesh) -> Callable:
   return model_for
 
 
+@functools.lru_cache(maxsize=8)
 def make_predict_fn(model, mesh) -> Callable:
-  """Jitted `predict(variables, batch) -> {"probs", "label"}` with replicated outputs."""
+  """Jitted `predict(variables, batch) -> {"probs", "label"}` with replicated outputs; one per
+  (model, mesh), so a run's folds and its scoring compile it once."""
 
   def predict(variables, batch):
     logits, _ = model.apply(variables, batch["image"], train=False)

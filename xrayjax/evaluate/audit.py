@@ -25,10 +25,9 @@ import re
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from xrayjax import files, infer, sharding
+from xrayjax import files, infer, sharding, train
 from xrayjax.data import pipeline
 from xrayjax.evaluate import gradcam
 
@@ -57,8 +56,8 @@ def reference_maps(model, variables, targets: tuple[str, ...], reference: tuple,
 
 def randomised_top(model, variables, image_size: int, groups: dict, seed: int) -> dict:
   """`variables` with the last conv block and head re-initialised (fresh random weights)."""
-  fresh = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 1)),
-                     train=False)
+  # The jitted initialisation training compiled (eagerly, every op would compile on its own).
+  fresh = train.init_variables(model, image_size, seed)
   pattern = re.compile(f"{groups['last_conv_block']}|{groups['head']}")
   out = {}
   for col in ("params", "batch_stats"):
