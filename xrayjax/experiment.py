@@ -150,7 +150,7 @@ def _run_checked(config, workdir: str, mode: str, allow_config_change: bool,
   logging.info("duplicates: %s", cohort.duplicates["summary"])
 
   # --- train every stage, in order ---
-  model_for = infer.model_cache(config.model_name, config.model, mesh)
+  model_for = infer.model_builder(config.model_name, config.model, mesh)
   spec = models.spec(config.model_name)
   init_from = config.model.get(models.INIT_FROM)
   size = config.data.image_size

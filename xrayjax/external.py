@@ -92,5 +92,5 @@ def evaluate(config, workdir: str, eval_data: str, eval_dir: str | None = None
     stages.append({"name": e.stage, "description": f"trained in {workdir}", **summary})
   return score.evaluate(config, cohort, plan, variables, stages, score.describe(cohort, plan),
                         out_dir, "external", mesh, start,
-                        infer.model_cache(config.model_name, config.model, mesh),
+                        infer.model_builder(config.model_name, config.model, mesh),
                         f"the fold models of {workdir}")

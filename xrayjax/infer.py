@@ -56,15 +56,12 @@ def eval_batches(ds, num_examples: int, batch_size: int, process: int, count: in
   return pipeline.eval_batches(ds, num_examples, batch_size, process, count)
 
 
-def model_cache(model_name: str, model_config, mesh) -> Callable:
-  """model_for(num_classes) -> (model, compiled predict fn): one per head size."""
-  built = {}
+def model_builder(model_name: str, model_config, mesh) -> Callable:
+  """model_for(num_classes) -> (model, its compiled predict fn, one per model: below)."""
 
   def model_for(num_classes):
-    if num_classes not in built:
-      m = models.build(model_name, num_classes, model_config)
-      built[num_classes] = (m, make_predict_fn(m, mesh))
-    return built[num_classes]
+    model = models.build(model_name, num_classes, model_config)
+    return model, make_predict_fn(model, mesh)
   return model_for
 
 

@@ -90,7 +90,7 @@ def evaluate(config, cohort: Cohort, plan: methods.Plan, variables: dict, stages
   audit, every test image again under each perturbation), pools, audits, and writes the
   results named `name` (results, eval, external) with their report to `out_dir`.
 
-  `data_summary` is describe(cohort, plan); `model_for` infer.model_cache's; `init` says
+  `data_summary` is describe(cohort, plan); `model_for` infer.model_builder's; `init` says
   where the weights started (train.describe_starts); `variants` are the audit's retrained
   runs (shortcuts.audit_variants)."""
   spec = models.spec(config.model_name)
