@@ -149,6 +149,29 @@ def test_print_config_shows_every_resolved_field_and_exits():
   assert not os.path.exists("/nonexistent/never")
 
 
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode=eval"], "--mode=eval needs --workdir of a trained run"),
+    (["--mode=eval", "--workdir=/nonexistent/run"],
+     "/nonexistent/run: no such directory: --workdir is not an xrayjax run directory"),
+    (["--mode=eval", "--workdir=/", "--retrain=stage_a"], "--retrain goes with --mode=train"),
+    ([], "--config is required, e.g. --config=configs/detl.py or --config=configs/concat.py"),
+    (["--config=configs/detl.py", "--eval_dir=/tmp"],
+     "--eval_dir and --eval_data go with --mode=eval")])
+def test_command_line_mistakes_fail_before_the_libraries_load(args, message):
+  """The command's own argument errors end it at once, before jax and TensorFlow load."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = ("import sys\nfrom absl import app\nfrom xrayjax import main\n"
+            "try:\n  app.run(main.main)\nfinally:\n"
+            "  print(sorted({'jax', 'tensorflow'} & set(sys.modules)))")
+  proc = subprocess.run([sys.executable, "-c", script, *args], cwd=root, capture_output=True,
+                        text=True)
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == message
+  assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_recipes_name_real_config_paths():
   """A recipe's keys are config paths (one name per value); a path the config lacks fails."""
   from configs import common

@@ -212,7 +212,7 @@ def test_cli_on_eight_devices_and_two_processes_that_train_as_one(tfds_dir, tmp_
 
 def _check_the_command_line(workdir, flags, env, tmp_path):
   """The one-process run's output, `--mode=eval` of it (its metrics again, Grad-CAM off as
-  another eval.* setting), a refused eval, and its models predicting in a 1-device process."""
+  another eval.* setting), and its models predicting in a 1-device process."""
   with open(workdir + ".out") as f:
     out = f.read()
   assert "2-fold evaluation" in out and "confusion matrix summed over folds" in out
@@ -221,16 +221,12 @@ def _check_the_command_line(workdir, flags, env, tmp_path):
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
 
-  def main(*args, env=env):
-    return subprocess.run([sys.executable, "-m", "xrayjax.main", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-  proc = main("--mode=eval", f"--workdir={workdir}", *flags,
-              "--config.eval.gradcam.enabled=False")
+  proc = subprocess.run([sys.executable, "-m", "xrayjax.main", "--mode=eval",
+                         f"--workdir={workdir}", *flags, "--config.eval.gradcam.enabled=False"],
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "eval.json")) as f:
     assert json.load(f)["across_folds"] == results["across_folds"]
-  proc = main("--mode=eval", f"--workdir={tmp_path / 'nothing'}")
-  assert proc.returncode != 0 and "not an xrayjax run directory" in proc.stderr
 
   from PIL import Image
   from xrayjax.data.sources import phantom

@@ -73,6 +73,19 @@ def main(argv):
       raise app.UsageError("--print_config needs --config, e.g. --config=configs/detl.py")
     print("\n".join(f"{k} = {v!r}" for k, v in _flat(_CONFIG.value.to_dict())))
     return
+  # The command line's own mistakes fail before the libraries load (seconds of imports).
+  if _MODE.value == "train" and (_EVAL_DIR.value or _EVAL_DATA.value):
+    raise app.UsageError("--eval_dir and --eval_data go with --mode=eval")
+  if _MODE.value == "eval" and _RETRAIN.value:
+    raise app.UsageError("--retrain goes with --mode=train")
+  if _MODE.value == "eval" and not _WORKDIR.value:
+    raise app.UsageError("--mode=eval needs --workdir of a trained run")
+  if _MODE.value == "eval" and not os.path.isdir(_WORKDIR.value):
+    raise app.UsageError(f"{_WORKDIR.value}: no such directory: --workdir is not an xrayjax "
+                         "run directory")
+  if _MODE.value == "train" and _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/detl.py or "
+                         "--config=configs/concat.py")
   logging.get_absl_handler().addFilter(_quiet_library_info)
   import jax
 
@@ -84,8 +97,6 @@ def main(argv):
   pipeline.configure_tensorflow(jax.default_backend())
   workdir = _WORKDIR.value
   if _MODE.value == "eval":
-    if not workdir:
-      raise app.UsageError("--mode=eval needs --workdir of a trained run")
     path = os.path.join(workdir, rundir.CONFIG)
     if not os.path.exists(path):
       raise app.UsageError(f"{path} not found: --workdir is not an xrayjax run directory")
@@ -97,17 +108,10 @@ def main(argv):
       except ValueError as e:
         raise app.UsageError(str(e)) from None
   else:
-    if _CONFIG.value is None:
-      raise app.UsageError("--config is required, e.g. --config=configs/detl.py or "
-                           "--config=configs/concat.py")
     config = _CONFIG.value
     if not workdir:
       stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
       workdir = os.path.join("checkpoints", f"{config.method}-{config.model_name}-{stamp}")
-  if _MODE.value == "train" and (_EVAL_DIR.value or _EVAL_DATA.value):
-    raise app.UsageError("--eval_dir and --eval_data go with --mode=eval")
-  if _MODE.value == "eval" and _RETRAIN.value:
-    raise app.UsageError("--retrain goes with --mode=train")
   logging.info("workdir: %s", workdir)
   if jax.default_backend() == "cpu":
     logging.info("CPU convolutions: %s", kernels.status())
