@@ -243,14 +243,28 @@ class _Killed(Exception):
   pass
 
 
-def test_kills_inside_and_between_epochs_and_sigterm_resume_bit_identically(
-    tiny_config, tmp_path, monkeypatch):
-  tiny_config.stage_b.epochs = 2
-  tiny_config.stage_b.batch_size = 4  # a few steps per epoch, so some saves fall inside one
-  tiny_config.checkpoint_every_steps = 2
-  straight = str(tmp_path / "straight")
-  experiment.run(tiny_config, straight)
+# Stage B: two epochs of batches of 4 (a few steps each) and a checkpoint every 2 steps, so
+# some saves fall inside an epoch; the command's flags (below) say the same.
+KILL_SETTINGS = {"stage_b.epochs": 2, "stage_b.batch_size": 4, "checkpoint_every_steps": 2}
 
+
+def _kill_config(tfds_dir):
+  c = tiny.detl_config(tfds_dir)
+  c.update_from_flattened_dict(KILL_SETTINGS)
+  return c
+
+
+@pytest.fixture(scope="module")
+def straight(tfds_dir, tmp_path_factory):
+  """The run the killed ones must end as: the kill settings, never interrupted."""
+  workdir = str(tmp_path_factory.mktemp("straight") / "run")
+  experiment.run(_kill_config(tfds_dir), workdir)
+  return workdir
+
+
+def test_kills_inside_and_between_epochs_and_sigterm_resume_bit_identically(
+    tfds_dir, straight, tmp_path, monkeypatch):
+  tiny_config = _kill_config(tfds_dir)
   resumed = str(tmp_path / "resumed")
   real_save, saves, kills = checkpoint.StageCheckpoints.save, [], []
 
@@ -303,22 +317,19 @@ def test_kills_inside_and_between_epochs_and_sigterm_resume_bit_identically(
 
 
 @pytest.mark.slow
-def test_sigkill_of_the_real_command_inside_an_epoch_resumes_bit_identically(tfds_dir,
+def test_sigkill_of_the_real_command_inside_an_epoch_resumes_bit_identically(tfds_dir, straight,
                                                                            tmp_path):
   """The real entry point, killed with SIGKILL once fold 0's stage B has a checkpoint inside
-  an epoch, then run again, ends with the parameters and predictions of an unkilled run."""
-  def command(workdir):
-    return [sys.executable, "-m", "xrayjax.main", "--config=configs/detl.py:runlocal",
-            f"--workdir={workdir}", f"--config.data.tfds_dir={tfds_dir}",
-            "--config.eval.gradcam.enabled=False", "--config.eval.bootstrap=0",
-            "--config.audit.perturb=False", "--config.audit.probes=False",
-            "--config.stage_b.epochs=2", "--config.stage_b.batch_size=4",
-            "--config.checkpoint_every_steps=2"]
-
+  an epoch, then run again, ends with the parameters and predictions of the unkilled run
+  (trained in this process: the command computes as the library does)."""
+  killed = str(tmp_path / "killed")
+  command = [sys.executable, "-m", "xrayjax.main", "--config=configs/detl.py:runlocal",
+             f"--workdir={killed}", f"--config.data.tfds_dir={tfds_dir}",
+             "--config.eval.gradcam.enabled=False", "--config.eval.bootstrap=0",
+             "--config.audit.perturb=False", "--config.audit.probes=False",
+             *(f"--config.{k}={v}" for k, v in KILL_SETTINGS.items())]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  subprocess.run(command(straight), cwd=ROOT, env=env, check=True, capture_output=True)
-  proc = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   stage = os.path.join(killed, "fold0", "stage_b")
   deadline = time.time() + 600
@@ -331,7 +342,7 @@ def test_sigkill_of_the_real_command_inside_an_epoch_resumes_bit_identically(tfd
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not os.path.exists(os.path.join(killed, "results.json"))
-  subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True)
+  subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
   _same_states(straight, killed)
   _same_predictions(_predictions(straight), _predictions(killed))
 
