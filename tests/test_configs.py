@@ -149,11 +149,11 @@ def test_print_config_shows_every_resolved_field_and_exits():
   assert not os.path.exists("/nonexistent/never")
 
 
-
 @pytest.mark.parametrize("args, message", [
     (["--mode=eval"], "--mode=eval needs --workdir of a trained run"),
     (["--mode=eval", "--workdir=/nonexistent/run"],
-     "/nonexistent/run: no such directory: --workdir is not an xrayjax run directory"),
+     "/nonexistent/run: not a directory, so not an xrayjax run directory (--mode=eval needs "
+     "--workdir of a trained run)"),
     (["--mode=eval", "--workdir=/", "--retrain=stage_a"], "--retrain goes with --mode=train"),
     ([], "--config is required, e.g. --config=configs/detl.py or --config=configs/concat.py"),
     (["--config=configs/detl.py", "--eval_dir=/tmp"],

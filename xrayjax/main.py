@@ -81,8 +81,8 @@ def main(argv):
   if _MODE.value == "eval" and not _WORKDIR.value:
     raise app.UsageError("--mode=eval needs --workdir of a trained run")
   if _MODE.value == "eval" and not os.path.isdir(_WORKDIR.value):
-    raise app.UsageError(f"{_WORKDIR.value}: no such directory: --workdir is not an xrayjax "
-                         "run directory")
+    raise app.UsageError(f"{_WORKDIR.value}: not a directory, so not an xrayjax run directory "
+                         "(--mode=eval needs --workdir of a trained run)")
   if _MODE.value == "train" and _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/detl.py or "
                          "--config=configs/concat.py")
