@@ -17,6 +17,13 @@ def test_runlocal_training_steps(name):
   model = models.build(name, 4, c.model)
   spec = models.spec(name)
   variables = train.init_variables(model, c.data.image_size, 0)
+  # A stage B draws its new head alone: the whole initialisation's values, bit for bit.
+  head = train.fresh_layers(model, c.data.image_size, 0, f"^{spec.HEAD_LAYER}/")
+  assert jax.tree.structure(head["params"]) == jax.tree.structure(
+      {spec.HEAD_LAYER: variables["params"][spec.HEAD_LAYER]})
+  for a, b in zip(jax.tree.leaves(head["params"]),
+                  jax.tree.leaves(variables["params"][spec.HEAD_LAYER])):
+    np.testing.assert_array_equal(a, b)
   rules = tuple(c.stage_b.param_rules)
   tx = optim.make(c.stage_b.optimizer, 10, variables["params"], rules, spec.PARAM_GROUPS)
   step = jax.jit(train.make_train_step(

@@ -56,15 +56,15 @@ def reference_maps(model, variables, targets: tuple[str, ...], reference: tuple,
 
 def randomised_top(model, variables, image_size: int, groups: dict, seed: int) -> dict:
   """`variables` with the last conv block and head re-initialised (fresh random weights)."""
-  # The jitted initialisation training compiled (eagerly, every op would compile on its own).
-  fresh = train.init_variables(model, image_size, seed)
-  pattern = re.compile(f"{groups['last_conv_block']}|{groups['head']}")
+  # Jitted, those layers alone (eagerly, every op of the network would compile on its own).
+  fresh = train.fresh_layers(model, image_size, seed,
+                             f"{groups['last_conv_block']}|{groups['head']}")
   out = {}
   for col in ("params", "batch_stats"):
     flat = flax.traverse_util.flatten_dict(jax.device_get(variables.get(col, {})), sep="/")
     new = flax.traverse_util.flatten_dict(jax.device_get(fresh.get(col, {})), sep="/")
-    out[col] = flax.traverse_util.unflatten_dict(
-        {k: (new[k] if pattern.search(k) else v) for k, v in flat.items()}, sep="/")
+    out[col] = flax.traverse_util.unflatten_dict({k: new.get(k, v) for k, v in flat.items()},
+                                                 sep="/")
   return out
 
 
