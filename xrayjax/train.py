@@ -121,9 +121,9 @@ def _random_variables(model, image_size: int, key, pattern: str | None = None) -
 def transfer(source, head, head_layer: str):
   """`source` variables with the layer `head_layer` taken from `head` (a head swap): every
   other layer, BatchNorm statistics included, stays. Both are {"params", "batch_stats"}
-  collections; `head` needs only `head_layer`."""
-  return {col: {name: head[col][name] if name == head_layer else layer
-                for name, layer in source.get(col, {}).items()}
+  collections; `head` holds `head_layer` alone."""
+  return {col: {**{name: layer for name, layer in source.get(col, {}).items()
+                   if name != head_layer}, **head.get(col, {})}
           for col in ("params", "batch_stats")}
 
 
