@@ -1,6 +1,8 @@
 """The CPU fast paths against the reference ops, values and gradients: oneDNN's convolutions
-(every form the models use), the native 1x1 weight gradient and max pooling's native input
-gradient against lax, max pooling (native or as slices) against nn.max_pool."""
+(every form the models use), the native 1x1 weight gradient and oneDNN's max pooling against
+lax, max pooling (oneDNN's or as slices) against nn.max_pool."""
+
+import re
 
 import jax
 import flax.linen as nn
@@ -132,14 +134,17 @@ def test_other_dtypes_keep_xlas_convolutions():
   assert "xrayjax_" not in jax.jit(jax.grad(f)).lower(w).as_text()
 
 
-def test_a_program_lowered_for_an_accelerator_keeps_xlas_convolutions():
+def test_a_program_lowered_for_an_accelerator_keeps_xlas_convolutions_and_pooling():
   x = jnp.ones((1, 8, 8, 3))
   w = jnp.ones((3, 3, 3, 4))
   b = jnp.ones((4,))
-  for op in (lambda w: kernels.conv(x, w, 2, ((1, 1), (1, 1))),
-             lambda w: kernels.conv_bias_relu(x, w, b, 2, ((1, 1), (1, 1)))):
+  pad = ((1, 1), (1, 1))
+  for op, name in ((lambda w: kernels.conv(x, w, 2, pad), "xrayjax_dnnl_conv"),
+                   (lambda w: kernels.conv_bias_relu(x, w, b, 2, pad), "xrayjax_dnnl_conv"),
+                   (lambda w: kernels.max_pool(x * w[0, 0, 0, 0], (3, 3), (2, 2), pad),
+                    "xrayjax_dnnl_max_pool")):
     f = jax.jit(jax.grad(lambda w: jnp.sum(op(w))))
-    assert "xrayjax_dnnl_conv" in f.trace(w).lower(lowering_platforms=("cpu",)).as_text()
+    assert name in f.trace(w).lower(lowering_platforms=("cpu",)).as_text()
     assert "xrayjax_" not in f.trace(w).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -232,10 +237,12 @@ def test_max_pool_matches_flax(shape, window, strides, padding):
 
 @pytest.mark.parametrize("shape,window,strides,padding", [
     ((2, 9, 11, 5), (3, 3), (2, 2), ((1, 1), (1, 1))),
-    ((1, 10, 7, 4), (3, 2), (1, 2), ((2, 0), (0, 1))),  # asymmetric, a window in the padding
+    ((1, 10, 7, 4), (3, 2), (1, 2), ((2, 0), (0, 1))),  # asymmetric, a window mostly padding
     ((2, 8, 8, 3), (2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((3, 10, 10, 6), (3, 3), (2, 2), ((0, 0), (0, 0))),  # ResNets' stem: the last row unread
+    ((5, 9, 9, 7), (3, 3), (2, 2), ((0, 1), (0, 1))),  # Xception's SAME; slices of 2 and 3
 ])
-def test_native_max_pool_gradient_picks_the_maxima_xla_picks(shape, window, strides, padding):
+def test_onednn_max_pool_picks_the_maxima_xla_picks(shape, window, strides, padding):
   # Integer values, so most windows hold tied maxima: the gradient must go where XLA's
   # select-and-scatter puts it (the first maximum), and integer sums are exact in any order.
   rng = np.random.default_rng(5)
@@ -249,8 +256,19 @@ def test_native_max_pool_gradient_picks_the_maxima_xla_picks(shape, window, stri
   np.testing.assert_array_equal(grad(ours), grad(ref))
   hlo = lambda dtype: jax.jit(jax.grad(lambda x: jnp.sum(ours(x).astype(jnp.float32)))).lower(
       x.astype(dtype)).as_text()
-  assert "xrayjax_max_pool_grad" in hlo(jnp.float32)
-  assert "xrayjax_" not in hlo(jnp.bfloat16)  # other dtypes keep XLA's gradient
+  assert {"xrayjax_dnnl_max_pool_fwd", "xrayjax_dnnl_max_pool_bwd"} <= set(
+      re.findall(r"xrayjax_\w+", hlo(jnp.float32)))
+  assert "xrayjax_" not in hlo(jnp.bfloat16)  # other dtypes keep XLA's
+
+
+def test_max_pools_onednn_does_not_take_are_xlas():
+  # A window wholly in the padding (oneDNN wants padding narrower than the window): XLA's.
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((1, 4, 4, 2), np.float32))
+  pool = lambda x: kernels.max_pool(x, (2, 2), (1, 1), ((2, 0), (0, 0)))
+  ref = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 1, 1, 1),
+                                    ((0, 0), (2, 0), (0, 0), (0, 0)))
+  np.testing.assert_array_equal(pool(x), ref(x))
+  assert "xrayjax_" not in jax.jit(pool).lower(x).as_text()
 
 
 def test_convolutions_are_bit_reproducible():
@@ -269,7 +287,9 @@ def test_convolutions_are_bit_reproducible():
   point = jax.jit(lambda x, w, g: kernels.pointwise_weight_grad(x, g))
   fused = jax.jit(lambda x, w, g: jax.vjp(
       lambda x, w, b: kernels.conv_bias_relu(x, w, b, 1, pad), x, w, g[0, 0, 0])[1](g))
-  for f in (dense, depth, point, fused):
+  pool = jax.jit(lambda x, w, g: jax.vjp(lambda x: kernels.max_pool(x, (3, 3), (2, 2), pad),
+                                         x)[1](g[:, :20, :20, :96]))
+  for f in (dense, depth, point, fused, pool):
     first = jax.tree.map(np.asarray, f(x, w, g))
     for _ in range(3):
       jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, f(x, w, g)), first)

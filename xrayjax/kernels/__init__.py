@@ -1,5 +1,5 @@
-"""CPU kernels for what XLA's CPU backend runs slowly: convolutions through oneDNN, and our own
-1x1 weight gradient and max pooling input gradient.
+"""CPU kernels for what XLA's CPU backend runs slowly: convolutions and max pooling through oneDNN,
+and our own 1x1 weight gradient.
 
 XLA's CPU backend runs convolutions well below this machine's peak, and grouped (depthwise) ones
 far below it (docs/performance.md has the figures). Every float32 convolution with a kernel
@@ -8,20 +8,21 @@ weight gradient through oneDNN (`onednn_conv.cc`), the library TensorFlow's CPU 
 from the `onednn-cpu-gomp` wheel. 1x1 convolutions are one matrix product forward and backward
 (XLA's `dot_general`), with the weight gradient a native OpenBLAS `sgemm` (`cpu_kernels.cc`),
 where XLA first copies both operands into transposed layouts and oneDNN was slower (the figures
-are in docs/performance.md). Max pooling's input gradient is a loop that sends each window's
-gradient to its first maximum, where XLA differentiates reduce-window through four index arrays
+are in docs/performance.md). Overlapping max pools (the ResNets' stem, Xception) run oneDNN's
+forward pass, which records each window's first maximum, and its input gradient, which reads
+that record (`onednn_pool.cc`), where XLA differentiates reduce-window through four index arrays
 and a scatter.
 
-Both files are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) into
+The files are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) into
 one library in `$XRAYJAX_CACHE/kernels` (default `~/.cache/xrayjax/kernels`), keyed by the
 sources, the compiler flags, jax's and oneDNN's versions and the CPU, and registered through
 `jax.ffi`. Where it cannot be built (no compiler, no oneDNN or OpenBLAS wheel: oneDNN's are for
 x86-64 Linux) or `XRAYJAX_NATIVE=0` is set, the models use XLA's forms: `status()` says which
 ran and why, and runs write it into their log.
 
-`conv`, `conv_bias_relu`, `pointwise` and `max_pool` are the ops (`jax.custom_vjp`). The kernels run on the CPU
-backend only (`lax.platform_dependent`: a program lowered for an accelerator keeps XLA's forms),
-for float32 operands (other dtypes, and machines without the kernels, take XLA's).
+`conv`, `conv_bias_relu`, `pointwise` and `max_pool` are the ops (`jax.custom_vjp`). The kernels
+run on the CPU backend only (`lax.platform_dependent`: a program lowered for an accelerator keeps
+XLA's forms), for float32 operands (other dtypes, and machines without the kernels, take XLA's).
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ import jax.numpy as jnp
 from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-_SOURCES = ("cpu_kernels.cc", "onednn_conv.cc")
+_SOURCES = ("cpu_kernels.cc", "onednn_conv.cc", "onednn_pool.cc")
 _HEADERS = ("parallel.h",)
-_TARGETS = ("xrayjax_pointwise_weight_grad", "xrayjax_max_pool_grad", "xrayjax_dnnl_conv_fwd",
+_TARGETS = ("xrayjax_pointwise_weight_grad", "xrayjax_dnnl_conv_fwd",
             "xrayjax_dnnl_conv_bwd_data", "xrayjax_dnnl_conv_bwd_weights",
-            "xrayjax_dnnl_conv_bias_relu_fwd")
+            "xrayjax_dnnl_conv_bias_relu_fwd", "xrayjax_dnnl_max_pool_fwd",
+            "xrayjax_dnnl_max_pool_bwd")
 
 
 def _cpu_identity() -> str:
@@ -125,7 +127,7 @@ def _load() -> tuple[bool, str]:
   except (ImportError, OSError, RuntimeError) as e:
     logging.warning("xrayjax.kernels: using XLA's convolutions on the CPU: %s", e)
     return False, f"XLA's convolutions (native kernels unavailable: {e})"
-  return True, f"native CPU kernels: oneDNN {_onednn()[0]} convolutions ({path})"
+  return True, f"native CPU kernels: oneDNN {_onednn()[0]} convolutions and max pooling ({path})"
 
 
 def native() -> bool:
@@ -323,7 +325,7 @@ def pointwise(x, w):
   return (_pointwise_native if _use_native(x, w) else pointwise_product)(x, w)
 
 
-# --- max pooling: a native input gradient --------------------------------------------------------
+# --- max pooling: oneDNN -------------------------------------------------------------------------
 
 
 def _max_pool_xla(x, window: tuple[int, int], strides: tuple[int, int], padding: Padding):
@@ -331,38 +333,52 @@ def _max_pool_xla(x, window: tuple[int, int], strides: tuple[int, int], padding:
                            ((0, 0), *padding, (0, 0)))
 
 
-def max_pool_grad(x, g, window: tuple[int, int], strides: tuple[int, int], padding: Padding):
-  """The native input gradient of `_max_pool_xla`: float32 (N, H, W, C), ties as XLA's."""
-  _require()
+def _pool_attrs(window, strides, padding: Padding) -> dict:
   (kh, kw), (sh, sw) = window, strides
-  call = jax.ffi.ffi_call("xrayjax_max_pool_grad", jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                          vmap_method="sequential")
-  return call(x, g, kh=kh, kw=kw, sh=sh, sw=sw, pt=padding[0][0], pl=padding[1][0])
+  return dict(kh=kh, kw=kw, sh=sh, sw=sw, pt=padding[0][0], pl=padding[1][0])
+
+
+def _max_pool_dnnl_fwd(x, window, strides, padding):
+  """oneDNN's pooled maps and, for the gradient, each window's chosen tap (uint8, one per
+  output): the input gradient reads those, not x."""
+  shape = jax.eval_shape(lambda x: _max_pool_xla(x, window, strides, padding), x).shape
+  results = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.uint8))
+  call = jax.ffi.ffi_call("xrayjax_dnnl_max_pool_fwd", results, vmap_method="sequential")
+  y, taps = lax.platform_dependent(
+      x, cpu=lambda x: tuple(call(x, **_pool_attrs(window, strides, padding))),
+      default=lambda x: (_max_pool_xla(x, window, strides, padding),
+                         jnp.zeros(shape, jnp.uint8)))  # unread by XLA's gradient: dropped
+  return y, (x, taps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool_native(x, window, strides, padding):
-  return _max_pool_xla(x, window, strides, padding)
+def _max_pool_dnnl(x, window, strides, padding):
+  return _max_pool_dnnl_fwd(x, window, strides, padding)[0]
 
 
-def _max_pool_fwd(x, window, strides, padding):
-  return _max_pool_xla(x, window, strides, padding), x
+def _max_pool_dnnl_bwd(window, strides, padding, res, g):
+  x, taps = res
+  call = jax.ffi.ffi_call("xrayjax_dnnl_max_pool_bwd", jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                          vmap_method="sequential")
+  return (lax.platform_dependent(
+      g, taps, cpu=lambda g, taps: call(g, taps, **_pool_attrs(window, strides, padding)),
+      default=lambda g, _: jax.vjp(lambda x: _max_pool_xla(x, window, strides, padding),
+                                   x)[1](g)[0]),)
 
 
-def _max_pool_bwd(window, strides, padding, x, g):
-  xla = lambda x, g: jax.vjp(lambda x: _max_pool_xla(x, window, strides, padding), x)[1](g)[0]
-  native = lambda x, g: max_pool_grad(x, g, window, strides, padding)
-  return (lax.platform_dependent(x, g, cpu=native, default=xla),)
-
-
-_max_pool_native.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool_dnnl.defvjp(_max_pool_dnnl_fwd, _max_pool_dnnl_bwd)
 
 
 def max_pool(x, window: tuple[int, int], strides: tuple[int, int], padding: Padding):
-  """NHWC max pooling (padding: ((top, bottom), (left, right)), never chosen), whose input
-  gradient on the CPU backend is the native kernel for float32: XLA's CPU backend
-  differentiates reduce-window through four index arrays and a scatter."""
+  """NHWC max pooling (padding: ((top, bottom), (left, right)), never chosen): on the CPU for
+  float32, oneDNN's forward pass, which records each window's first maximum (the one XLA's
+  gradient picks), and its input gradient, which reads that record; XLA's reduce-window
+  elsewhere, and for windows oneDNN does not take (padding as wide as the window, or more
+  than 255 taps)."""
+  window, strides = tuple(window), tuple(strides)
   padding = tuple(map(tuple, padding))
-  if x.dtype == jnp.float32 and native():
-    return _max_pool_native(x, tuple(window), tuple(strides), padding)
-  return _max_pool_xla(x, tuple(window), tuple(strides), padding)
+  fits = window[0] * window[1] < 256 and all(p < k for k, pair in zip(window, padding)
+                                             for p in pair)
+  if x.dtype == jnp.float32 and fits and native():
+    return _max_pool_dnnl(x, window, strides, padding)
+  return _max_pool_xla(x, window, strides, padding)

@@ -122,8 +122,8 @@ def max_pool(x, window: tuple[int, int], strides: tuple[int, int], padding="VALI
 
   XLA's CPU backend differentiates reduce-window through four index arrays and a scatter
   (a reduce-window with five outputs). Overlapping windows (ResNets' stem, Xception) take
-  `kernels.max_pool`, whose input gradient is native on the CPU. Non-overlapping ones (VGG16)
-  are the maximum of strided slices, faster still there (docs/performance.md). Same values
+  `kernels.max_pool`, oneDNN's on the CPU. Non-overlapping ones (VGG16) are the maximum of
+  strided slices, which XLA fuses with their neighbours (docs/performance.md). Same values
   and, but for ties between slices, gradients.
   """
   if isinstance(padding, str):
