@@ -381,7 +381,8 @@ def _op_kind(opcode: str, op_name: str, target: str) -> str:
             "xrayjax_dnnl_conv_bias_relu_fwd": "conv forward (oneDNN)",  # + bias and ReLU
             "xrayjax_dnnl_conv_bwd_data": "conv input gradient (oneDNN)",
             "xrayjax_dnnl_conv_bwd_weights": "conv weight gradient (oneDNN)",
-            "xrayjax_max_pool_grad": "max pooling (native gradient)"}.get(target, target)
+            "xrayjax_dnnl_max_pool_fwd": "max pooling (oneDNN)",
+            "xrayjax_dnnl_max_pool_bwd": "max pooling (oneDNN)"}.get(target, target)
   parts = op_name.split("/")
   prim, modules = parts[-1], parts[:-1]
   if opcode in ("copy", "transpose") or prim in ("transpose", "copy"):
