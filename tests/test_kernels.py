@@ -261,6 +261,18 @@ def test_onednn_max_pool_picks_the_maxima_xla_picks(shape, window, strides, padd
   assert "xrayjax_" not in hlo(jnp.bfloat16)  # other dtypes keep XLA's
 
 
+def test_onednn_max_pool_refuses_operands_that_do_not_agree():
+  assert kernels.native()
+  g, taps = jnp.ones((1, 2, 2, 2)), jnp.zeros((1, 2, 2, 2), jnp.uint8)
+  backward = jax.ffi.ffi_call("xrayjax_dnnl_max_pool_bwd",
+                              jax.ShapeDtypeStruct((1, 5, 5, 2), jnp.float32))
+  attrs = dict(kh=3, kw=3, sh=2, sw=2, pt=0, pl=0)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="one workspace byte per output"):
+    backward(g, taps[..., :1], **attrs)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="do not agree"):
+    backward(g, taps, **dict(attrs, sh=1, sw=1))  # 5x5 pooled 3x3/1 is 3x3, not 2x2
+
+
 def test_max_pools_onednn_does_not_take_are_xlas():
   # A window wholly in the padding (oneDNN wants padding narrower than the window): XLA's.
   x = jnp.asarray(np.random.default_rng(6).standard_normal((1, 4, 4, 2), np.float32))

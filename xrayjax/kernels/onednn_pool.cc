@@ -11,10 +11,10 @@
 // the batch on XLA's pool; a slice's windows add into its own images only, in a fixed order.
 #include <algorithm>
 #include <cstdint>
-#include <stdexcept>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 
@@ -137,16 +137,21 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* in, const uint8_t* ws_
 }
 
 const ffi::Error kBadShapes = ffi::Error::InvalidArgument(
-    "dnnl_max_pool: operands are not (N, H, W, C) and (N, Ho, Wo, C) maps of one N and C");
+    "dnnl_max_pool: operands are not (N, H, W, C) and (N, Ho, Wo, C) maps of one N and C, with "
+    "one workspace byte per output");
+
+// Whether x (N, H, W, C) and y (N, Ho, Wo, C) are maps of one N and C, and ws is shaped as y.
+bool Agree(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y,
+           ffi::Span<const int64_t> ws) {
+  return x.size() == 4 && y.size() == 4 && x[0] == y[0] && x[3] == y[3] &&
+         std::equal(y.begin(), y.end(), ws.begin(), ws.end());
+}
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
                    ffi::ResultBuffer<ffi::U8> ws, int64_t kh, int64_t kw, int64_t sh,
                    int64_t sw, int64_t pt, int64_t pl) {
   const auto a = x.dimensions(), b = y->dimensions();
-  if (a.size() != 4 || b.size() != 4 || a[0] != b[0] || a[3] != b[3] ||
-      ws->dimensions().size() != 4) {
-    return kBadShapes;
-  }
+  if (!Agree(a, b, ws->dimensions())) return kBadShapes;
   const Key k{0, a[0], a[1], a[2], a[3], b[1], b[2], kh, kw, sh, sw, pt, pl};
   return Run(pool, k, x.typed_data(), nullptr, y->typed_data(), ws->typed_data());
 }
@@ -155,10 +160,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> dx, int64_t kh, int64_t kw, int64_t sh,
                     int64_t sw, int64_t pt, int64_t pl) {
   const auto a = dx->dimensions(), b = g.dimensions();
-  if (a.size() != 4 || b.size() != 4 || a[0] != b[0] || a[3] != b[3] ||
-      ws.dimensions().size() != 4) {
-    return kBadShapes;
-  }
+  if (!Agree(a, b, ws.dimensions())) return kBadShapes;
   const Key k{1, a[0], a[1], a[2], a[3], b[1], b[2], kh, kw, sh, sw, pt, pl};
   return Run(pool, k, g.typed_data(), ws.typed_data(), dx->typed_data(), nullptr);
 }
