@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include <omp.h>
 
@@ -167,28 +168,28 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
 
 }  // namespace
 
+// The attributes both handlers take, in one place.
+template <typename Binding>
+auto WithWindow(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("kh")
+      .template Attr<int64_t>("kw")
+      .template Attr<int64_t>("sh")
+      .template Attr<int64_t>("sw")
+      .template Attr<int64_t>("pt")
+      .template Attr<int64_t>("pl");
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_dnnl_max_pool_fwd, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                              WithWindow(ffi::Ffi::Bind()
+                                             .Ctx<ffi::ThreadPool>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Ret<ffi::Buffer<ffi::F32>>()
+                                             .Ret<ffi::Buffer<ffi::U8>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_dnnl_max_pool_bwd, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                              WithWindow(ffi::Ffi::Bind()
+                                             .Ctx<ffi::ThreadPool>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Arg<ffi::Buffer<ffi::U8>>()
+                                             .Ret<ffi::Buffer<ffi::F32>>()));
