@@ -180,7 +180,7 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
   try {
     for (int i = 0; i < 2; ++i) {
       Key slice = k;
-      slice.n = (k.n + i * (parts - 1)) / parts;  // the smaller and the larger slice
+      slice.n = xrayjax::SliceSize(k.n, parts, i);
       entries[i] = Get(slice);
     }
   } catch (const dnnl::error& err) {
@@ -211,54 +211,45 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
   // The weight gradient's slices, in the user's layout, to be summed in order.
   float* sums = parts == 1 || k.pass != kBwdWeights
       ? nullptr : static_cast<float*>(t_call.Get(parts * user_bytes));
-  std::mutex error_mu;
-  std::string error;
-  xrayjax::ParallelFor(pool, parts, parts, [&](int64_t p) {
-    const int64_t n0 = k.n * p / parts, n = k.n * (p + 1) / parts - n0;
-    const int i = n == k.n / parts ? 0 : 1;
+  const std::string error = xrayjax::ForSlices(pool, k.n, parts, [&](int64_t p, int64_t n0,
+                                                                      int64_t n, int i) {
     Entry* e = entries[i];
-    try {
-      omp_set_num_threads(1);
-      dnnl::stream stream(engine);
-      const auto src = Activations(n, k.ci, k.h, k.w), dst = Activations(n, k.co, k.ho, k.wo);
-      dnnl::memory scratchpad(e->scratchpad, engine, t_scratchpad.Get(e->scratchpad.get_size()));
-      std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SCRATCHPAD, scratchpad}};
-      if (k.pass == kBwdWeights) {
-        float* part = sums ? sums + p * (user_bytes / sizeof(float)) : out;
-        dnnl::memory user(e->weights_user, engine, part);
-        dnnl::memory dw = e->reorder
-            ? dnnl::memory(e->weights_prim, engine,
-                           t_slice_weights.Get(e->weights_prim.get_size()))
-            : user;
+    dnnl::stream stream(engine);
+    const auto src = Activations(n, k.ci, k.h, k.w), dst = Activations(n, k.co, k.ho, k.wo);
+    dnnl::memory scratchpad(e->scratchpad, engine, t_scratchpad.Get(e->scratchpad.get_size()));
+    std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SCRATCHPAD, scratchpad}};
+    if (k.pass == kBwdWeights) {
+      float* part = sums ? sums + p * (user_bytes / sizeof(float)) : out;
+      dnnl::memory user(e->weights_user, engine, part);
+      dnnl::memory dw = e->reorder
+          ? dnnl::memory(e->weights_prim, engine,
+                         t_slice_weights.Get(e->weights_prim.get_size()))
+          : user;
+      args.insert({{DNNL_ARG_SRC,
+                    dnnl::memory(src, engine, const_cast<float*>(act) + n0 * x_image)},
+                   {DNNL_ARG_DIFF_DST,
+                    dnnl::memory(dst, engine, const_cast<float*>(other) + n0 * y_image)},
+                   {DNNL_ARG_DIFF_WEIGHTS, dw}});
+      e->prim.execute(stream, args);
+      if (e->reorder) e->weights_reorder.execute(stream, dw, user);
+    } else {
+      args.insert({DNNL_ARG_WEIGHTS, dnnl::memory(e->weights_prim, engine, weights[i])});
+      if (k.pass == kFwd) {
+        if (k.bias) {
+          args.insert({DNNL_ARG_BIAS,
+                       dnnl::memory(Bias(k.co), engine, const_cast<float*>(bias))});
+        }
         args.insert({{DNNL_ARG_SRC,
                       dnnl::memory(src, engine, const_cast<float*>(act) + n0 * x_image)},
-                     {DNNL_ARG_DIFF_DST,
-                      dnnl::memory(dst, engine, const_cast<float*>(other) + n0 * y_image)},
-                     {DNNL_ARG_DIFF_WEIGHTS, dw}});
-        e->prim.execute(stream, args);
-        if (e->reorder) e->weights_reorder.execute(stream, dw, user);
+                     {DNNL_ARG_DST, dnnl::memory(dst, engine, out + n0 * y_image)}});
       } else {
-        args.insert({DNNL_ARG_WEIGHTS, dnnl::memory(e->weights_prim, engine, weights[i])});
-        if (k.pass == kFwd) {
-          if (k.bias) {
-            args.insert({DNNL_ARG_BIAS,
-                         dnnl::memory(Bias(k.co), engine, const_cast<float*>(bias))});
-          }
-          args.insert({{DNNL_ARG_SRC,
-                        dnnl::memory(src, engine, const_cast<float*>(act) + n0 * x_image)},
-                       {DNNL_ARG_DST, dnnl::memory(dst, engine, out + n0 * y_image)}});
-        } else {
-          args.insert({{DNNL_ARG_DIFF_DST,
-                        dnnl::memory(dst, engine, const_cast<float*>(act) + n0 * y_image)},
-                       {DNNL_ARG_DIFF_SRC, dnnl::memory(src, engine, out + n0 * x_image)}});
-        }
-        e->prim.execute(stream, args);
+        args.insert({{DNNL_ARG_DIFF_DST,
+                      dnnl::memory(dst, engine, const_cast<float*>(act) + n0 * y_image)},
+                     {DNNL_ARG_DIFF_SRC, dnnl::memory(src, engine, out + n0 * x_image)}});
       }
-      stream.wait();
-    } catch (const dnnl::error& err) {
-      std::lock_guard<std::mutex> lock(error_mu);
-      error = err.what();
+      e->prim.execute(stream, args);
     }
+    stream.wait();
   });
   if (!error.empty()) {
     return ffi::Error::Internal("dnnl_conv: oneDNN failed: " + error);

@@ -99,39 +99,31 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* in, const uint8_t* ws_
   try {
     for (int i = 0; i < 2; ++i) {
       Key slice = k;
-      slice.n = (k.n + i * (parts - 1)) / parts;  // the smaller and the larger slice
+      slice.n = xrayjax::SliceSize(k.n, parts, i);
       prims[i] = Get(slice);
     }
   } catch (const std::exception& err) {
     return ffi::Error::Internal(std::string("dnnl_max_pool: oneDNN failed: ") + err.what());
   }
-  std::mutex error_mu;
-  std::string error;
-  xrayjax::ParallelFor(pool, parts, parts, [&](int64_t p) {
-    const int64_t n0 = k.n * p / parts, n = k.n * (p + 1) / parts - n0;
-    try {
-      omp_set_num_threads(1);
-      auto& engine = Engine();
-      dnnl::stream stream(engine);
-      const auto x = Map(n, k.c, k.h, k.w), y = Map(n, k.c, k.ho, k.wo),
-                 ws = Map(n, k.c, k.ho, k.wo, dt::u8);
-      if (k.backward) {
-        prims[n == k.n / parts ? 0 : 1].execute(stream, {
-            {DNNL_ARG_DIFF_DST, dnnl::memory(y, engine, const_cast<float*>(in) + n0 * y_image)},
-            {DNNL_ARG_WORKSPACE,
-             dnnl::memory(ws, engine, const_cast<uint8_t*>(ws_in) + n0 * y_image)},
-            {DNNL_ARG_DIFF_SRC, dnnl::memory(x, engine, out + n0 * x_image)}});
-      } else {
-        prims[n == k.n / parts ? 0 : 1].execute(stream, {
-            {DNNL_ARG_SRC, dnnl::memory(x, engine, const_cast<float*>(in) + n0 * x_image)},
-            {DNNL_ARG_DST, dnnl::memory(y, engine, out + n0 * y_image)},
-            {DNNL_ARG_WORKSPACE, dnnl::memory(ws, engine, ws_out + n0 * y_image)}});
-      }
-      stream.wait();
-    } catch (const std::exception& err) {
-      std::lock_guard<std::mutex> lock(error_mu);
-      error = err.what();
+  const std::string error = xrayjax::ForSlices(pool, k.n, parts, [&](int64_t, int64_t n0,
+                                                                      int64_t n, int i) {
+    auto& engine = Engine();
+    dnnl::stream stream(engine);
+    const auto x = Map(n, k.c, k.h, k.w), y = Map(n, k.c, k.ho, k.wo),
+               ws = Map(n, k.c, k.ho, k.wo, dt::u8);
+    if (k.backward) {
+      prims[i].execute(stream, {
+          {DNNL_ARG_DIFF_DST, dnnl::memory(y, engine, const_cast<float*>(in) + n0 * y_image)},
+          {DNNL_ARG_WORKSPACE,
+           dnnl::memory(ws, engine, const_cast<uint8_t*>(ws_in) + n0 * y_image)},
+          {DNNL_ARG_DIFF_SRC, dnnl::memory(x, engine, out + n0 * x_image)}});
+    } else {
+      prims[i].execute(stream, {
+          {DNNL_ARG_SRC, dnnl::memory(x, engine, const_cast<float*>(in) + n0 * x_image)},
+          {DNNL_ARG_DST, dnnl::memory(y, engine, out + n0 * y_image)},
+          {DNNL_ARG_WORKSPACE, dnnl::memory(ws, engine, ws_out + n0 * y_image)}});
     }
+    stream.wait();
   });
   if (!error.empty()) return ffi::Error::Internal("dnnl_max_pool: oneDNN failed: " + error);
   return ffi::Error::Success();

@@ -1,4 +1,5 @@
-// A parallel loop on XLA's intra-op thread pool, shared by cpu_kernels.cc and onednn_conv.cc.
+// A parallel loop on XLA's intra-op thread pool, shared by cpu_kernels.cc and onednn_*.cc, and
+// the batch slices the oneDNN calls run on it.
 // Work items are claimed from an atomic counter by the calling thread and by tasks scheduled on
 // the pool, so a task that starts late finds nothing to do, a busy pool leaves the work to the
 // caller, and the call never waits on a task that has not started.
@@ -9,8 +10,12 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <mutex>
+#include <string>
+
+#include <omp.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -56,6 +61,31 @@ inline void SumInOrder(const float* acc, int parts, int64_t size, float* out) {
 inline int Workers(xla::ffi::ThreadPool& pool, int64_t items) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   return static_cast<int>(std::min(threads, std::max<int64_t>(1, items)));
+}
+
+// The oneDNN calls split a batch of n images into `parts` slices: slice p holds images
+// [n * p / parts, n * (p + 1) / parts), so slices come in at most two sizes. Size i = 0 is the
+// smaller, i = 1 the larger; a primitive is made for each.
+inline int64_t SliceSize(int64_t n, int parts, int i) { return (n + i * (parts - 1)) / parts; }
+
+// Runs body(p, n0, n, i) for every slice p (first image n0, n images, size i) on `parts`
+// threads of XLA's pool, each with oneDNN single-threaded (it starts no OpenMP threads of its
+// own). Returns the message of an exception a slice threw, or "".
+template <typename F>
+std::string ForSlices(xla::ffi::ThreadPool& pool, int64_t batch, int parts, const F& body) {
+  std::mutex mu;
+  std::string error;
+  ParallelFor(pool, parts, parts, [&](int64_t p) {
+    const int64_t n0 = batch * p / parts, n = batch * (p + 1) / parts - n0;
+    try {
+      omp_set_num_threads(1);
+      body(p, n0, n, n == batch / parts ? 0 : 1);
+    } catch (const std::exception& err) {
+      std::lock_guard<std::mutex> lock(mu);
+      error = err.what();
+    }
+  });
+  return error;
 }
 
 }  // namespace xrayjax
