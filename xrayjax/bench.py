@@ -176,13 +176,16 @@ class JaxRunner:
 
 
 def _rate(fn, steps: int, batch: int) -> float:
-  """Images/s over `steps` calls, after one untimed call: the first step after the other
-  framework ran is 10-25% slower for either (measured; shared caches and threads)."""
+  """Images/s of the median of `steps` timed calls, after one untimed call: a call after a
+  pause (the other framework's turn) can take twice as long as the next, once or twice a
+  round, while the memory it returned is faulted in again (docs/performance.md)."""
   fn()
-  t = time.perf_counter()
+  times = []
   for _ in range(steps):
+    t = time.perf_counter()
     fn()
-  return steps * batch / (time.perf_counter() - t)
+    times.append(time.perf_counter() - t)
+  return batch / statistics.median(times)
 
 
 def matmul_peak(n: int = 2048, repeats: int = 3) -> float:
