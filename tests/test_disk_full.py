@@ -69,7 +69,7 @@ def test_disk_full_exits_2_with_one_line(tfds_dir, tmp_path):
       runpy.run_module("xrayjax.main", run_name="__main__")
   """)
   proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                        text=True, env={**os.environ, "XRAYJAX_HUGEPAGES": "0"})
+                        text=True, env={**os.environ, "XRAYJAX_HOSTMEM": "0"})
   assert proc.returncode == 2, proc.stderr[-3000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and "no space left on device while writing the checkpoint" in errors[0]

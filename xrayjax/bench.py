@@ -77,7 +77,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from xrayjax import hugepages, infer, kernels, models, train  # noqa: E402
+from xrayjax import hostmem, infer, kernels, models, train  # noqa: E402
 
 BENCH_MODELS = ("vgg16", "resnet50", "resnet50v2", "xception", "concat")
 FLAGS = flags.DEFINE_list("models", list(BENCH_MODELS), f"models to measure, of {BENCH_MODELS}")
@@ -660,7 +660,7 @@ def main(argv):
   print(f"jax {jax.__version__} on {jax.devices()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True)
   print(f"CPU convolutions: {kernels.status()}", flush=True)
-  print(f"memory: {hugepages.status()}", flush=True)
+  print(f"memory: {hostmem.status()}", flush=True)
   if MEMORY.value:
     print(memory_table(FLAGS.value, IMAGE_SIZE.value, BATCH_SIZE.value))
     return
@@ -692,5 +692,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  hugepages.reexec()  # the command runs again with glibc's huge pages (once)
+  hostmem.reexec()  # the command runs again with huge pages and the block cache (once)
   app.run(main)

@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
-from xrayjax import hugepages
+from xrayjax import hostmem
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (and args).",
                                           lock_config=True)
@@ -115,7 +115,7 @@ def main(argv):
   logging.info("workdir: %s", workdir)
   if jax.default_backend() == "cpu":
     logging.info("CPU convolutions: %s", kernels.status())
-    logging.info("memory: %s", hugepages.status())
+    logging.info("memory: %s", hostmem.status())
   try:
     if _EVAL_DATA.value:
       external.evaluate(config, workdir, _EVAL_DATA.value, _EVAL_DIR.value)
@@ -133,5 +133,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  hugepages.reexec()  # the command runs again with glibc's huge pages (once)
+  hostmem.reexec()  # the command runs again with huge pages and the block cache (once)
   app.run(main)

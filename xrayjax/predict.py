@@ -23,7 +23,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
-from xrayjax import hugepages
+from xrayjax import hostmem
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run directory.", required=True)
 _FOLD = flags.DEFINE_string("fold", "all", "Fold whose model predicts, or `all` (ensemble).")
@@ -259,5 +259,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  hugepages.reexec()  # the command runs again with glibc's huge pages (once)
+  hostmem.reexec()  # the command runs again with huge pages and the block cache (once)
   app.run(main)

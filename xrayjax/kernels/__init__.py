@@ -29,19 +29,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import pathlib
 import platform
-import shutil
-import subprocess
-import tempfile
 from importlib import metadata, resources
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from xrayjax import build
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 _SOURCES = ("cpu_kernels.cc", "onednn_conv.cc", "onednn_pool.cc")
@@ -82,37 +80,16 @@ def _build() -> pathlib.Path:
   """Compiles the kernels (once per key) and returns the shared library's path."""
   import scipy_openblas32  # pylint: disable=import-outside-toplevel
 
-  cxx = os.environ.get("CXX", "c++")
-  codes = [(resources.files(__package__) / name).read_bytes() for name in _SOURCES + _HEADERS]
   dnnl_version, dnnl_include, dnnl_lib = _onednn()
   blas_lib = scipy_openblas32.get_lib_dir()
   flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
            f"-I{jax.ffi.include_dir()}", f"-I{scipy_openblas32.get_include_dir()}",
            f"-I{dnnl_include}", f"-L{blas_lib}", f"-l{scipy_openblas32.get_library()}",
            f"-L{dnnl_lib}", "-l:libdnnl.so.3", f"-Wl,-rpath,{blas_lib}:{dnnl_lib}"]
-  key = hashlib.sha256(b"\0".join(
-      [*codes, " ".join(flags).encode(), jax.__version__.encode(), dnnl_version.encode(),
-       _cpu_identity().encode()])).hexdigest()[:16]
-  cache = pathlib.Path(os.environ.get("XRAYJAX_CACHE", pathlib.Path.home() / ".cache" / "xrayjax"))
-  target = cache / "kernels" / f"xrayjax_kernels-{key}.so"
-  if target.exists():
-    return target
-  if shutil.which(cxx) is None:
-    raise RuntimeError(f"no C++ compiler ({cxx!r} is not on PATH; set $CXX)")
-  target.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-    for name, code in zip(_SOURCES + _HEADERS, codes):
-      (pathlib.Path(tmp) / name).write_bytes(code)
-    sources = [pathlib.Path(tmp) / name for name in _SOURCES]
-    out = pathlib.Path(tmp) / target.name
-    done = subprocess.run([cxx, *map(str, sources), "-o", str(out), *flags], capture_output=True,
-                          text=True)
-    if done.returncode:
-      errors = [line for line in done.stderr.splitlines() if "error" in line]
-      raise RuntimeError(f"{cxx} failed on {', '.join(_SOURCES)}:\n"
-                         + "\n".join(errors[:10] or [done.stderr[-2000:]]))
-    os.replace(out, target)  # atomic: concurrent first uses (test workers) agree
-  return target
+  files = {name: (resources.files(__package__) / name).read_bytes()
+           for name in _SOURCES + _HEADERS}
+  return build.library("xrayjax_kernels", files, _SOURCES, flags,
+                       depends=(jax.__version__, dnnl_version, _cpu_identity()))
 
 
 @functools.cache
