@@ -153,6 +153,16 @@ def test_without_a_c_compiler_only_the_block_cache_is_missing(monkeypatch, tmp_p
   assert why[0] in hostmem.status()
 
 
+@linux_glibc
+def test_a_cache_path_ld_preload_cannot_name_is_refused(monkeypatch, tmp_path):
+  monkeypatch.setenv("XRAYJAX_CACHE", str(tmp_path / "my cache"))
+  monkeypatch.delenv("LD_PRELOAD", raising=False)
+  env, why = hostmem._wanted()
+  assert "LD_PRELOAD" not in env
+  assert len(why) == 1 and why[0].startswith("large blocks not kept (LD_PRELOAD cannot name ")
+  assert why[0].endswith("it has a space or colon; set XRAYJAX_CACHE to a path without them)")
+
+
 def test_where_it_cannot_help_nothing_runs_again(monkeypatch):
   monkeypatch.setenv("XRAYJAX_HOSTMEM", "0")
   monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))

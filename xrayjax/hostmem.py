@@ -61,7 +61,7 @@ def _huge_pages_unavailable() -> str | None:
 def _library() -> pathlib.Path:
   """hostmem.c's shared library, compiled once per source and compiler."""
   return build.library("xrayjax_hostmem", {_SOURCE.name: _SOURCE.read_bytes()}, [_SOURCE.name],
-                       ["-O2", "-shared", "-fPIC", "-pthread"], compiler_var="CC",
+                       ["-O2", "-shared", "-fPIC", "-pthread", "-ldl"], compiler_var="CC",
                        default_compiler="cc")
 
 
@@ -83,10 +83,13 @@ def _wanted() -> tuple[dict[str, str], list[str]]:
   except (OSError, RuntimeError) as e:
     why.append(f"large blocks not kept (hostmem.c cannot be built: {e})")
   else:
-    if not preload:
-      env["LD_PRELOAD"] = library
-    elif preload != library:
+    if preload and preload != library:
       why.append(f"large blocks not kept (LD_PRELOAD is already set: {preload})")
+    elif any(c in library for c in " :"):  # LD_PRELOAD's separators
+      why.append(f"large blocks not kept (LD_PRELOAD cannot name {library}: it has a space or "
+                 "colon; set XRAYJAX_CACHE to a path without them)")
+    elif not preload:
+      env["LD_PRELOAD"] = library
   return env, why
 
 
