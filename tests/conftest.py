@@ -14,6 +14,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Tests run tiny models for a few steps: compile time dominates, so skip most of XLA's work, in
 # this process and in the commands tests start (they inherit the environment).
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+# Nor do tiny models gain from the commands' huge pages and block cache (xrayjax/hostmem), which
+# cost them kernel time and a second start: tests/test_hostmem.py turns them on where it tests them.
+os.environ.setdefault("XRAYJAX_HOSTMEM", "0")
 if "numpy" in sys.modules:  # loaded before this file (by a plugin): limit it now
   import threadpoolctl
   threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")

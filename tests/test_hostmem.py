@@ -143,6 +143,7 @@ def test_block_cache_reuses_unmaps_on_a_miss_and_waits_for_a_block_in_use():
 
 @linux_glibc
 def test_without_a_c_compiler_only_the_block_cache_is_missing(monkeypatch, tmp_path):
+  monkeypatch.delenv("XRAYJAX_HOSTMEM", raising=False)
   monkeypatch.setenv("XRAYJAX_CACHE", str(tmp_path))  # nothing built there yet
   monkeypatch.setenv("CC", "no-such-compiler")
   monkeypatch.delenv("LD_PRELOAD", raising=False)
@@ -155,6 +156,7 @@ def test_without_a_c_compiler_only_the_block_cache_is_missing(monkeypatch, tmp_p
 
 @linux_glibc
 def test_a_cache_path_ld_preload_cannot_name_is_refused(monkeypatch, tmp_path):
+  monkeypatch.delenv("XRAYJAX_HOSTMEM", raising=False)
   monkeypatch.setenv("XRAYJAX_CACHE", str(tmp_path / "my cache"))
   monkeypatch.delenv("LD_PRELOAD", raising=False)
   env, why = hostmem._wanted()

@@ -36,9 +36,14 @@ _THP = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _SOURCE = pathlib.Path(__file__).with_name("hostmem.c")
 
 
-def _not_linux_glibc() -> str | None:
+def _off() -> str | None:
+  """Why neither remedy is used here, or None."""
   if os.environ.get("XRAYJAX_HOSTMEM", "1") == "0":
     return "off (XRAYJAX_HOSTMEM=0)"
+  return _not_linux_glibc()
+
+
+def _not_linux_glibc() -> str | None:
   libc, _ = platform.libc_ver()
   if sys.platform != "linux" or libc != "glibc":
     return f"not used (needs Linux with glibc; this is {sys.platform}, {libc or 'no glibc'})"
@@ -67,8 +72,7 @@ def _library() -> pathlib.Path:
 
 def _wanted() -> tuple[dict[str, str], list[str]]:
   """The environment variables this process should run with, and why any remedy is missing."""
-  off = _not_linux_glibc()
-  if off:
+  if off := _off():
     return {}, [off]
   env, why = {}, []
   if huge := _huge_pages_unavailable():
@@ -106,7 +110,7 @@ def stats() -> dict[str, int] | None:
 
 def status() -> str:
   """One line saying what this process's memory runs with, and why not more."""
-  if off := _not_linux_glibc():
+  if off := _off():
     return f"glibc's malloc as it is: {off}"
   parts = []
   if TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
