@@ -74,7 +74,7 @@ def test_reexec_sets_both_once_and_the_second_call_reuses_the_first_ones_block()
 
 # malloc and friends called through ctypes in a process with the block cache preloaded.
 _CACHE = """
-import ctypes, json, threading, time
+import ctypes, json, threading
 from xrayjax import hostmem
 c = ctypes.CDLL(None)
 vp, sz = ctypes.c_void_p, ctypes.c_size_t
