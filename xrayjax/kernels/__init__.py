@@ -14,8 +14,9 @@ that record (`onednn_pool.cc`), where XLA differentiates reduce-window through f
 and a scatter.
 
 The files are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) into
-one library in `$XRAYJAX_CACHE/kernels` (default `~/.cache/xrayjax/kernels`), keyed by the
-sources, the compiler flags, jax's and oneDNN's versions and the CPU, and registered through
+one library in `$XRAYJAX_CACHE/kernels` (default `~/.cache/xrayjax/kernels`, `xrayjax/build.py`),
+keyed by the sources, the compiler and its flags, jax's and oneDNN's versions and the CPU, and
+registered through
 `jax.ffi`. Where it cannot be built (no compiler, no oneDNN or OpenBLAS wheel: oneDNN's are for
 x86-64 Linux) or `XRAYJAX_NATIVE=0` is set, the models use XLA's forms: `status()` says which
 ran and why, and runs write it into their log.
