@@ -36,3 +36,31 @@ def test_forward_flops_profile_kinds_and_paired_ratios():
   done = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == 0, done.stderr[-2000:]
+
+
+MEASURE = """
+import sys
+import numpy as np
+from xrayjax import bench
+peaks = []
+row = bench.measure("vgg16", 32, 2, rounds=2, steps=1, peaks=peaks)
+for key in ("train_jax", "train_keras", "infer_jax", "infer_keras", "compile_jax",
+            "compile_keras", "gflops_per_image"):
+  assert row[key] > 0, (key, row)
+assert all(np.isfinite(row["train_ratio"])) and len(peaks) == 2 and min(peaks) > 0, (row, peaks)
+# Each framework ran in a process of its own: this one never loaded TensorFlow.
+assert "tensorflow" not in sys.modules and "keras" not in sys.modules
+try:
+  bench.measure("no_such_model", 32, 2, rounds=1, steps=1, peaks=[])
+except RuntimeError as e:
+  assert "the jax benchmark process ended (exit code 1)" in str(e), e
+else:
+  raise AssertionError("a failed worker went unnoticed")
+"""
+
+
+def test_measure_runs_each_framework_in_its_own_process():
+  done = subprocess.run([sys.executable, "-c", MEASURE], cwd=ROOT, capture_output=True,
+                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "no_such_model" in done.stderr  # the worker's own error, printed by its process

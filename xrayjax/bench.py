@@ -12,7 +12,8 @@ For each model, one run alternates rounds of xrayjax training steps (the jitted,
 donating `train.make_train_step` that experiments use) and Keras training steps
 (`train_on_batch` on the keras.applications model, or the concat authors' layer
 sequence) with the same architecture, input, batch and optimizer, so both see
-the same machine state. It prints the median images/s of each, training and
+the same machine state; each framework runs in a process of its own, as a run would, so
+neither sees the other's allocations or threads. It prints the median images/s of each, training and
 inference, and their ratios: the geometric mean of the rounds' paired ratios with a 95%
 t-interval over the rounds (`paired_ratio`; five rounds give an interval about half as wide
 as three), the first-step (compile) time, the model's FLOPs per image
@@ -234,33 +235,85 @@ def peak_memory(framework: str, name: str, size: int, batch: int) -> dict:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(name: str, size: int, batch: int, rounds: int, steps: int, peaks: list) -> dict:
-  """`peaks` gets a matmul peak reading per round (between the steps of the two frameworks)."""
+def _serve(conn, framework: str, name: str, size: int, batch: int) -> None:
+  """One framework's runner, in a process of its own: sends its first-step time and FLOPs,
+  then answers each request (kind, steps) of `measure` until it gets None."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
   y = rng.integers(0, CLASSES, batch).astype(np.int32)
-  mine = JaxRunner(name, x, y)
   t = time.perf_counter()
-  theirs = KerasRunner(name, x, y)
-  theirs.train_step()
-  keras_compile = time.perf_counter() - t
-  train_j, train_k, infer_j, infer_k = [], [], [], []
-  for r in range(rounds):
-    train_j.append(_rate(mine.train_step, steps, batch))
-    peaks.append(matmul_peak())
-    train_k.append(_rate(theirs.train_step, steps, batch))
-    infer_j.append(_rate(mine.infer, steps, batch))
-    infer_k.append(_rate(theirs.infer, steps, batch))
-    print(f"  {name} round {r + 1}/{rounds}: train xrayjax {train_j[-1]:.2f} img/s, "
-          f"keras {train_k[-1]:.2f} img/s; infer xrayjax {infer_j[-1]:.2f}, keras "
-          f"{infer_k[-1]:.2f}", flush=True)
+  runner = (KerasRunner if framework == "keras" else JaxRunner)(name, x, y)
+  if framework == "keras":
+    runner.train_step()
+  conn.send({"compile": getattr(runner, "compile_seconds", time.perf_counter() - t),
+             "forward_flops": getattr(runner, "forward_flops", float("nan"))})
+  while (request := conn.recv()) is not None:
+    kind, steps = request
+    conn.send(matmul_peak() if kind == "peak" else _rate(getattr(runner, kind), steps, batch))
+
+
+class _Worker:
+  """A `_serve` process (spawned: a fresh interpreter, not a fork of this one)."""
+
+  def __init__(self, framework: str, name: str, size: int, batch: int):
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    self.framework = framework
+    self.conn, child = ctx.Pipe()
+    self.process = ctx.Process(target=_serve, args=(child, framework, name, size, batch),
+                               daemon=True)
+    self.process.start()
+    child.close()
+    self.info = self._recv()
+
+  def _recv(self):
+    try:
+      return self.conn.recv()
+    except EOFError:
+      self.process.join()
+      raise RuntimeError(f"the {self.framework} benchmark process ended (exit code "
+                         f"{self.process.exitcode}); its error is above") from None
+
+  def __call__(self, kind: str, steps: int = 0):
+    self.conn.send((kind, steps))
+    return self._recv()
+
+  def close(self):
+    if self.process.is_alive():
+      self.conn.send(None)
+    self.process.join()
+
+
+def measure(name: str, size: int, batch: int, rounds: int, steps: int, peaks: list) -> dict:
+  """`peaks` gets a matmul peak reading per round (between the steps of the two frameworks).
+  Each framework runs in a process of its own, as a run would, and the rounds alternate
+  between them. In one shared process, Keras's allocations made the block cache (hostmem)
+  map xrayjax's blocks afresh every round, which a run never pays (docs/performance.md)."""
+  mine = _Worker("jax", name, size, batch)
+  try:
+    theirs = _Worker("keras", name, size, batch)
+    try:
+      train_j, train_k, infer_j, infer_k = [], [], [], []
+      for r in range(rounds):
+        train_j.append(mine("train_step", steps))
+        peaks.append(mine("peak"))
+        train_k.append(theirs("train_step", steps))
+        infer_j.append(mine("infer", steps))
+        infer_k.append(theirs("infer", steps))
+        print(f"  {name} round {r + 1}/{rounds}: train xrayjax {train_j[-1]:.2f} img/s, "
+              f"keras {train_k[-1]:.2f} img/s; infer xrayjax {infer_j[-1]:.2f}, keras "
+              f"{infer_k[-1]:.2f}", flush=True)
+    finally:
+      theirs.close()
+  finally:
+    mine.close()
   med = statistics.median
   return {"model": name, "train_jax": med(train_j), "train_keras": med(train_k),
           "infer_jax": med(infer_j), "infer_keras": med(infer_k),
           "train_ratio": paired_ratio(train_j, train_k),
           "infer_ratio": paired_ratio(infer_j, infer_k),
-          "compile_jax": mine.compile_seconds, "compile_keras": keras_compile,
-          "gflops_per_image": mine.forward_flops / batch / 1e9}
+          "compile_jax": mine.info["compile"], "compile_keras": theirs.info["compile"],
+          "gflops_per_image": mine.info["forward_flops"] / batch / 1e9}
 
 
 def paired_ratio(ours, theirs, level: float = 0.95) -> tuple[float, float, float]:
