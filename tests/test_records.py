@@ -82,10 +82,11 @@ def test_per_process_stream_first_batch_decodes_only_its_images_and_a_bounded_re
   batches = stream.train_batches(n, batch, 0, 0)
   next(batches)
   time.sleep(0.5)  # tf.data's prefetch fills meanwhile: the read-ahead at rest
-  # The batch, tf.data's prefetch of 2 more, and its two parallel maps' buffers (AUTOTUNE:
-  # up to a few per core).
+  # The batch, tf.data's prefetch of 2 more and its parallel maps' buffers, whose sizes
+  # tf.data's autotuner sets (14 images past the batch in one run on 2 cores): well short of
+  # the 42-image share, which a stream decoding its share up front would have read.
   first = stream.decoded
-  assert batch <= first <= 3 * batch + 4 * (os.cpu_count() or 1) < n
+  assert batch <= first < n // 2
   assert 1 + sum(1 for _ in batches) == n // batch and stream.decoded == n // batch * batch
 
 

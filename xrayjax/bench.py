@@ -13,8 +13,8 @@ donating `train.make_train_step` that experiments use) and Keras training steps
 (`train_on_batch` on the keras.applications model, or the concat authors' layer
 sequence) with the same architecture, input, batch and optimizer, so both see
 the same machine state; each framework runs in a process of its own, as a run would, so
-neither sees the other's allocations or threads. It prints the median images/s of each, training and
-inference, and their ratios: the geometric mean of the rounds' paired ratios with a 95%
+neither sees the other's allocations or threads. It prints the median images/s of each,
+training and inference, and their ratios: the geometric mean of the rounds' paired ratios with a 95%
 t-interval over the rounds (`paired_ratio`; five rounds give an interval about half as wide
 as three), the first-step (compile) time, the model's FLOPs per image
 (XLA's cost analysis of the forward pass), the fraction of this machine's float32
@@ -241,19 +241,22 @@ def _serve(conn, framework: str, name: str, size: int, batch: int) -> None:
   rng = np.random.default_rng(0)
   x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
   y = rng.integers(0, CLASSES, batch).astype(np.int32)
-  t = time.perf_counter()
-  runner = (KerasRunner if framework == "keras" else JaxRunner)(name, x, y)
   if framework == "keras":
+    t = time.perf_counter()
+    runner = KerasRunner(name, x, y)
     runner.train_step()
-  conn.send({"compile": getattr(runner, "compile_seconds", time.perf_counter() - t),
-             "forward_flops": getattr(runner, "forward_flops", float("nan"))})
+    conn.send({"compile": time.perf_counter() - t})
+  else:
+    runner = JaxRunner(name, x, y)
+    conn.send({"compile": runner.compile_seconds, "forward_flops": runner.forward_flops})
   while (request := conn.recv()) is not None:
     kind, steps = request
     conn.send(matmul_peak() if kind == "peak" else _rate(getattr(runner, kind), steps, batch))
 
 
 class _Worker:
-  """A `_serve` process (spawned: a fresh interpreter, not a fork of this one)."""
+  """A `_serve` process (spawned: a fresh interpreter, not a fork of this one), ended when
+  its `with` block ends."""
 
   def __init__(self, framework: str, name: str, size: int, batch: int):
     import multiprocessing
@@ -278,7 +281,10 @@ class _Worker:
     self.conn.send((kind, steps))
     return self._recv()
 
-  def close(self):
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
     if self.process.is_alive():
       self.conn.send(None)
     self.process.join()
@@ -289,24 +295,17 @@ def measure(name: str, size: int, batch: int, rounds: int, steps: int, peaks: li
   Each framework runs in a process of its own, as a run would, and the rounds alternate
   between them. In one shared process, Keras's allocations made the block cache (hostmem)
   map xrayjax's blocks afresh every round, which a run never pays (docs/performance.md)."""
-  mine = _Worker("jax", name, size, batch)
-  try:
-    theirs = _Worker("keras", name, size, batch)
-    try:
-      train_j, train_k, infer_j, infer_k = [], [], [], []
-      for r in range(rounds):
-        train_j.append(mine("train_step", steps))
-        peaks.append(mine("peak"))
-        train_k.append(theirs("train_step", steps))
-        infer_j.append(mine("infer", steps))
-        infer_k.append(theirs("infer", steps))
-        print(f"  {name} round {r + 1}/{rounds}: train xrayjax {train_j[-1]:.2f} img/s, "
-              f"keras {train_k[-1]:.2f} img/s; infer xrayjax {infer_j[-1]:.2f}, keras "
-              f"{infer_k[-1]:.2f}", flush=True)
-    finally:
-      theirs.close()
-  finally:
-    mine.close()
+  train_j, train_k, infer_j, infer_k = [], [], [], []
+  with _Worker("jax", name, size, batch) as mine, _Worker("keras", name, size, batch) as theirs:
+    for r in range(rounds):
+      train_j.append(mine("train_step", steps))
+      peaks.append(mine("peak"))
+      train_k.append(theirs("train_step", steps))
+      infer_j.append(mine("infer", steps))
+      infer_k.append(theirs("infer", steps))
+      print(f"  {name} round {r + 1}/{rounds}: train xrayjax {train_j[-1]:.2f} img/s, "
+            f"keras {train_k[-1]:.2f} img/s; infer xrayjax {infer_j[-1]:.2f}, keras "
+            f"{infer_k[-1]:.2f}", flush=True)
   med = statistics.median
   return {"model": name, "train_jax": med(train_j), "train_keras": med(train_k),
           "infer_jax": med(infer_j), "infer_keras": med(infer_k),
