@@ -14,9 +14,9 @@ donating `train.make_train_step` that experiments use) and Keras training steps
 sequence) with the same architecture, input, batch and optimizer, so both see
 the same machine state; each framework runs in a process of its own, as a run would, so
 neither sees the other's allocations or threads. It prints the median images/s of each,
-training and inference, and their ratios: the geometric mean of the rounds' paired ratios with a 95%
-t-interval over the rounds (`paired_ratio`; five rounds give an interval about half as wide
-as three), the first-step (compile) time, the model's FLOPs per image
+training and inference, and their ratios: the geometric mean of the rounds' paired ratios
+with a 95% t-interval over the rounds (`paired_ratio`; five rounds give an interval about
+half as wide as three), the first-step (compile) time, the model's FLOPs per image
 (XLA's cost analysis of the forward pass), the fraction of this machine's float32
 matmul peak that xrayjax's training reaches (training taken as 3x the forward
 FLOPs; the peak is measured in every round, between the steps, and the highest

@@ -16,9 +16,9 @@ and a scatter.
 The files are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) into
 one library in `$XRAYJAX_CACHE/kernels` (default `~/.cache/xrayjax/kernels`, `xrayjax/build.py`),
 keyed by the sources, the compiler and its flags, jax's and oneDNN's versions and the CPU, and
-registered through `jax.ffi`. Where it cannot be built (no compiler, no oneDNN or OpenBLAS wheel: oneDNN's are for
-x86-64 Linux) or `XRAYJAX_NATIVE=0` is set, the models use XLA's forms: `status()` says which
-ran and why, and runs write it into their log.
+registered through `jax.ffi`. Where it cannot be built (no compiler, no oneDNN or OpenBLAS
+wheel: oneDNN's are for x86-64 Linux) or `XRAYJAX_NATIVE=0` is set, the models use XLA's forms:
+`status()` says which ran and why, and runs write it into their log.
 
 `conv`, `conv_bias_relu`, `pointwise` and `max_pool` are the ops (`jax.custom_vjp`). The kernels
 run on the CPU backend only (`lax.platform_dependent`: a program lowered for an accelerator keeps
