@@ -574,7 +574,8 @@ def pipeline_rate(stored: int, size: int, batch: int, ops, streamed: bool,
   rng = np.random.default_rng(0)
   if not streamed:
     ds = pipeline.from_arrays(rng.integers(0, 256, (images, stored, stored, 1), np.uint8))
-    ds = ds.map(lambda ex: {**ex, "image": pipeline.to_model_size(ex["image"], size)}).cache()
+    ds = ds.map(pipeline.graph_fn(lambda ex: {**ex, "image": pipeline.to_model_size(
+        ex["image"], size)})).cache()
     for _ in pipeline.train_batches(ds, images, batch, seed=0, epoch=0, augment_ops=ops):
       pass
     t = time.perf_counter()

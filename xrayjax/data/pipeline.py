@@ -20,6 +20,11 @@ import tensorflow_datasets as tfds
 
 from xrayjax.data import records
 
+# tf.data's map and filter functions, traced as written: AutoGraph would rewrite each one (a
+# tenth of a tiny run's time) to turn Python branches on tensors into graph ops, and none of ours
+# branches on a tensor.
+graph_fn = tf.autograph.experimental.do_not_convert
+
 METADATA_KEYS = ("image_id", "patient_id", "label", "source", "site", "view", "file_sha1",
                  "phash")
 
@@ -36,7 +41,7 @@ def read_metadata(builder: tfds.core.DatasetBuilder, split: str = "train") -> di
   ds = builder.as_dataset(split=split, decoders=_skip_images(builder), shuffle_files=False,
                           read_config=tfds.ReadConfig(add_tfds_id=True))
   keys = [k for k in METADATA_KEYS if k in builder.info.features]
-  ds = ds.map(lambda ex: {k: ex[k] for k in keys + ["findings", "tfds_id"]}).batch(4096)
+  ds = ds.map(graph_fn(lambda ex: {k: ex[k] for k in keys + ["findings", "tfds_id"]})).batch(4096)
   cols: dict[str, list] = {k: [] for k in keys + ["tfds_id"]}
   findings = []
   for batch in ds.as_numpy_iterator():
@@ -97,7 +102,7 @@ def _select_one(builder, image_ids, positions, label_of, image_size, split):
             "index": tf.cast(index, tf.int32)}
 
   ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_images(builder))
-  return ds.filter(keep).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.filter(graph_fn(keep)).map(graph_fn(prepare), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def to_model_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -125,7 +130,7 @@ def from_arrays(images: np.ndarray, **fields: np.ndarray) -> tf.data.Dataset:
 def with_field(ds: tf.data.Dataset, name: str, values: np.ndarray) -> tf.data.Dataset:
   """`ds` with `name` = values[index] added to every example."""
   table = tf.constant(values)
-  return ds.map(lambda ex: {**ex, name: tf.gather(table, ex["index"])})
+  return ds.map(graph_fn(lambda ex: {**ex, name: tf.gather(table, ex["index"])}))
 
 
 def images(ds: tf.data.Dataset, indices) -> dict[int, np.ndarray]:
@@ -274,7 +279,7 @@ def _augmented_batches(ds, local_batch: int, steps: int, epoch_seed: int, augmen
       image = augment(image, key, ops)
     return {"image": image, "label": ex["label"]}
 
-  out = (ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  out = (ds.map(graph_fn(prepare), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
          .batch(local_batch, drop_remainder=True)
          .take(steps)
          .prefetch(2))
@@ -297,7 +302,7 @@ def decode_pngs(ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
     out = {k: v for k, v in ex.items() if k != "png"}
     out["image"] = to_model_size(tf.io.decode_png(ex["png"], 1), image_size)
     return out
-  return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.map(graph_fn(decode), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 class Stream:
@@ -436,7 +441,7 @@ def _padded_batches(ds: tf.data.Dataset, local_batch: int, num_batches: int
                     ) -> Iterator[dict[str, np.ndarray]]:
   """This process's examples `ds` -> `num_batches` normalised batches of `local_batch`,
   padded with mask = 0."""
-  ds = ds.map(lambda ex: {**ex, "image": normalise(ex["image"])},
+  ds = ds.map(graph_fn(lambda ex: {**ex, "image": normalise(ex["image"])}),
               num_parallel_calls=tf.data.AUTOTUNE).batch(local_batch).prefetch(2)
   it = ds.as_numpy_iterator()
   for _ in range(num_batches):
@@ -474,7 +479,7 @@ def masks(builders: list[tfds.core.DatasetBuilder], builder_index: np.ndarray,
     table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
         tf.constant(list(position)), tf.ones(len(position), tf.int64)), 0)
     ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_images(builder))
-    ds = ds.filter(lambda ex: table.lookup(ex["image_id"]) > 0)
+    ds = ds.filter(graph_fn(lambda ex: table.lookup(ex["image_id"]) > 0))
     for ex in ds.as_numpy_iterator():
       k = position[ex["image_id"].decode()]
       for name, key in (("lesion", "lesion_mask"), ("lung", "lung_mask")):

@@ -76,7 +76,7 @@ def apply(ds: tf.data.Dataset, op: str, geometry, masks: dict | None = None
     raise ValueError(f"unknown region op {op!r}; valid: {OPS}")
   size = int(ds.element_spec["image"].shape[0])
   if op == "mirror":
-    return ds.map(lambda ex: {**ex, "image": tf.reverse(ex["image"], [1])})
+    return ds.map(pipeline.graph_fn(lambda ex: {**ex, "image": tf.reverse(ex["image"], [1])}))
   if op == "top_crop":
     cut = int(round(geometry.top_crop * size))
 
@@ -84,13 +84,13 @@ def apply(ds: tf.data.Dataset, op: str, geometry, masks: dict | None = None
       image = tf.image.resize(tf.cast(ex["image"][cut:], tf.float32), (size, size),
                               antialias=True)
       return {**ex, "image": tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)}
-    return ds.map(crop)
+    return ds.map(pipeline.graph_fn(crop))
   if op in LUNG_OPS:
     if masks is None:
       raise ValueError(f"region op {op} needs the images' lung masks")
     keep = keep_mask(op, size, geometry, masks["lung"], masks["has_lung"])
     ds = pipeline.with_field(ds, "_keep", keep.astype(np.uint8)[..., None])
-    return ds.map(lambda ex: {**{k: v for k, v in ex.items() if k != "_keep"},
-                              "image": ex["image"] * ex["_keep"]})
+    return ds.map(pipeline.graph_fn(lambda ex: {**{k: v for k, v in ex.items() if k != "_keep"},
+                                               "image": ex["image"] * ex["_keep"]}))
   keep = tf.constant(keep_mask(op, size, geometry).astype(np.uint8)[..., None])
-  return ds.map(lambda ex: {**ex, "image": ex["image"] * keep})
+  return ds.map(pipeline.graph_fn(lambda ex: {**ex, "image": ex["image"] * keep}))
