@@ -1,8 +1,12 @@
 """The CPU fast paths against the reference ops, values and gradients: oneDNN's convolutions
 (every form the models use), the native 1x1 weight gradient and oneDNN's max pooling against
-lax, max pooling (oneDNN's or as slices) against nn.max_pool."""
+lax, max pooling (oneDNN's or as slices) against nn.max_pool; the native Threefry against
+jax.random's known answers and jax's own lowering, bit for bit."""
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import flax.linen as nn
@@ -325,3 +329,37 @@ def test_convolutions_in_branches_side_by_side_match_lax():
   for dx, rdx in zip(dxs, rdxs):
     np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-5 * float(jnp.abs(rdx).max()))
   np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-5 * float(jnp.abs(rdw).max()))
+
+
+# jax.random's draws, as they reach a model's initialisation: shapes odd and empty, a
+# broadcast key, split and fold_in, inside one jitted program.
+DRAWS = """
+import jax, numpy as np
+from xrayjax import kernels, models, train
+kernels.native()
+key = jax.random.PRNGKey(42)
+draws = jax.jit(lambda k: (jax.random.normal(k, (3, 1001)), jax.random.uniform(k, (7,)),
+                           jax.random.split(k, 5), jax.random.bits(jax.random.fold_in(k, 7), (0,)),
+                           jax.random.truncated_normal(k, -2.0, 2.0, (2, 3, 5))))
+variables = train.init_variables(models.build("alexnet", 4, {"width": 1 / 16}), 32, 0)
+leaves = jax.tree.leaves((draws(key), variables))
+print(",".join(str(np.asarray(x).view(np.uint32).sum(dtype=np.uint64)) for x in leaves))
+"""
+
+
+def test_threefry_gives_jax_random_the_same_bits_from_one_native_call():
+  from jax.extend.random import threefry_2x32
+  hashed = jax.jit(threefry_2x32)
+  # Salmon et al. 2011's known answers (Random123's kat_vectors, threefry2x32_20).
+  for key, count, expected in (([0, 0], [0, 0], [0x6b200159, 0x99ba4efe]),
+                               ([2**32 - 1] * 2, [2**32 - 1] * 2, [0x1cb996fc, 0xbb002be7]),
+                               ([0x13198a2e, 0x03707344], [0x243f6a88, 0x85a308d3],
+                                [0xc4923a9c, 0x483df7a0])):
+    np.testing.assert_array_equal(hashed(np.uint32(key), np.uint32(count)), expected)
+  assert "xrayjax_threefry2x32" in hashed.lower(np.uint32([0, 0]), np.uint32([0, 0])).as_text()
+  # The same bits as jax's own lowering (a process without the kernels), draws and a model's
+  # initial weights alike.
+  sums = [subprocess.run([sys.executable, "-c", DRAWS], env=dict(os.environ, XRAYJAX_NATIVE=n),
+                         capture_output=True, text=True, check=True).stdout.split()[-1]
+          for n in ("1", "0")]
+  assert sums[0] == sums[1] and sums[0].count(",") > 10

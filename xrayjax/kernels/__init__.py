@@ -11,7 +11,9 @@ where XLA first copies both operands into transposed layouts and oneDNN was slow
 are in docs/performance.md). Overlapping max pools (the ResNets' stem, Xception) run oneDNN's
 forward pass, which records each window's first maximum, and its input gradient, which reads
 that record (`onednn_pool.cc`), where XLA differentiates reduce-window through four index arrays
-and a scatter.
+and a scatter. jax.random's hash, Threefry-2x32, is one native call too (`cpu_kernels.cc`): jax
+lowers it on the CPU to a loop that XLA compiles anew for every tensor drawn, most of a deep
+network's initialisation's compile time; the bits are the same.
 
 The files are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) into
 one library in `$XRAYJAX_CACHE/kernels` (default `~/.cache/xrayjax/kernels`, `xrayjax/build.py`),
@@ -23,6 +25,8 @@ wheel: oneDNN's are for x86-64 Linux) or `XRAYJAX_NATIVE=0` is set, the models u
 `conv`, `conv_bias_relu`, `pointwise` and `max_pool` are the ops (`jax.custom_vjp`). The kernels
 run on the CPU backend only (`lax.platform_dependent`: a program lowered for an accelerator keeps
 XLA's forms), for float32 operands (other dtypes, and machines without the kernels, take XLA's).
+Threefry's is a CPU lowering of `jax.extend.random.threefry2x32_p`, registered with the kernels
+(a program lowered before they load, or for an accelerator, keeps jax's).
 """
 
 from __future__ import annotations
@@ -30,14 +34,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 import pathlib
 import platform
 from importlib import metadata, resources
 
 import jax
+import jax.extend.random as jax_random
 import jax.numpy as jnp
 from jax import lax
+from jax.interpreters import mlir
 
 from xrayjax import build
 
@@ -47,7 +54,7 @@ _HEADERS = ("parallel.h",)
 _TARGETS = ("xrayjax_pointwise_weight_grad", "xrayjax_dnnl_conv_fwd",
             "xrayjax_dnnl_conv_bwd_data", "xrayjax_dnnl_conv_bwd_weights",
             "xrayjax_dnnl_conv_bias_relu_fwd", "xrayjax_dnnl_max_pool_fwd",
-            "xrayjax_dnnl_max_pool_bwd")
+            "xrayjax_dnnl_max_pool_bwd", "xrayjax_threefry2x32")
 
 
 def _cpu_identity() -> str:
@@ -101,10 +108,24 @@ def _load() -> tuple[bool, str]:
     lib = ctypes.cdll.LoadLibrary(str(path))
     for name in _TARGETS:
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    mlir.register_lowering(jax_random.threefry2x32_p,
+                           mlir.lower_fun(_threefry2x32, multiple_results=True), platform="cpu")
   except (ImportError, OSError, RuntimeError) as e:
     logging.warning("xrayjax.kernels: using XLA's convolutions on the CPU: %s", e)
     return False, f"XLA's convolutions (native kernels unavailable: {e})"
-  return True, f"native CPU kernels: oneDNN {_onednn()[0]} convolutions and max pooling ({path})"
+  return True, (f"native CPU kernels: oneDNN {_onednn()[0]} convolutions and max pooling, "
+                f"Threefry-2x32 ({path})")
+
+
+def _threefry2x32(k1, k2, x1, x2):
+  """jax.random's hash on the CPU (jax's own rule lowers it to a loop that XLA compiles anew
+  for every parameter tensor drawn): the same bits, from one native kernel."""
+  shape = jnp.broadcast_shapes(k1.shape, k2.shape, x1.shape, x2.shape)
+  if math.prod(shape) == 0:
+    return jnp.zeros(shape, jnp.uint32), jnp.zeros(shape, jnp.uint32)
+  out = jax.ShapeDtypeStruct(shape, jnp.uint32)
+  return jax.ffi.ffi_call("xrayjax_threefry2x32", (out, out), vmap_method="broadcast_all")(
+      *(jnp.broadcast_to(a, shape) for a in (k1, k2, x1, x2)))
 
 
 def native() -> bool:

@@ -1,10 +1,15 @@
-// xrayjax's own CPU kernel: the 1x1 convolution weight gradient, which XLA's CPU backend runs far
-// below this machine's peak and oneDNN does not beat where 1x1 convolutions cost most
-// (docs/performance.md; larger convolutions and max pooling run through oneDNN, onednn_*.cc).
+// xrayjax's own CPU kernels:
+//   - the 1x1 convolution weight gradient, which XLA's CPU backend runs far below this
+//     machine's peak and oneDNN does not beat where 1x1 convolutions cost most
+//     (docs/performance.md; larger convolutions and max pooling run through oneDNN,
+//     onednn_*.cc);
+//   - Threefry-2x32, jax.random's hash, which XLA compiles afresh for every draw (a loop per
+//     parameter tensor: most of a deep network's initialisation's compile time); this one is
+//     compiled once, bit for bit the same function.
 // Registered through jax.ffi by xrayjax/kernels/__init__.py, which compiles this file on first
-// use; values and gradients are tested against lax in tests/test_kernels.py.
+// use; tested against lax and jax.random's known answers in tests/test_kernels.py.
 //
-// It runs on XLA's intra-op thread pool (parallel.h). Each work item's share of the sums is
+// They run on XLA's intra-op thread pool (parallel.h). Each work item's share of the sums is
 // fixed and sums are added in item order, so results are the same whichever thread ran what.
 #include <algorithm>
 #include <cstdint>
@@ -73,7 +78,61 @@ ffi::Error PointwiseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Threefry-2x32 (20 rounds; Salmon et al. 2011) as jax.random computes it
+// (jax/_src/random/threefry2x32.py): (y1, y2) = hash of the counters (x1, x2) under the key
+// (k1, k2), element by element; the four operands have the results' shape.
+inline uint32_t RotateLeft(uint32_t v, int d) { return (v << d) | (v >> (32 - d)); }
+
+void Threefry(uint32_t k0, uint32_t k1, uint32_t& x0, uint32_t& x1) {
+  static constexpr int kRotations[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
+  const uint32_t ks[3] = {k0, k1, k0 ^ k1 ^ 0x1BD11BDAu};
+  x0 += ks[0];
+  x1 += ks[1];
+  for (int i = 0; i < 5; ++i) {
+    for (int r : kRotations[i % 2]) {
+      x0 += x1;
+      x1 = RotateLeft(x1, r) ^ x0;
+    }
+    x0 += ks[(i + 1) % 3];
+    x1 += ks[(i + 2) % 3] + static_cast<uint32_t>(i + 1);
+  }
+}
+
+ffi::Error Threefry2x32(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> k1, ffi::Buffer<ffi::U32> k2,
+                        ffi::Buffer<ffi::U32> x1, ffi::Buffer<ffi::U32> x2,
+                        ffi::ResultBuffer<ffi::U32> y1, ffi::ResultBuffer<ffi::U32> y2) {
+  const int64_t n = y1->element_count();
+  if (k1.element_count() != n || k2.element_count() != n || x1.element_count() != n ||
+      x2.element_count() != n) {
+    return ffi::Error::InvalidArgument("threefry2x32: operands and results differ in size");
+  }
+  const uint32_t *K1 = k1.typed_data(), *K2 = k2.typed_data();
+  const uint32_t *X1 = x1.typed_data(), *X2 = x2.typed_data();
+  uint32_t *Y1 = y1->typed_data(), *Y2 = y2->typed_data();
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  ParallelFor(pool, chunks, Workers(pool, chunks), [&](int64_t c) {
+    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
+      uint32_t a = X1[i], b = X2[i];
+      Threefry(K1[i], K2[i], a, b);
+      Y1[i] = a;
+      Y2[i] = b;
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_threefry2x32, Threefry2x32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(xrayjax_pointwise_weight_grad, PointwiseWeightGrad,
                               ffi::Ffi::Bind()
