@@ -434,7 +434,8 @@ def _op_kind(opcode: str, op_name: str, target: str) -> str:
             "xrayjax_dnnl_conv_bwd_data": "conv input gradient (oneDNN)",
             "xrayjax_dnnl_conv_bwd_weights": "conv weight gradient (oneDNN)",
             "xrayjax_dnnl_max_pool_fwd": "max pooling (oneDNN)",
-            "xrayjax_dnnl_max_pool_bwd": "max pooling (oneDNN)"}.get(target, target)
+            "xrayjax_dnnl_max_pool_bwd": "max pooling (oneDNN)",
+            "xrayjax_threefry2x32": "random bits (native Threefry)"}.get(target, target)
   parts = op_name.split("/")
   prim, modules = parts[-1], parts[:-1]
   if opcode in ("copy", "transpose") or prim in ("transpose", "copy"):
