@@ -5,6 +5,7 @@ import csv
 import gzip
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pydicom
@@ -454,3 +455,20 @@ def test_native_builds_are_keyed_by_their_listing_digest(tmp_path):
   assert rundir._data_changes(old, new) == []
   new["nih_cxr14"]["files"] = {**files_, "images/extra.png": [1, 1]}
   assert any("1 file(s) added" in c for c in rundir._data_changes(old, new))
+
+
+def test_builders_of_data_not_yet_built_leave_no_temporary_directory(tmp_path, monkeypatch):
+  # TFDS looks every data set not yet built up on its bucket, from a temporary directory it
+  # never removes: ours are never there (schema.dataset_info).
+  private = tmp_path / "tmp"
+  private.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(private))
+  (tmp_path / "manifest.csv").write_text("path,label4,patient_id,source\n")
+  monkeypatch.setenv(sources.MANIFEST_ENV, str(tmp_path / "manifest.csv"))
+  for source in ("synthetic", "manifest"):  # the native sources share manifest's _info
+    c = common.data_config(source)
+    c.tfds_dir = str(tmp_path / "tfds")
+    cls, cfg = sources._config(source, c)  # pylint: disable=protected-access
+    b = cls(config=cfg.name if cfg.name in cls.builder_configs else cfg, data_dir=c.tfds_dir)
+    assert not b.is_prepared() and b.info.features["image"].shape[-1] == 1, source
+  assert not list(private.iterdir())

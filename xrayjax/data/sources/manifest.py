@@ -78,9 +78,8 @@ class Manifest(native.NativeBuilder):
       return info
     s = self.builder_config.image_size
     from xrayjax.data.sources import schema
-    return self.dataset_info_from_configs(
-        features=schema.features(s, lung_mask=native.tfds.features.Image(shape=(s, s, 1))),
-        description=self.__doc__)
+    return schema.dataset_info(self, s, self.__doc__,
+                               lung_mask=native.tfds.features.Image(shape=(s, s, 1)))
 
   def _decode(self, row):
     item = super()._decode(row)

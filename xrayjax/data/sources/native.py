@@ -259,9 +259,7 @@ class NativeBuilder(tfds.core.GeneratorBasedBuilder):
     if self.HAS_BOXES:
       extra["boxes"] = tfds.features.Sequence({"bbox": tfds.features.BBoxFeature(),
                                                "finding": tfds.features.Text()})
-    return self.dataset_info_from_configs(
-        features=schema.features(self.builder_config.image_size, **extra),
-        description=self.__doc__)
+    return schema.dataset_info(self, self.builder_config.image_size, self.__doc__, **extra)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing is downloaded

@@ -29,3 +29,14 @@ def features(image_size: int, **extra: tfds.features.FeatureConnector) -> tfds.f
       "phash": tfds.features.Text(),
       **extra,
   })
+
+
+def dataset_info(builder: tfds.core.DatasetBuilder, image_size: int, description: str,
+                 **extra: tfds.features.FeatureConnector) -> tfds.core.DatasetInfo:
+  """A builder's DatasetInfo: `features(image_size, **extra)`, and no lookup on TFDS's bucket.
+  Ours are never there, and TFDS's lookup (`DatasetInfo.initialize_from_bucket`, run for every
+  builder of data not yet built) leaves an empty temporary directory behind each time."""
+  info = builder.dataset_info_from_configs(features=features(image_size, **extra),
+                                           description=description)
+  info.initialize_from_bucket = lambda: None
+  return info

@@ -65,13 +65,10 @@ class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size
-    return self.dataset_info_from_configs(
-        features=schema.features(
-            s, lesion_mask=tfds.features.Image(shape=(s, s, 1)),
-            lung_mask=tfds.features.Image(shape=(s, s, 1)),
-            severity=tfds.features.Scalar(dtype=np.float32)),
-        description=__doc__,
-    )
+    return schema.dataset_info(self, s, __doc__,
+                               lesion_mask=tfds.features.Image(shape=(s, s, 1)),
+                               lung_mask=tfds.features.Image(shape=(s, s, 1)),
+                               severity=tfds.features.Scalar(dtype=np.float32))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing is downloaded
