@@ -195,9 +195,12 @@ def test_model_convs_match_lax_in_value_and_both_gradients(kind, strides):
   np.testing.assert_allclose(v, rv, rtol=1e-5)
   np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-4)
-  # The native kernels are in the CPU program (not XLA's gradient).
+  # The native kernels are in the CPU program (not XLA's gradient); a 1x1 conv's forward pass is
+  # oneDNN's, its weight gradient ours.
   hlo = jax.jit(jax.grad(lambda w: loss(common.conv_general_dilated, x, w))).lower(w).as_text()
-  assert ("xrayjax_pointwise_weight_grad" if kind == "pointwise" else "xrayjax_dnnl_conv") in hlo
+  assert "xrayjax_dnnl_conv_fwd" in hlo
+  weight_gradient = "pointwise_weight_grad" if kind == "pointwise" else "dnnl_conv_bwd_weights"
+  assert f"xrayjax_{weight_gradient}" in hlo
 
 
 def test_without_a_compiler_the_models_fall_back_and_say_so(monkeypatch, tmp_path):

@@ -299,13 +299,22 @@ def pointwise_product(x, w, precision=None):
   return lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())), precision=precision)
 
 
+def _pointwise_forward(x, w):
+  """oneDNN's 1x1 convolution on the CPU, XLA's matrix product elsewhere."""
+  shape = (*x.shape[:3], w.shape[-1])
+  return lax.platform_dependent(
+      x, w, cpu=lambda x, w: _dnnl("xrayjax_dnnl_conv_fwd", shape, x, w, stride=1,
+                                   padding=((0, 0), (0, 0)), groups=1),
+      default=pointwise_product)
+
+
 @jax.custom_vjp
 def _pointwise_native(x, w):
-  return pointwise_product(x, w)
+  return _pointwise_forward(x, w)
 
 
 def _pointwise_native_fwd(x, w):
-  return pointwise_product(x, w), (x, w)
+  return _pointwise_forward(x, w), (x, w)
 
 
 def _pointwise_native_bwd(res, g):
