@@ -5,10 +5,10 @@ XLA's CPU backend runs convolutions well below this machine's peak, and grouped 
 far below it (docs/performance.md has the figures). Every float32 convolution with a kernel
 larger than 1x1 (dense, strided, grouped, depthwise) runs its forward pass, input gradient and
 weight gradient through oneDNN (`onednn_conv.cc`), the library TensorFlow's CPU kernels call,
-from the `onednn-cpu-gomp` wheel. 1x1 convolutions are one matrix product forward and backward
-(XLA's `dot_general`), with the weight gradient a native OpenBLAS `sgemm` (`cpu_kernels.cc`),
-where XLA first copies both operands into transposed layouts and oneDNN was slower (the figures
-are in docs/performance.md). Overlapping max pools (the ResNets' stem, Xception) run oneDNN's
+from the `onednn-cpu-gomp` wheel. 1x1 convolutions run their forward pass through oneDNN too,
+their input gradient as one matrix product (XLA's `dot_general`), and their weight gradient as
+a native OpenBLAS `sgemm` (`cpu_kernels.cc`), where XLA first copies both operands into
+transposed layouts and oneDNN was slower (the figures are in docs/performance.md). Overlapping max pools (the ResNets' stem, Xception) run oneDNN's
 forward pass, which records each window's first maximum, and its input gradient, which reads
 that record (`onednn_pool.cc`), where XLA differentiates reduce-window through four index arrays
 and a scatter. jax.random's hash, Threefry-2x32, is one native call too (`cpu_kernels.cc`): jax

@@ -50,8 +50,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          precision=None, **kwargs):
   """lax.conv_general_dilated, with the convs the models use computed another way (same
   result), since XLA's CPU backend is slow at them (xrayjax.bench, docs/performance.md):
-    - a plain 1x1 conv is one matrix product (faster, forward and backward), with a native
-      weight gradient on the CPU (`kernels.pointwise`);
+    - a plain 1x1 conv is one matrix product, on the CPU with oneDNN's forward pass and a
+      native weight gradient (`kernels.pointwise`);
     - any other plain conv with equal strides (dense, strided, grouped, depthwise) runs its
       three passes through oneDNN on the CPU (`kernels.conv`; a depthwise conv at stride 1 is
       a fused sum of shifted copies of the input where oneDNN is missing).
