@@ -334,8 +334,8 @@ def test_convolutions_in_branches_side_by_side_match_lax():
   np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-5 * float(jnp.abs(rdw).max()))
 
 
-# jax.random's draws, as they reach a model's initialisation: shapes odd and empty, a
-# broadcast key, split and fold_in, inside one jitted program.
+# jax.random's draws, as they reach a model's initialisation: shapes odd and empty, one key
+# for a whole draw or (vmapped over keys) one per element, split and fold_in, in one program.
 DRAWS = """
 import jax, numpy as np
 from xrayjax import kernels, models, train
@@ -343,7 +343,8 @@ kernels.native()
 key = jax.random.PRNGKey(42)
 draws = jax.jit(lambda k: (jax.random.normal(k, (3, 1001)), jax.random.uniform(k, (7,)),
                            jax.random.split(k, 5), jax.random.bits(jax.random.fold_in(k, 7), (0,)),
-                           jax.random.truncated_normal(k, -2.0, 2.0, (2, 3, 5))))
+                           jax.random.truncated_normal(k, -2.0, 2.0, (2, 3, 5)),
+                           jax.vmap(lambda k: jax.random.normal(k, (3,)))(jax.random.split(k, 4))))
 variables = train.init_variables(models.build("alexnet", 4, {"width": 1 / 16}), 32, 0)
 leaves = jax.tree.leaves((draws(key), variables))
 print(",".join(str(np.asarray(x).view(np.uint32).sum(dtype=np.uint64)) for x in leaves))

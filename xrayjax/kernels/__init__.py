@@ -8,12 +8,13 @@ weight gradient through oneDNN (`onednn_conv.cc`), the library TensorFlow's CPU 
 from the `onednn-cpu-gomp` wheel. 1x1 convolutions run their forward pass through oneDNN too,
 their input gradient as one matrix product (XLA's `dot_general`), and their weight gradient as
 a native OpenBLAS `sgemm` (`cpu_kernels.cc`), where XLA first copies both operands into
-transposed layouts and oneDNN was slower (the figures are in docs/performance.md). Overlapping max pools (the ResNets' stem, Xception) run oneDNN's
-forward pass, which records each window's first maximum, and its input gradient, which reads
-that record (`onednn_pool.cc`), where XLA differentiates reduce-window through four index arrays
-and a scatter. jax.random's hash, Threefry-2x32, is one native call too (`cpu_kernels.cc`): jax
-lowers it on the CPU to a loop that XLA compiles anew for every tensor drawn, most of a deep
-network's initialisation's compile time; the bits are the same.
+transposed layouts and oneDNN was slower (the figures are in docs/performance.md). Overlapping
+max pools (the ResNets' stem, Xception) run oneDNN's forward pass, which records each window's
+first maximum, and its input gradient, which reads that record (`onednn_pool.cc`), where XLA
+differentiates reduce-window through four index arrays and a scatter. jax.random's hash,
+Threefry-2x32, is one native call too (`cpu_kernels.cc`): jax lowers it on the CPU to a loop
+that XLA compiles anew for every tensor drawn, most of a deep network's initialisation's compile
+time; the bits are the same.
 
 The files are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) into
 one library in `$XRAYJAX_CACHE/kernels` (default `~/.cache/xrayjax/kernels`, `xrayjax/build.py`),
@@ -123,9 +124,13 @@ def _threefry2x32(k1, k2, x1, x2):
   shape = jnp.broadcast_shapes(k1.shape, k2.shape, x1.shape, x2.shape)
   if math.prod(shape) == 0:
     return jnp.zeros(shape, jnp.uint32), jnp.zeros(shape, jnp.uint32)
+  if k1.size == k2.size == 1:  # one key (every draw of a network's initialisation): not copied
+    k1, k2 = k1.reshape(()), k2.reshape(())
+  else:
+    k1, k2 = jnp.broadcast_to(k1, shape), jnp.broadcast_to(k2, shape)
   out = jax.ShapeDtypeStruct(shape, jnp.uint32)
   return jax.ffi.ffi_call("xrayjax_threefry2x32", (out, out), vmap_method="broadcast_all")(
-      *(jnp.broadcast_to(a, shape) for a in (k1, k2, x1, x2)))
+      k1, k2, jnp.broadcast_to(x1, shape), jnp.broadcast_to(x2, shape))
 
 
 def native() -> bool:

@@ -80,7 +80,8 @@ ffi::Error PointwiseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 // Threefry-2x32 (20 rounds; Salmon et al. 2011) as jax.random computes it
 // (jax/_src/random/threefry2x32.py): (y1, y2) = hash of the counters (x1, x2) under the key
-// (k1, k2), element by element; the four operands have the results' shape.
+// (k1, k2), element by element; the counters have the results' shape, the key is one pair or
+// one pair per element.
 inline uint32_t RotateLeft(uint32_t v, int d) { return (v << d) | (v >> (32 - d)); }
 
 void Threefry(uint32_t k0, uint32_t k1, uint32_t& x0, uint32_t& x1) {
@@ -101,11 +102,12 @@ void Threefry(uint32_t k0, uint32_t k1, uint32_t& x0, uint32_t& x1) {
 ffi::Error Threefry2x32(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> k1, ffi::Buffer<ffi::U32> k2,
                         ffi::Buffer<ffi::U32> x1, ffi::Buffer<ffi::U32> x2,
                         ffi::ResultBuffer<ffi::U32> y1, ffi::ResultBuffer<ffi::U32> y2) {
-  const int64_t n = y1->element_count();
-  if (k1.element_count() != n || k2.element_count() != n || x1.element_count() != n ||
+  const int64_t n = y1->element_count(), keys = k1.element_count();
+  if (k2.element_count() != keys || (keys != 1 && keys != n) || x1.element_count() != n ||
       x2.element_count() != n) {
     return ffi::Error::InvalidArgument("threefry2x32: operands and results differ in size");
   }
+  const int64_t step = keys == 1 ? 0 : 1;  // one key for every element, or one each
   const uint32_t *K1 = k1.typed_data(), *K2 = k2.typed_data();
   const uint32_t *X1 = x1.typed_data(), *X2 = x2.typed_data();
   uint32_t *Y1 = y1->typed_data(), *Y2 = y2->typed_data();
@@ -114,7 +116,7 @@ ffi::Error Threefry2x32(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> k1, ffi::Buf
   ParallelFor(pool, chunks, Workers(pool, chunks), [&](int64_t c) {
     for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
       uint32_t a = X1[i], b = X2[i];
-      Threefry(K1[i], K2[i], a, b);
+      Threefry(K1[i * step], K2[i * step], a, b);
       Y1[i] = a;
       Y2[i] = b;
     }
