@@ -94,8 +94,9 @@ dnnl::memory::desc Activations(int64_t n, int64_t c, int64_t h, int64_t w) {
   return dnnl::memory::desc({n, c, h, w}, dt::f32, dnnl::memory::format_tag::nhwc);
 }
 
+// The bias, one value per output channel, as a binary post-op's operand.
 dnnl::memory::desc Bias(int64_t co) {
-  return dnnl::memory::desc({co}, dt::f32, dnnl::memory::format_tag::a);
+  return dnnl::memory::desc({1, co, 1, 1}, dt::f32, dnnl::memory::format_tag::nhwc);
 }
 
 // JAX's HWIO weights (KH, KW, Ci/G, Co) as oneDNN's {O, I, KH, KW}, or {G, O/G, I/G, KH, KW}.
@@ -121,18 +122,20 @@ Entry* Get(const Key& k) {
   const dnnl::memory::desc any_weights(e->weights_user.get_dims(), dt::f32,
                                        dnnl::memory::format_tag::any);
   const dims strides{k.s, k.s}, dilation{0, 0}, low{k.pt, k.pl}, high{k.pb, k.pr};
-  const auto bias = k.bias ? Bias(k.co) : dnnl::memory::desc();
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   if (k.pass == kFwd && k.bias) {
-    dnnl::post_ops relu;
-    relu.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-    attr.set_post_ops(relu);
+    // The bias as a post-op, not the convolution's own: some kernels (AVX2's) start their
+    // sums from the bias, which rounds differently from XLA's add after the convolution.
+    dnnl::post_ops ops;
+    ops.append_binary(dnnl::algorithm::binary_add, Bias(k.co));
+    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr.set_post_ops(ops);
   }
   const auto algo = dnnl::algorithm::convolution_direct;
   dnnl::convolution_forward::primitive_desc fwd(
-      Engine(), dnnl::prop_kind::forward_training, algo, src, any_weights, bias, dst, strides,
-      dilation, low, high, attr);
+      Engine(), dnnl::prop_kind::forward_training, algo, src, any_weights, dnnl::memory::desc(),
+      dst, strides, dilation, low, high, attr);
   if (k.pass == kFwd) {
     e->prim = dnnl::convolution_forward(fwd);
     e->weights_prim = fwd.weights_desc();
@@ -236,7 +239,7 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
       args.insert({DNNL_ARG_WEIGHTS, dnnl::memory(e->weights_prim, engine, weights[i])});
       if (k.pass == kFwd) {
         if (k.bias) {
-          args.insert({DNNL_ARG_BIAS,
+          args.insert({DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
                        dnnl::memory(Bias(k.co), engine, const_cast<float*>(bias))});
         }
         args.insert({{DNNL_ARG_SRC,
