@@ -155,6 +155,14 @@ def _use_native(x, w) -> bool:
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
+@functools.cache
+def _jit(op, *static):
+  """`op` jitted, one per op: a process traces each op once per shape and static arguments,
+  not once per call (both branches of every platform_dependent and each gradient); XLA
+  inlines it, so programs compile as before."""
+  return jax.jit(op, static_argnums=static)
+
+
 # --- convolutions with a kernel larger than 1x1: oneDNN ----------------------------------------
 
 
@@ -231,7 +239,7 @@ def conv(x, w, stride: int, padding: Padding, groups: int = 1):
   depthwise conv): oneDNN's three passes on the CPU for float32, else XLA's."""
   padding = tuple(tuple(int(p) for p in pair) for pair in padding)
   if _use_native(x, w):
-    return _conv_native(x, w, int(stride), padding, int(groups))
+    return _jit(_conv_native, 2, 3, 4)(x, w, int(stride), padding, int(groups))
   return _conv_xla(x, w, int(stride), padding, int(groups))
 
 
@@ -275,7 +283,7 @@ def conv_bias_relu(x, w, b, stride: int, padding: Padding, groups: int = 1):
   add and ReLU elsewhere."""
   padding = tuple(tuple(int(p) for p in pair) for pair in padding)
   if _use_native(x, w) and b.dtype == jnp.float32:
-    return _conv_bias_relu_native(x, w, b, int(stride), padding, int(groups))
+    return _jit(_conv_bias_relu_native, 3, 4, 5)(x, w, b, int(stride), padding, int(groups))
   return _conv_bias_relu_xla(x, w, b, int(stride), padding, int(groups))
 
 
@@ -334,7 +342,7 @@ _pointwise_native.defvjp(_pointwise_native_fwd, _pointwise_native_bwd)
 
 def pointwise(x, w):
   """A 1x1 NHWC/HWIO conv at stride 1 without padding (stride the input first)."""
-  return (_pointwise_native if _use_native(x, w) else pointwise_product)(x, w)
+  return (_jit(_pointwise_native) if _use_native(x, w) else pointwise_product)(x, w)
 
 
 # --- max pooling: oneDNN -------------------------------------------------------------------------
@@ -392,5 +400,5 @@ def max_pool(x, window: tuple[int, int], strides: tuple[int, int], padding: Padd
   fits = window[0] * window[1] < 256 and all(p < k for k, pair in zip(window, padding)
                                              for p in pair)
   if x.dtype == jnp.float32 and fits and native():
-    return _max_pool_dnnl(x, window, strides, padding)
+    return _jit(_max_pool_dnnl, 1, 2, 3)(x, window, strides, padding)
   return _max_pool_xla(x, window, strides, padding)
