@@ -256,17 +256,25 @@ def test_local_sweep_ranks_skips_finished_and_reports_a_failure(built_tfds, tmp_
   with open(os.path.join(sweep_dir, "sweep.json")) as f:
     assert json.load(f)["invocations"][-1]["ran"] == 3
 
-  # Again: the finished trials are skipped (no process touched them), the failed one re-runs.
-  before = _stamps(sweep_dir, good)
+  # Again: the finished trial is skipped (no process touched it), the failed one re-runs, and
+  # one whose results are gone is unfinished: it resumes in its directory (its stages are
+  # finished, so it only evaluates).
+  before = _stamps(sweep_dir, good[1:])
+  os.remove(os.path.join(sweep_dir, good[0], "results.json"))
   proc = _launch(*args, tfds_dir=built_tfds)
   assert proc.returncode == 1
-  assert "3 trials, 2 finished (skipped), 1 to run" in proc.stdout
-  assert _stamps(sweep_dir, good) == before
+  assert "3 trials, 1 finished (skipped), 2 to run" in proc.stdout
+  assert _stamps(sweep_dir, good[1:]) == before
   with open(os.path.join(sweep_dir, "sweep.json")) as f:
     last = json.load(f)["invocations"][-1]
-  assert (last["ran"], last["skipped"], last["failed"]) == (1, 2, ["epochs=many"])
+  assert (last["ran"], last["skipped"], last["failed"]) == (2, 1, ["epochs=many"])
   with open(bad_log) as f:
     assert f.read().count("=== ") == 2  # appended, same directory
+  with open(os.path.join(sweep_dir, good[0], "trial.log")) as f:
+    second = f.read().split("=== ")[-1]
+  assert "finished earlier" in second and "resuming" not in second
+  _check_ranked(sweep_dir, good)
+  before = _stamps(sweep_dir, good)
 
   # One trial in the foreground (a SLURM array task), and the list of trials.
   proc = _launch(*args, "--trial=2", tfds_dir=built_tfds)
@@ -281,29 +289,23 @@ def test_local_sweep_ranks_skips_finished_and_reports_a_failure(built_tfds, tmp_
 
 
 @pytest.mark.slow
-def test_ray_sweep_of_the_demo_sweep_file(built_tfds, tmp_path):
-  """configs/sweeps/demo_lr_init.py on the tiny config, each trial a task of a local Ray."""
+def test_ray_sweep_runs_each_trial_as_a_task(built_tfds, tmp_path):
+  """Two trials of the tiny config (DETL transfer and scratch), each a task of a local Ray;
+  the local sweep above checks skipping, resuming and failures, which do not depend on the
+  backend."""
   pytest.importorskip("ray", reason="the test extra installs ray: pip install -e '.[test]'")
+  sweep_file = tmp_path / "inits.py"
+  sweep_file.write_text("from launch import hyper\n"
+                        "def get_sweep():\n"
+                        "  return hyper.sweep('config:init', ['detl', 'scratch'])\n")
   sweep_dir = str(tmp_path / "sweep")
-  args = ("--config=configs/detl.py:runlocal", f"--sweep={DEMO}", "--backend=ray",
+  args = ("--config=configs/detl.py:runlocal", f"--sweep={sweep_file}", "--backend=ray",
           "--cpus_per_trial=1", f"--workdir={sweep_dir}")
-  names = [t.name for t in trials_lib.make_trials("configs/detl.py", trials_lib.load_sweep(DEMO))]
+  names = ["init=detl", "init=scratch"]
   proc = _launch(*args, tfds_dir=built_tfds)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert "4 trials, 0 finished (skipped), 4 to run on ray" in proc.stdout
+  assert "2 trials, 0 finished (skipped), 2 to run on ray" in proc.stdout
   _check_ranked(sweep_dir, names)
-  with open(os.path.join(sweep_dir, names[0], "config.json")) as f:
-    assert json.load(f)["stage_a"]["enabled"] is True  # init=detl reached the config
-
-  # A trial whose results are gone is unfinished: the re-run resumes it in its directory
-  # (its stages are finished, so it only evaluates), and leaves the others alone.
-  before = _stamps(sweep_dir, names[1:])
-  os.remove(os.path.join(sweep_dir, names[0], "results.json"))
-  proc = _launch(*args, tfds_dir=built_tfds)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert "4 trials, 3 finished (skipped), 1 to run on ray" in proc.stdout
-  assert _stamps(sweep_dir, names[1:]) == before
-  with open(os.path.join(sweep_dir, names[0], "trial.log")) as f:
-    second = f.read().split("=== ")[-1]
-  assert "finished earlier" in second and "resuming" not in second
-  _check_ranked(sweep_dir, names)
+  for name, stage_a in zip(names, (True, False)):  # init reached each trial's config
+    with open(os.path.join(sweep_dir, name, "config.json")) as f:
+      assert json.load(f)["stage_a"]["enabled"] is stage_a
