@@ -23,9 +23,10 @@ registered through `jax.ffi`. Where it cannot be built (no compiler, no oneDNN o
 wheel: oneDNN's are for x86-64 Linux) or `XRAYJAX_NATIVE=0` is set, the models use XLA's forms:
 `status()` says which ran and why, and runs write it into their log.
 
-`conv`, `conv_bias_relu`, `pointwise` and `max_pool` are the ops (`jax.custom_vjp`). The kernels
-run on the CPU backend only (`lax.platform_dependent`: a program lowered for an accelerator keeps
-XLA's forms), for float32 operands (other dtypes, and machines without the kernels, take XLA's).
+`conv`, `conv_bias_relu`, `pointwise` and `max_pool` are the ops (`jax.custom_vjp`, each one
+jitted function, so a process traces it once per shape). The kernels run on the CPU backend
+only (`lax.platform_dependent`: a program lowered for an accelerator keeps XLA's forms), for
+float32 operands (other dtypes, and machines without the kernels, take XLA's).
 Threefry's is a CPU lowering of `jax.extend.random.threefry2x32_p`, registered with the kernels
 (a program lowered before they load, or for an accelerator, keeps jax's).
 """
