@@ -48,6 +48,7 @@ for key in ("train_jax", "train_keras", "infer_jax", "infer_keras", "compile_jax
             "compile_keras", "gflops_per_image"):
   assert row[key] > 0, (key, row)
 assert all(np.isfinite(row["train_ratio"])) and len(peaks) == 2 and min(peaks) > 0, (row, peaks)
+assert row["keras"].startswith("TensorFlow 2.") and "oneDNN ops o" in row["keras"], row
 # Each framework ran in a process of its own: this one never loaded TensorFlow.
 assert "tensorflow" not in sys.modules and "keras" not in sys.modules
 try:

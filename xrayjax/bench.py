@@ -22,7 +22,9 @@ matmul peak that xrayjax's training reaches (training taken as 3x the forward
 FLOPs; the peak is measured in every round, between the steps, and the highest
 reading is used, since one reading alone varies by 2x here). The last lines are a
 Markdown table for docs/performance.md; the first say which CPU convolutions ran
-(`xrayjax.kernels.status`).
+(`xrayjax.kernels.status`), and the line before the table whether TensorFlow ran Keras's
+ops through oneDNN (`keras_status`: by default only on CPUs with AVX512_VNNI, AVX512_BF16
+or AMX; `TF_ENABLE_ONEDNN_OPTS=1` turns them on elsewhere).
 
 `--memory` prints instead the peak resident memory of a process that builds the model
 and trains it for two steps, in each framework (each in a fresh subprocess, so neither
@@ -132,6 +134,18 @@ def keras_model(name: str, size: int):
   make = {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50,
           "resnet50v2": keras.applications.ResNet50V2, "xception": keras.applications.Xception}
   return make[name](weights=None, input_shape=shape, classes=CLASSES, classifier_activation=None)
+
+
+def keras_status() -> str:
+  """Whether TensorFlow runs Keras's ops through oneDNN in this process. TensorFlow turns
+  them on by default only on CPUs with AVX512_VNNI, AVX512_BF16 or AMX (older ones, AVX2's
+  included, run Eigen's kernels); TF_ENABLE_ONEDNN_OPTS=1 or 0 decides otherwise."""
+  import tensorflow as tf
+  from tensorflow.python.util import _pywrap_util_port  # the switch TensorFlow itself reads
+  switch = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+  why = f"TF_ENABLE_ONEDNN_OPTS={switch}" if switch is not None else "its default on this CPU"
+  on = "on" if _pywrap_util_port.IsMklEnabled() else "off"
+  return f"TensorFlow {tf.__version__}, oneDNN ops {on} ({why})"
 
 
 class KerasRunner:
@@ -245,7 +259,7 @@ def _serve(conn, framework: str, name: str, size: int, batch: int) -> None:
     t = time.perf_counter()
     runner = KerasRunner(name, x, y)
     runner.train_step()
-    conn.send({"compile": time.perf_counter() - t})
+    conn.send({"compile": time.perf_counter() - t, "status": keras_status()})
   else:
     runner = JaxRunner(name, x, y)
     conn.send({"compile": runner.compile_seconds, "forward_flops": runner.forward_flops})
@@ -312,7 +326,8 @@ def measure(name: str, size: int, batch: int, rounds: int, steps: int, peaks: li
           "train_ratio": paired_ratio(train_j, train_k),
           "infer_ratio": paired_ratio(infer_j, infer_k),
           "compile_jax": mine.info["compile"], "compile_keras": theirs.info["compile"],
-          "gflops_per_image": mine.info["forward_flops"] / batch / 1e9}
+          "gflops_per_image": mine.info["forward_flops"] / batch / 1e9,
+          "keras": theirs.info["status"]}
 
 
 def paired_ratio(ours, theirs, level: float = 0.95) -> tuple[float, float, float]:
@@ -742,6 +757,7 @@ def main(argv):
     rows.append(measure(name, IMAGE_SIZE.value, BATCH_SIZE.value, ROUNDS.value, STEPS.value,
                         peaks))
   print(f"matmul peak readings (GFLOP/s): {', '.join(f'{p / 1e9:.0f}' for p in peaks)}")
+  print(f"Keras: {rows[0]['keras']}")
   print(table(rows, max(peaks), IMAGE_SIZE.value, BATCH_SIZE.value))
 
 
