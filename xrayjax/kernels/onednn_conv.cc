@@ -16,8 +16,10 @@
 // short of the input's end has a smaller one).
 //
 // Activations are used in place as nhwc (oneDNN's blocked activation layouts cost reorders of
-// whole maps and were slower here); weights are described with explicit strides and reordered
-// to and from the layout the primitive asks for.
+// whole maps and were slower here), except by a dense weight gradient that oneDNN has no
+// brgemm kernel for on nhwc (AVX2's): its direct kernel runs far faster on blocked layouts, so
+// each slice reorders its maps there in chunks of at most 16 MiB (ChunkImages). Weights are
+// described with explicit strides and reordered to and from the layout the primitive asks for.
 //
 // Threads: a call splits its batch into one slice per thread of XLA's intra-op pool and runs
 // each slice as a single-threaded oneDNN primitive on that pool (parallel.h), so oneDNN never
@@ -26,6 +28,7 @@
 // cores. The weight gradient's slices are summed in slice order, so results do not depend on
 // which thread ran what. Primitives are created once per (pass, shapes, attributes) and run
 // concurrently, each execution with its own scratchpad.
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -52,9 +55,11 @@ enum Pass { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
 struct Key {
   int64_t pass, n, h, w, ci, ho, wo, co, kh, kw, s, pt, pl, pb, pr, groups;
-  int64_t bias = 0;  // forward only: with a bias and a ReLU
+  int64_t bias = 0;     // forward only: with a bias and a ReLU
+  int64_t blocked = 0;  // weight gradient only: on the activation layouts oneDNN prefers
   auto Tie() const {
-    return std::tie(pass, n, h, w, ci, ho, wo, co, kh, kw, s, pt, pl, pb, pr, groups, bias);
+    return std::tie(pass, n, h, w, ci, ho, wo, co, kh, kw, s, pt, pl, pb, pr, groups, bias,
+                    blocked);
   }
   bool operator<(const Key& o) const { return Tie() < o.Tie(); }
 };
@@ -64,6 +69,9 @@ struct Entry {
   dnnl::memory::desc weights_user, weights_prim, scratchpad;
   dnnl::reorder weights_reorder;  // user -> primitive (inputs) or back (the weight gradient)
   bool reorder = false;
+  // With Key::blocked: the activations' layouts and their reorders from nhwc.
+  dnnl::memory::desc src_prim, dst_prim;
+  dnnl::reorder src_reorder, dst_reorder;
 };
 
 // A 64-byte aligned buffer that only grows.
@@ -79,11 +87,16 @@ struct Buffer {
   }
 };
 
-std::mutex g_mu;  // guards g_cache
+std::mutex g_mu;  // guards g_cache and g_chunks
 std::map<Key, std::unique_ptr<Entry>> g_cache;
+std::map<Key, int64_t> g_chunks;
 // Per thread: a call's reordered weights or summed slices, a slice's weight gradient in the
-// primitive's layout, and a slice's scratchpad.
-thread_local Buffer t_call, t_slice_weights, t_scratchpad;
+// primitive's layout and a chunk's, a slice's scratchpad, and a chunk's activations.
+thread_local Buffer t_call, t_slice_weights, t_chunk_weights, t_scratchpad, t_src, t_dst;
+
+// A weight gradient's chunk of reordered activations (input and output gradient) holds at
+// most this many bytes, or one image.
+constexpr int64_t kChunkBytes = 16 << 20;
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -110,17 +123,21 @@ dnnl::memory::desc Weights(const Key& k) {
                             dims{cog, 1, k.co, k.kw * cig * k.co, cig * k.co});
 }
 
-// The primitive for key k, created on first use (single-threaded: the caller has set OpenMP's
-// thread count to 1, which oneDNN reads when it creates a primitive).
-Entry* Get(const Key& k) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  auto found = g_cache.find(k);
-  if (found != g_cache.end()) return found->second.get();
-  auto e = std::make_unique<Entry>();
-  const auto src = Activations(k.n, k.ci, k.h, k.w), dst = Activations(k.n, k.co, k.ho, k.wo);
-  e->weights_user = Weights(k);
-  const dnnl::memory::desc any_weights(e->weights_user.get_dims(), dt::f32,
-                                       dnnl::memory::format_tag::any);
+dnnl::memory::desc Any(const dnnl::memory::desc& d) {
+  return dnnl::memory::desc(d.get_dims(), dt::f32, dnnl::memory::format_tag::any);
+}
+
+// The descriptors of key k's pass on activations src and dst (nhwc, or `any`) and weights in
+// the layout the primitive prefers: the forward pass's, which the backward passes take as a
+// hint, and with it the backward pass's, if k is one.
+struct Descs {
+  dnnl::convolution_forward::primitive_desc fwd;
+  dnnl::convolution_backward_data::primitive_desc bwd_data;
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights;
+};
+
+Descs MakeDescs(const Key& k, const dnnl::memory::desc& src, const dnnl::memory::desc& dst) {
+  const auto weights = Any(Weights(k));
   const dims strides{k.s, k.s}, dilation{0, 0}, low{k.pt, k.pl}, high{k.pb, k.pr};
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -133,25 +150,77 @@ Entry* Get(const Key& k) {
     attr.set_post_ops(ops);
   }
   const auto algo = dnnl::algorithm::convolution_direct;
-  dnnl::convolution_forward::primitive_desc fwd(
-      Engine(), dnnl::prop_kind::forward_training, algo, src, any_weights, dnnl::memory::desc(),
+  Descs d;
+  d.fwd = dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, algo, src, weights, dnnl::memory::desc(),
       dst, strides, dilation, low, high, attr);
+  if (k.pass == kBwdData) {
+    d.bwd_data = dnnl::convolution_backward_data::primitive_desc(
+        Engine(), algo, src, weights, dst, strides, dilation, low, high, d.fwd, attr);
+  } else if (k.pass == kBwdWeights) {
+    d.bwd_weights = dnnl::convolution_backward_weights::primitive_desc(
+        Engine(), algo, src, weights, dst, strides, dilation, low, high, d.fwd, attr);
+  }
+  return d;
+}
+
+// Images per chunk when weight-gradient key k runs on the activation layouts oneDNN prefers,
+// or 0 where it runs on nhwc: grouped and depthwise convolutions (their reorders cost more
+// than they save), and where oneDNN's nhwc kernel is a brgemm one (AVX-512's) or it prefers
+// nhwc. AVX2's dense nhwc weight gradient is a direct kernel that runs at down to half the
+// speed of the same kernel on blocked layouts, reorders included (docs/performance.md).
+// Decided from descriptors alone, once per layer shape; chunks bound the reordered copies.
+int64_t ChunkImages(Key k) {
+  if (k.groups != 1) return 0;
+  k.n = 1;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto found = g_chunks.find(k);
+    if (found != g_chunks.end()) return found->second;
+  }
+  const auto src = Activations(1, k.ci, k.h, k.w), dst = Activations(1, k.co, k.ho, k.wo);
+  int64_t images = 0;
+  if (std::string(MakeDescs(k, src, dst).bwd_weights.impl_info_str()).rfind("brg", 0) != 0) {
+    const auto pd = MakeDescs(k, Any(src), Any(dst)).bwd_weights;
+    if (pd.src_desc() != src || pd.diff_dst_desc() != dst) {
+      const int64_t image = pd.src_desc().get_size() + pd.diff_dst_desc().get_size();
+      images = std::max<int64_t>(1, kChunkBytes / image);
+    }
+  }
+  std::lock_guard<std::mutex> lock(g_mu);
+  return g_chunks.emplace(k, images).first->second;
+}
+
+// The primitive for key k, created on first use (single-threaded: the caller has set OpenMP's
+// thread count to 1, which oneDNN reads when it creates a primitive).
+Entry* Get(const Key& k) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto found = g_cache.find(k);
+  if (found != g_cache.end()) return found->second.get();
+  auto e = std::make_unique<Entry>();
+  const auto src = Activations(k.n, k.ci, k.h, k.w), dst = Activations(k.n, k.co, k.ho, k.wo);
+  const Descs d = k.blocked ? MakeDescs(k, Any(src), Any(dst)) : MakeDescs(k, src, dst);
+  e->weights_user = Weights(k);
   if (k.pass == kFwd) {
-    e->prim = dnnl::convolution_forward(fwd);
-    e->weights_prim = fwd.weights_desc();
-    e->scratchpad = fwd.scratchpad_desc();
+    e->prim = dnnl::convolution_forward(d.fwd);
+    e->weights_prim = d.fwd.weights_desc();
+    e->scratchpad = d.fwd.scratchpad_desc();
   } else if (k.pass == kBwdData) {
-    dnnl::convolution_backward_data::primitive_desc pd(
-        Engine(), algo, src, any_weights, dst, strides, dilation, low, high, fwd, attr);
-    e->prim = dnnl::convolution_backward_data(pd);
-    e->weights_prim = pd.weights_desc();
-    e->scratchpad = pd.scratchpad_desc();
+    e->prim = dnnl::convolution_backward_data(d.bwd_data);
+    e->weights_prim = d.bwd_data.weights_desc();
+    e->scratchpad = d.bwd_data.scratchpad_desc();
   } else {
-    dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), algo, src, any_weights, dst, strides, dilation, low, high, fwd, attr);
-    e->prim = dnnl::convolution_backward_weights(pd);
-    e->weights_prim = pd.diff_weights_desc();
-    e->scratchpad = pd.scratchpad_desc();
+    e->prim = dnnl::convolution_backward_weights(d.bwd_weights);
+    e->weights_prim = d.bwd_weights.diff_weights_desc();
+    e->scratchpad = d.bwd_weights.scratchpad_desc();
+    if (k.blocked) {
+      e->src_prim = d.bwd_weights.src_desc();
+      e->dst_prim = d.bwd_weights.diff_dst_desc();
+      e->src_reorder = dnnl::reorder(
+          dnnl::reorder::primitive_desc(Engine(), src, Engine(), e->src_prim));
+      e->dst_reorder = dnnl::reorder(
+          dnnl::reorder::primitive_desc(Engine(), dst, Engine(), e->dst_prim));
+    }
   }
   e->reorder = e->weights_prim != e->weights_user;
   if (e->reorder) {
@@ -179,12 +248,23 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
   const int parts = xrayjax::Workers(pool, k.n);
   const int64_t x_image = k.h * k.w * k.ci, y_image = k.ho * k.wo * k.co;
   omp_set_num_threads(1);
+  // Per slice size i: the primitive for its images, or with chunks (a weight gradient on
+  // blocked layouts, ChunkImages), for its full chunks and for its last, shorter one (tails).
   Entry* entries[2];
+  Entry* tails[2] = {nullptr, nullptr};
+  int64_t chunk = 0;
   try {
+    if (k.pass == kBwdWeights) chunk = ChunkImages(k);
     for (int i = 0; i < 2; ++i) {
       Key slice = k;
-      slice.n = xrayjax::SliceSize(k.n, parts, i);
+      const int64_t images = xrayjax::SliceSize(k.n, parts, i);
+      slice.blocked = chunk > 0;
+      slice.n = chunk ? std::min(chunk, images) : images;
       entries[i] = Get(slice);
+      if (images % slice.n) {
+        slice.n = images % slice.n;
+        tails[i] = Get(slice);
+      }
     }
   } catch (const dnnl::error& err) {
     return ffi::Error::Internal(std::string("dnnl_conv: oneDNN failed: ") + err.what());
@@ -218,24 +298,45 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
                                                                       int64_t n, int i) {
     Entry* e = entries[i];
     dnnl::stream stream(engine);
-    const auto src = Activations(n, k.ci, k.h, k.w), dst = Activations(n, k.co, k.ho, k.wo);
-    dnnl::memory scratchpad(e->scratchpad, engine, t_scratchpad.Get(e->scratchpad.get_size()));
-    std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SCRATCHPAD, scratchpad}};
     if (k.pass == kBwdWeights) {
+      // The slice's chunks in order, each one's gradient added to the first's.
       float* part = sums ? sums + p * (user_bytes / sizeof(float)) : out;
-      dnnl::memory user(e->weights_user, engine, part);
-      dnnl::memory dw = e->reorder
-          ? dnnl::memory(e->weights_prim, engine,
-                         t_slice_weights.Get(e->weights_prim.get_size()))
-          : user;
-      args.insert({{DNNL_ARG_SRC,
-                    dnnl::memory(src, engine, const_cast<float*>(act) + n0 * x_image)},
-                   {DNNL_ARG_DIFF_DST,
-                    dnnl::memory(dst, engine, const_cast<float*>(other) + n0 * y_image)},
-                   {DNNL_ARG_DIFF_WEIGHTS, dw}});
-      e->prim.execute(stream, args);
-      if (e->reorder) e->weights_reorder.execute(stream, dw, user);
+      const int64_t full = chunk ? std::min(chunk, n) : n;
+      for (int64_t c0 = 0; c0 < n; c0 += full) {
+        const int64_t m = std::min(full, n - c0);
+        Entry* c = m == full ? e : tails[i];
+        float* sum = c0 ? static_cast<float*>(t_chunk_weights.Get(user_bytes)) : part;
+        dnnl::memory user(c->weights_user, engine, sum);
+        dnnl::memory x(Activations(m, k.ci, k.h, k.w), engine,
+                       const_cast<float*>(act) + (n0 + c0) * x_image);
+        dnnl::memory g(Activations(m, k.co, k.ho, k.wo), engine,
+                       const_cast<float*>(other) + (n0 + c0) * y_image);
+        if (chunk) {
+          dnnl::memory xb(c->src_prim, engine, t_src.Get(c->src_prim.get_size()));
+          dnnl::memory gb(c->dst_prim, engine, t_dst.Get(c->dst_prim.get_size()));
+          c->src_reorder.execute(stream, x, xb);
+          c->dst_reorder.execute(stream, g, gb);
+          x = xb;
+          g = gb;
+        }
+        dnnl::memory dw = c->reorder
+            ? dnnl::memory(c->weights_prim, engine,
+                           t_slice_weights.Get(c->weights_prim.get_size()))
+            : user;
+        dnnl::memory scratchpad(c->scratchpad, engine,
+                                t_scratchpad.Get(c->scratchpad.get_size()));
+        c->prim.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, g},
+                                 {DNNL_ARG_DIFF_WEIGHTS, dw}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+        if (c->reorder) c->weights_reorder.execute(stream, dw, user);
+        stream.wait();
+        if (c0) {
+          for (size_t j = 0; j < user_bytes / sizeof(float); ++j) part[j] += sum[j];
+        }
+      }
     } else {
+      const auto src = Activations(n, k.ci, k.h, k.w), dst = Activations(n, k.co, k.ho, k.wo);
+      dnnl::memory scratchpad(e->scratchpad, engine, t_scratchpad.Get(e->scratchpad.get_size()));
+      std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SCRATCHPAD, scratchpad}};
       args.insert({DNNL_ARG_WEIGHTS, dnnl::memory(e->weights_prim, engine, weights[i])});
       if (k.pass == kFwd) {
         if (k.bias) {
