@@ -97,6 +97,16 @@ def test_a_weight_gradient_in_chunks_matches_lax():
   np.testing.assert_allclose(dw(x, w, g), expected, rtol=1e-4,
                              atol=1e-5 * float(jnp.abs(expected).max()))
 
+
+def test_an_empty_batch_gives_empty_maps_and_zero_gradients():
+  x = jnp.zeros((0, 8, 8, 4), jnp.float32)
+  w = jnp.ones((3, 3, 4, 5), jnp.float32)
+  pad = ((1, 1), (1, 1))
+  y, vjp = jax.vjp(lambda x, w: kernels.conv(x, w, 1, pad), x, w)
+  dx, dw = vjp(jnp.zeros(y.shape, jnp.float32))
+  assert y.shape == (0, 8, 8, 5) and dx.shape == x.shape
+  np.testing.assert_array_equal(dw, np.zeros(w.shape, np.float32))
+
 @pytest.mark.parametrize("form", CONVS)
 def test_fused_bias_and_relu_match_lax_in_value_and_all_three_gradients(form):
   shape, kernel, cin, cout, stride, padding, groups = CONVS[form]

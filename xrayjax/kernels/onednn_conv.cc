@@ -244,6 +244,10 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
   if (k.ci % k.groups || k.co % k.groups || k.pb < -k.s || k.pr < -k.s) {
     return ffi::Error::InvalidArgument("dnnl_conv: shapes, groups and padding do not agree");
   }
+  if (k.n == 0) {  // an empty batch: empty maps, and a weight gradient of zeros
+    if (k.pass == kBwdWeights) std::fill_n(out, k.kh * k.kw * (k.ci / k.groups) * k.co, 0.f);
+    return ffi::Error::Success();
+  }
   // Slice p holds images [n * p / parts, n * (p + 1) / parts): at most two sizes.
   const int parts = xrayjax::Workers(pool, k.n);
   const int64_t x_image = k.h * k.w * k.ci, y_image = k.ho * k.wo * k.co;
