@@ -83,12 +83,12 @@ def test_onednn_convs_match_lax_in_value_and_both_gradients(form):
 
 
 def test_a_weight_gradient_in_chunks_matches_lax():
-  # Maps of 6.3 MB an image: where oneDNN's weight gradient runs on blocked layouts (AVX2), a
-  # slice of three images runs as chunks of two and one (at most 16 MiB of reordered maps),
-  # whose gradients are added.
+  # Maps of 6.8 MB an image (reordered): where oneDNN's weight gradient runs on blocked layouts
+  # (AVX2), a slice of three images runs as chunks of two and one (at most 16 MiB of reordered
+  # maps), whose gradients are added.
   rng = np.random.default_rng(5)
-  x = jnp.asarray(rng.standard_normal((5, 128, 128, 1), np.float32))
-  w = jnp.asarray(rng.standard_normal((3, 3, 1, 96), np.float32))
+  x = jnp.asarray(rng.standard_normal((5, 128, 128, 2), np.float32))
+  w = jnp.asarray(rng.standard_normal((3, 3, 2, 96), np.float32))
   g = jnp.asarray(rng.standard_normal((5, 128, 128, 96), np.float32))
   pad = ((1, 1), (1, 1))
   dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: kernels.conv(x, w, 1, pad), w)[1](g)[0])

@@ -97,6 +97,9 @@ thread_local Buffer t_call, t_slice_weights, t_chunk_weights, t_scratchpad, t_sr
 // A weight gradient's chunk of reordered activations (input and output gradient) holds at
 // most this many bytes, or one image.
 constexpr int64_t kChunkBytes = 16 << 20;
+// Below this many multiply-adds an image, a weight gradient stays on nhwc: reordering its
+// maps costs about what the blocked kernel saves (docs/performance.md).
+constexpr int64_t kBlockedMinMacs = 16 << 20;
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -165,13 +168,13 @@ Descs MakeDescs(const Key& k, const dnnl::memory::desc& src, const dnnl::memory:
 }
 
 // Images per chunk when weight-gradient key k runs on the activation layouts oneDNN prefers,
-// or 0 where it runs on nhwc: grouped and depthwise convolutions (their reorders cost more
-// than they save), and where oneDNN's nhwc kernel is a brgemm one (AVX-512's) or it prefers
-// nhwc. AVX2's dense nhwc weight gradient is a direct kernel that runs at down to half the
+// or 0 where it runs on nhwc: grouped and depthwise convolutions and small ones (their
+// reorders cost more than they save), and where oneDNN's nhwc kernel is a brgemm one
+// (AVX-512's) or it prefers nhwc. AVX2's dense nhwc weight gradient is a direct kernel that runs at down to half the
 // speed of the same kernel on blocked layouts, reorders included (docs/performance.md).
 // Decided from descriptors alone, once per layer shape; chunks bound the reordered copies.
 int64_t ChunkImages(Key k) {
-  if (k.groups != 1) return 0;
+  if (k.groups != 1 || k.ho * k.wo * k.kh * k.kw * k.ci * k.co < kBlockedMinMacs) return 0;
   k.n = 1;
   {
     std::lock_guard<std::mutex> lock(g_mu);
