@@ -81,7 +81,6 @@ def test_onednn_convs_match_lax_in_value_and_both_gradients(form):
     assert f"xrayjax_dnnl_conv_{target}" in hlo
 
 
-
 def test_a_weight_gradient_in_chunks_matches_lax():
   # Maps of 6.8 MB an image (reordered): where oneDNN's weight gradient runs on blocked layouts
   # (AVX2), a slice of three images runs as chunks of two and one (at most 16 MiB of reordered
@@ -106,6 +105,7 @@ def test_an_empty_batch_gives_empty_maps_and_zero_gradients():
   dx, dw = vjp(jnp.zeros(y.shape, jnp.float32))
   assert y.shape == (0, 8, 8, 5) and dx.shape == x.shape
   np.testing.assert_array_equal(dw, np.zeros(w.shape, np.float32))
+
 
 @pytest.mark.parametrize("form", CONVS)
 def test_fused_bias_and_relu_match_lax_in_value_and_all_three_gradients(form):
