@@ -170,9 +170,10 @@ Descs MakeDescs(const Key& k, const dnnl::memory::desc& src, const dnnl::memory:
 // Images per chunk when weight-gradient key k runs on the activation layouts oneDNN prefers,
 // or 0 where it runs on nhwc: grouped and depthwise convolutions and small ones (their
 // reorders cost more than they save), and where oneDNN's nhwc kernel is a brgemm one
-// (AVX-512's) or it prefers nhwc. AVX2's dense nhwc weight gradient is a direct kernel that runs at down to half the
-// speed of the same kernel on blocked layouts, reorders included (docs/performance.md).
-// Decided from descriptors alone, once per layer shape; chunks bound the reordered copies.
+// (AVX-512's) or it prefers nhwc. AVX2's dense nhwc weight gradient is a direct kernel that
+// runs at down to half the speed of the same kernel on blocked layouts, reorders included
+// (docs/performance.md). Decided from descriptors alone, once per layer shape; chunks bound
+// the reordered copies.
 int64_t ChunkImages(Key k) {
   if (k.groups != 1 || k.ho * k.wo * k.kh * k.kw * k.ci * k.co < kBlockedMinMacs) return 0;
   k.n = 1;
