@@ -342,6 +342,31 @@ def test_best_checkpoint_is_the_epoch_of_highest_validation_accuracy(tmp_path):
   last.close()
 
 
+def test_checkpoints_written_from_device_or_host_arrays_restore_alike(tmp_path):
+  """checkpoint.py saves host copies; a run directory written before that holds orbax's
+  jax.Array checkpoints, which must restore the same, onto the devices of `like`."""
+  import orbax.checkpoint as ocp
+  state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)},
+           "batch_stats": {"m": jnp.full(3, 0.5)}, "step": jnp.asarray(7, jnp.int32)}
+  new = checkpoint.StageCheckpoints(str(tmp_path / "new"))
+  new.save(state, 1, {"select_metric": 1.0})
+  new.close()
+  with ocp.CheckpointManager(str(tmp_path / "old")) as old:  # as checkpoint.py wrote them
+    old.save(1, args=ocp.args.StandardSave(state), metrics={"select_metric": 1.0})
+  like = jax.tree.map(jnp.zeros_like, state)
+  for name in ("new", "old"):
+    ckpts = checkpoint.StageCheckpoints(str(tmp_path / name))
+    restored = ckpts.restore(1, like)
+    for got, want, x in zip(jax.tree.leaves(restored), jax.tree.leaves(state),
+                            jax.tree.leaves(like)):
+      assert isinstance(got, jax.Array) and got.sharding == x.sharding and got.dtype == x.dtype
+      np.testing.assert_array_equal(got, want, err_msg=name)
+    variables = ckpts.restore_variables(1)
+    np.testing.assert_array_equal(variables["params"]["w"], state["params"]["w"])
+    assert isinstance(variables["batch_stats"]["m"], jax.Array)
+    ckpts.close()
+
+
 class _MeanIntensity(nn.Module):
   """A two-class model of the image's mean intensity: trains in a few SGD steps."""
 

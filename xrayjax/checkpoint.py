@@ -4,6 +4,11 @@ One CheckpointManager per (fold, stage) directory keeps the latest checkpoint
 (to resume) and the best by validation accuracy (to evaluate). A stage that
 finished writes `summary.json` beside them; its presence means "skip me".
 
+Arrays go through host (numpy) copies both ways: orbax writes and reads a numpy array in about
+half the time of a jax.Array, and its per-array cost is most of a small model's checkpoint
+(docs/performance.md, "Checkpoints"). The training state is replicated over the devices, so each
+process's copy is the whole of it, and orbax writes numpy arrays from process 0 alone.
+
 Every saved step's files are hashed (SHA-256) into `checksums.json`; a restore checks them
 first, so a damaged or half-deleted checkpoint is reported (which stage, which files, how to
 recover) instead of being loaded or crashing inside orbax.
@@ -15,6 +20,7 @@ import hashlib
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
@@ -60,7 +66,7 @@ class StageCheckpoints:
     if step in self._manager.all_steps():
       return
     try:
-      self._manager.save(step, args=ocp.args.StandardSave(state),
+      self._manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)),
                          metrics={k: float(v) for k, v in metrics.items()})
       self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001 - orbax wraps its writers' errors
@@ -128,8 +134,11 @@ class StageCheckpoints:
   def restore(self, step: int, like):
     """Restores `step` into the structure and shardings of `like`."""
     self.verify(step)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    host = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), like)  # unwritten: no memory
+    host = self._manager.restore(step, args=ocp.args.StandardRestore(host))
+    # Each process places its own devices' shards (no cross-process check, as device_put's).
+    return jax.tree.map(lambda h, x: jax.make_array_from_callback(h.shape, x.sharding,
+                                                                  lambda i: h[i]), host, like)
 
   def restore_variables(self, step: int) -> dict:
     """{"params", "batch_stats"} saved at `step`, read from the checkpoint's own metadata
@@ -142,15 +151,14 @@ class StageCheckpoints:
       tree = handler.metadata(path).tree
       wanted = {k: tree[k] for k in VARIABLES if tree.get(k)}
       is_leaf = lambda x: hasattr(x, "shape")  # noqa: E731
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          wanted, is_leaf=is_leaf)
-      restore_args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=device), wanted,
+      item = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), wanted, is_leaf=is_leaf)
+      restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), wanted,
                                   is_leaf=is_leaf)
       out = handler.restore(path, args=ocp.args.PyTreeRestore(
           item=item, restore_args=restore_args, partial_restore=True))
     finally:
       handler.close()
+    out = jax.device_put(out, jax.local_devices()[0])
     return {k: out.get(k, {}) for k in VARIABLES}
 
   def restore_or_init(self, init_state):
