@@ -318,3 +318,19 @@ def test_bad_audit_config_is_named(field, value, message):
   c.audit[field] = value
   with pytest.raises(ValueError, match=message):
     checks.config_fields(c)
+
+
+def test_pixel_probe_is_the_same_whatever_the_blas_thread_count():
+  """The probe fits with one BLAS thread whatever the caller allows (threaded sums moved its
+  round-off, and ran slower)."""
+  import threadpoolctl
+  rng = np.random.default_rng(0)
+  n = 1584  # the concat demo's test images: OpenBLAS keeps much smaller products on one thread
+  labels = rng.integers(0, 3, n)
+  x = (rng.random((n, 32, 32)) * 0.3 + labels[:, None, None] * 0.05).astype(np.float32)
+  groups = np.arange(n) // 2
+  out = []
+  for threads in (1, 2):
+    with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+      out.append(shortcuts.probe(x, labels, groups, seed=0))
+  np.testing.assert_array_equal(out[0], out[1])

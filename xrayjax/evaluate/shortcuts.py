@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+import threadpoolctl
 from scipy.stats import contingency
 from sklearn import linear_model, model_selection, pipeline as skpipeline, preprocessing
 
@@ -139,12 +140,15 @@ def probe(x: np.ndarray, target: np.ndarray, groups: np.ndarray, seed: int,
   splitter = model_selection.StratifiedGroupKFold(min(folds, smallest), shuffle=True,
                                                   random_state=seed)
   out = np.zeros((len(x), k))
-  for train, test in splitter.split(x, target, groups):
-    model = skpipeline.make_pipeline(
-        preprocessing.StandardScaler(),
-        linear_model.LogisticRegression(C=0.01, max_iter=2000))
-    model.fit(x[train], target[train])
-    out[np.ix_(test, model.classes_)] = model.predict_proba(x[test])
+  # One BLAS thread: these small products ran 3x slower on more (docs/shortcut-audit.md), and
+  # the probes' round-off no longer depends on the machine's core count.
+  with threadpoolctl.threadpool_limits(1, user_api="blas"):
+    for train, test in splitter.split(x, target, groups):
+      model = skpipeline.make_pipeline(
+          preprocessing.StandardScaler(),
+          linear_model.LogisticRegression(C=0.01, max_iter=2000))
+      model.fit(x[train], target[train])
+      out[np.ix_(test, model.classes_)] = model.predict_proba(x[test])
   return out
 
 
