@@ -134,7 +134,7 @@ class StageCheckpoints:
   def restore(self, step: int, like):
     """Restores `step` into the structure and shardings of `like`."""
     self.verify(step)
-    host = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), like)  # unwritten: no memory
+    host = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), like)  # shapes and dtypes only
     host = self._manager.restore(step, args=ocp.args.StandardRestore(host))
     # Each process places its own devices' shards (no cross-process check, as device_put's).
     return jax.tree.map(lambda h, x: jax.make_array_from_callback(h.shape, x.sharding,
