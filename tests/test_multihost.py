@@ -149,11 +149,12 @@ def test_cli_on_eight_devices_and_two_processes_that_train_as_one(tfds_dir, tmp_
            "--config.eval.bootstrap=0"]
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   # One process with 8 devices (it also builds the data both runs read).
-  eight = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  devices = lambda n: f"{base.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+  eight = dict(base, XLA_FLAGS=devices(8))
   _launch(flags + [f"--workdir={one}"], [eight], [one], timeout=600)
   # Two processes with 4 devices each.
   address = f"localhost:{_free_port()}"
-  envs = [dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  envs = [dict(base, XLA_FLAGS=devices(4),
                JAX_COORDINATOR_ADDRESS=address, **{sharding.NUM_PROCESSES_ENV: "2",
                                                     sharding.PROCESS_ID_ENV: str(i)})
           for i in range(2)]
@@ -234,7 +235,7 @@ def _check_the_command_line(workdir, flags, env, tmp_path):
   image = phantom.render(rng, size=64, label="covid", anatomy=phantom.sample_anatomy(rng),
                          site=phantom.SITES[0], view="PA", severity=0.8, finding=None)["image"]
   Image.fromarray(image).save(tmp_path / "x.png")
-  one_device = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
+  one_device = dict(env, XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))
   proc = subprocess.run([sys.executable, "-m", "xrayjax.predict", f"--workdir={workdir}",
                          "--format=json", "--overlays=none", str(tmp_path / "x.png")],
                         env=one_device, capture_output=True, text=True, timeout=600)
