@@ -12,6 +12,7 @@ batch; `sharding.to_global` turns them into global jax.Arrays.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -32,6 +33,20 @@ METADATA_KEYS = ("image_id", "patient_id", "label", "source", "site", "view", "f
 def _skip_images(builder) -> dict:
   return {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
           if isinstance(f, tfds.features.Image)}
+
+
+# Each builder's splits, opened once: TFDS builds its reading pipeline anew on every `as_dataset`
+# (about 50 ms), and a run's selections and masks all filter the same files.
+_OPENED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _examples(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
+  """The split's examples in the files' order, their images left encoded."""
+  opened = _OPENED.setdefault(builder, {})
+  if split not in opened:
+    opened[split] = builder.as_dataset(split=split, shuffle_files=False,
+                                       decoders=_skip_images(builder))
+  return opened[split]
 
 
 def read_metadata(builder: tfds.core.DatasetBuilder, split: str = "train") -> dict[str, np.ndarray]:
@@ -101,8 +116,8 @@ def _select_one(builder, image_ids, positions, label_of, image_size, split):
     return {"image": to_model_size(image, image_size), "label": tf.gather(label_of, index),
             "index": tf.cast(index, tf.int32)}
 
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_images(builder))
-  return ds.filter(graph_fn(keep)).map(graph_fn(prepare), num_parallel_calls=tf.data.AUTOTUNE)
+  return _examples(builder, split).filter(graph_fn(keep)).map(
+      graph_fn(prepare), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def to_model_size(image: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -478,8 +493,7 @@ def masks(builders: list[tfds.core.DatasetBuilder], builder_index: np.ndarray,
     position = {str(image_ids[k]): k for k in mine}
     table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
         tf.constant(list(position)), tf.ones(len(position), tf.int64)), 0)
-    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_images(builder))
-    ds = ds.filter(graph_fn(lambda ex: table.lookup(ex["image_id"]) > 0))
+    ds = _examples(builder, split).filter(graph_fn(lambda ex: table.lookup(ex["image_id"]) > 0))
     for ex in ds.as_numpy_iterator():
       k = position[ex["image_id"].decode()]
       for name, key in (("lesion", "lesion_mask"), ("lung", "lung_mask")):
