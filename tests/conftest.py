@@ -14,8 +14,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Tests run tiny models for a few steps: compile time dominates, so skip most of XLA's work, in
 # this process and in the commands tests start (they inherit the environment).
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-# XLA's older per-op emitters compile a tiny run's CPU programs in half the time of its fusion
-# emitters (the same predictions, bit for bit): tests that set a device count append to these.
+# XLA's older per-op emitters compile the tests' CPU programs faster than its fusion emitters, to
+# the same results (docs/performance.md, "The test suite"); tests that set a device count append.
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_use_fusion_emitters=false"]).strip()
 # Nor do tiny models gain from the commands' huge pages and block cache (xrayjax/hostmem), which

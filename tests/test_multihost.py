@@ -149,12 +149,12 @@ def test_cli_on_eight_devices_and_two_processes_that_train_as_one(tfds_dir, tmp_
            "--config.eval.bootstrap=0"]
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   # One process with 8 devices (it also builds the data both runs read).
-  devices = lambda n: f"{base.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
-  eight = dict(base, XLA_FLAGS=devices(8))
+  xla = base.get("XLA_FLAGS", "")
+  eight = dict(base, XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count=8")
   _launch(flags + [f"--workdir={one}"], [eight], [one], timeout=600)
   # Two processes with 4 devices each.
   address = f"localhost:{_free_port()}"
-  envs = [dict(base, XLA_FLAGS=devices(4),
+  envs = [dict(base, XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count=4",
                JAX_COORDINATOR_ADDRESS=address, **{sharding.NUM_PROCESSES_ENV: "2",
                                                     sharding.PROCESS_ID_ENV: str(i)})
           for i in range(2)]

@@ -230,3 +230,21 @@ def test_per_process_stream_decodes_only_its_share_and_yields_the_cached_batches
   for s in range(steps):  # together, the one-process batch (as a set of images)
     both = np.concatenate([halves[0][s]["image"], halves[1][s]["image"]])
     assert sorted(map(bytes, both)) == sorted(map(bytes, one[s]["image"]))
+
+
+def test_a_builders_split_is_opened_once_for_every_selection_and_its_masks(tiny_config,
+                                                                            monkeypatch):
+  """TFDS builds a reading pipeline on every `as_dataset`: a cohort's selections and masks of
+  one builder's split filter one (pipeline._examples), and each still yields just its images."""
+  from xrayjax import experiment
+  cohort, plan = experiment.prepare(tiny_config)
+  builder, stage = cohort.builders[0], plan.stages[0]
+  opened = []
+  as_dataset = type(builder).as_dataset
+  monkeypatch.setattr(type(builder), "as_dataset",
+                      lambda self, **kw: opened.append(kw["split"]) or as_dataset(self, **kw))
+  for rows in (stage.phases[0].train, stage.val):
+    ds = cohort.dataset(rows, stage.labels, 32)
+    assert sorted(int(ex["index"]) for ex in ds.as_numpy_iterator()) == list(range(len(rows)))
+    assert len(cohort.masks(rows, 32)["lesion"]) == len(rows)
+  assert opened == ["train"]

@@ -35,8 +35,8 @@ def _skip_images(builder) -> dict:
           if isinstance(f, tfds.features.Image)}
 
 
-# Each builder's splits, opened once: TFDS builds its reading pipeline anew on every `as_dataset`
-# (about 50 ms), and a run's selections and masks all filter the same files.
+# Each builder's splits, opened once: TFDS builds its reading pipeline anew on every `as_dataset`,
+# and a run's selections and masks all filter the same files.
 _OPENED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
