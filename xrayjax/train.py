@@ -418,6 +418,9 @@ def _interrupted(name: str, step: int, signals, ckpts) -> Interrupted:
 
 
 _STEPS: dict = {}
+# A run's two kinds of stage (DETL's stage A and stage B, concat's pretraining and folds), so that
+# runs of one config in a process (a notebook's, the tests') trace them once.
+_STEPS_KEPT = 2
 
 
 def _compiled_step(model, stage, total_steps: int, init, groups, mesh):
@@ -433,11 +436,13 @@ def _compiled_step(model, stage, total_steps: int, init, groups, mesh):
     tx = optim.make(stage.optimizer, total_steps, init["params"], rules, groups)
     stats_rules = optim.param_labels(init["batch_stats"], rules, groups)
     replicated = sharding.replicated(mesh)
-    _STEPS.clear()  # one run's step at a time: a compiled step holds device memory
+    while len(_STEPS) >= _STEPS_KEPT:
+      del _STEPS[next(iter(_STEPS))]  # the least recently used
     _STEPS[key] = (jax.jit(lambda v: TrainState.create(v, tx), out_shardings=replicated),
                    jax.jit(make_train_step(model, tx, stats_rules),
                            in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
                            out_shardings=(replicated, replicated), donate_argnums=0))
+  _STEPS[key] = _STEPS.pop(key)  # now the most recently used
   return _STEPS[key]
 
 
