@@ -418,7 +418,7 @@ def _interrupted(name: str, step: int, signals, ckpts) -> Interrupted:
 
 
 _STEPS: dict = {}
-# A run's two kinds of stage (DETL's stage A and stage B, concat's pretraining and folds), so that
+# A run's two kinds of stage (a pretraining stage and the folds' stage, which share one), so that
 # runs of one config in a process (a notebook's, the tests') trace them once.
 _STEPS_KEPT = 2
 
