@@ -5,7 +5,7 @@ Commands (from the project root):
   # Demo (default): synthetic 3-class data (about the paper's 180 COVID-19 images among
   # many more normal and pneumonia ones), a 1/8-width concatenated network at 64 px started
   # from the pretraining stand-in for ImageNet (init=pretrain, below), 4 phases of 6 epochs;
-  # at most 15 minutes on a 2-core CPU, data generation and evaluation included.
+  # about 8 minutes on a 2-core CPU, data generation and evaluation included.
   python -m xrayjax.main --config=configs/concat.py
 
   # Where the weights start: random (the control), or ImageNet Keras files (the paper):

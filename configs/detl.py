@@ -3,7 +3,7 @@ r"""DETL (Basu, Mitra & Saha 2020): train on Data-A from scratch, fine-tune on D
 Commands (from the project root):
 
   # Demo scale (default): synthetic 128 px data, a 1/8-width VGG16, maps by HiResCAM;
-  # 13 minutes on a 2-core CPU, data generation and evaluation (report.html) included.
+  # about 8 minutes on a 2-core CPU, data generation and evaluation (report.html) included.
   python -m xrayjax.main --config=configs/detl.py
 
   # AlexNet, the paper's protocol, or training from scratch on Data-B (no stage A):
