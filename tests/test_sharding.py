@@ -87,7 +87,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # 8 simulated devices in a subprocess: about 90 s of compiling on one core
+@pytest.mark.slow  # 8 simulated devices in a subprocess: most of its time compiles ResNet50
 def test_eight_devices_match_one():
   flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
