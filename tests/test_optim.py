@@ -134,3 +134,23 @@ def test_nadam_is_keras_nadam_step_for_step():
     plain_params = optax.apply_updates(plain_params, u)
   np.testing.assert_allclose(params, var.numpy(), rtol=1e-5, atol=1e-6)
   assert np.abs(np.asarray(plain_params) - var.numpy()).max() > 1e-3  # optax's Nadam differs
+
+
+def test_a_process_keeps_its_two_latest_train_steps(monkeypatch):
+  """A run's two kinds of stage keep their jitted steps, so the next run of its config traces
+  neither again; a third kind evicts the least recently used."""
+  import ml_collections
+  from xrayjax import sharding
+  monkeypatch.setattr(train, "_STEPS", {})
+  model, init = models.get("vgg16")(num_classes=4, width=1 / 16), _variable_shapes("vgg16")
+  groups, mesh = models.spec("vgg16").PARAM_GROUPS, sharding.make_mesh()
+
+  def step(lr, rules=DETL_RULES):
+    stage = type("Stage", (), dict(param_rules=rules, optimizer=ml_collections.ConfigDict(
+        dict(name="sgd", lr=lr, momentum=0.9, schedule="constant"))))
+    return train._compiled_step(model, stage, 10, init, groups, mesh)
+
+  a, b = step(0.1), step(0.01, ((".*", "train"),))
+  assert step(0.1) is a and step(0.01, ((".*", "train"),)) is b  # the next run's stages
+  c = step(0.5)  # a third kind: b was used last, so a goes
+  assert step(0.01, ((".*", "train"),)) is b and c is not a and step(0.1) is not a
