@@ -1,4 +1,4 @@
-"""Tiny configs for tests of the runner."""
+"""Tiny configs for tests of the runner, and NaN variables for tests that import weights."""
 
 from configs import detl
 
@@ -18,3 +18,15 @@ def detl_config(tfds_dir, arg="runlocal"):
   c = detl.get_config(arg)
   c.data.tfds_dir = tfds_dir
   return lean(c)
+
+
+def nan_like_init(model, x):
+  """NaNs shaped like `model`'s variables ({"params", "batch_stats"}), in place of a random
+  initialisation for tests that import every weight from a Keras file: a value the file did
+  not replace reaches the outputs as NaN. (A full-width network's initialisation, op by op,
+  takes longer than the comparison.)"""
+  import jax
+  import numpy as np
+  from xrayjax import train
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+  return jax.tree.map(lambda s: np.full(s.shape, np.nan, s.dtype), train.variables_of(shapes))
