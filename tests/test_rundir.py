@@ -194,32 +194,6 @@ def test_one_job_per_run_directory_lock(tiny_config, tiny_run_copy, tmp_path):
   assert not os.path.exists(new)
 
 
-@pytest.mark.slow
-def test_a_second_command_on_a_live_run_directory_exits_2_lock(tfds_dir, tmp_path):
-  """Two real processes, the second started while the first trains: it exits 2 naming the
-  first's PID and writes nothing; the first ends normally and releases the directory."""
-  workdir = str(tmp_path / "run")
-  command = [sys.executable, "-m", "xrayjax.main", "--config=configs/detl.py:runlocal",
-             f"--workdir={workdir}", f"--config.data.tfds_dir={tfds_dir}",
-             "--config.eval.gradcam.enabled=False", "--config.eval.bootstrap=0",
-             "--config.audit.perturb=False", "--config.audit.probes=False"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-  lock = os.path.join(workdir, rundir.LOCK)
-  deadline = time.time() + 300
-  while time.time() < deadline and first.poll() is None:
-    if os.path.exists(lock) and f'"pid": {first.pid}' in open(lock).read():
-      break
-    time.sleep(0.1)
-  assert first.poll() is None, "the first run ended before the second started"
-  second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-  assert second.returncode == 2, second.stderr[-2000:]
-  assert f"in use by another job (host {socket.gethostname()}, PID {first.pid}" in second.stderr
-  assert first.wait(timeout=900) == 0
-  assert not os.path.exists(lock) and os.path.exists(os.path.join(workdir, "results.json"))
-
-
 # --- preemption: kills and SIGTERM resume bit for bit -----------------------------------------
 
 
@@ -321,7 +295,9 @@ def test_sigkill_of_the_real_command_inside_an_epoch_resumes_bit_identically(tfd
                                                                            tmp_path):
   """The real entry point, killed with SIGKILL once fold 0's stage B has a checkpoint inside
   an epoch, then run again, ends with the parameters and predictions of the unkilled run
-  (trained in this process: the command computes as the library does)."""
+  (trained in this process: the command computes as the library does). Before the kill, held
+  stopped (SIGSTOP) with its lock, it makes a second command on the directory exit 2 naming
+  its PID; the run that resumes takes the dead job's lock over and releases it at its end."""
   killed = str(tmp_path / "killed")
   command = [sys.executable, "-m", "xrayjax.main", "--config=configs/detl.py:runlocal",
              f"--workdir={killed}", f"--config.data.tfds_dir={tfds_dir}",
@@ -339,10 +315,19 @@ def test_sigkill_of_the_real_command_inside_an_epoch_resumes_bit_identically(tfd
       break
     time.sleep(0.2)
   assert proc.poll() is None, "the run ended before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  proc.send_signal(signal.SIGSTOP)  # alive, holding the directory, computing nothing
+  try:
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert second.returncode == 2, second.stderr[-2000:]
+  assert f"in use by another job (host {socket.gethostname()}, PID {proc.pid}" in second.stderr
   assert not os.path.exists(os.path.join(killed, "results.json"))
-  subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
+  resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "taking over the lock of a job that ended without releasing it" in resumed.stderr
+  assert not os.path.exists(os.path.join(killed, rundir.LOCK))
   _same_states(straight, killed)
   _same_predictions(_predictions(straight), _predictions(killed))
 
