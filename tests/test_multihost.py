@@ -107,7 +107,7 @@ def _launch(args, envs, logs, timeout):
         if p.poll() is None:
           p.kill()
       break
-    time.sleep(1)
+    time.sleep(0.2)
   for p, log in zip(procs, logs):
     p.wait()
     with open(log + ".err") as f:
