@@ -1,6 +1,10 @@
 """Tiny configs for tests of the runner, and NaN variables for tests that import weights."""
 
+import jax
+import numpy as np
+
 from configs import detl
+from xrayjax import train
 
 
 def lean(config):
@@ -25,8 +29,5 @@ def nan_like_init(model, x):
   initialisation for tests that import every weight from a Keras file: a value the file did
   not replace reaches the outputs as NaN. (A full-width network's initialisation, op by op,
   takes longer than the comparison.)"""
-  import jax
-  import numpy as np
-  from xrayjax import train
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
   return jax.tree.map(lambda s: np.full(s.shape, np.nan, s.dtype), train.variables_of(shapes))
