@@ -16,9 +16,9 @@
 // short of the input's end has a smaller one).
 //
 // Activations are used in place as nhwc (oneDNN's blocked activation layouts cost reorders of
-// whole maps and were slower here), except by a dense weight gradient that oneDNN has no
-// brgemm kernel for on nhwc (AVX2's): its direct kernel runs far faster on blocked layouts, so
-// each slice reorders its maps there in chunks of at most 16 MiB (ChunkImages). Weights are
+// whole maps and were slower here), except by a dense weight gradient that runs AVX2's direct
+// kernel (`jit:avx2`): it runs far faster on blocked layouts, so each slice reorders its maps
+// there in chunks of at most 16 MiB (ChunkImages). Weights are
 // described with explicit strides and reordered to and from the layout the primitive asks for.
 //
 // Threads: a call splits its batch into one slice per thread of XLA's intra-op pool and runs
@@ -169,11 +169,11 @@ Descs MakeDescs(const Key& k, const dnnl::memory::desc& src, const dnnl::memory:
 
 // Images per chunk when weight-gradient key k runs on the activation layouts oneDNN prefers,
 // or 0 where it runs on nhwc: grouped and depthwise convolutions and small ones (their
-// reorders cost more than they save), and where oneDNN's nhwc kernel is a brgemm one
-// (AVX-512's) or it prefers nhwc. AVX2's dense nhwc weight gradient is a direct kernel that
-// runs at down to half the speed of the same kernel on blocked layouts, reorders included
-// (docs/performance.md). Decided from descriptors alone, once per layer shape; chunks bound
-// the reordered copies.
+// reorders cost more than they save), and wherever oneDNN's nhwc kernel is not AVX2's direct
+// one, or it prefers nhwc. That kernel runs at down to half its own speed on blocked layouts,
+// reorders included; AVX-512's direct kernel runs as fast on nhwc, so there the reorders were
+// pure cost (docs/performance.md). Decided from descriptors alone, once per layer shape;
+// chunks bound the reordered copies.
 int64_t ChunkImages(Key k) {
   if (k.groups != 1 || k.ho * k.wo * k.kh * k.kw * k.ci * k.co < kBlockedMinMacs) return 0;
   k.n = 1;
@@ -184,7 +184,7 @@ int64_t ChunkImages(Key k) {
   }
   const auto src = Activations(1, k.ci, k.h, k.w), dst = Activations(1, k.co, k.ho, k.wo);
   int64_t images = 0;
-  if (std::string(MakeDescs(k, src, dst).bwd_weights.impl_info_str()).rfind("brg", 0) != 0) {
+  if (std::string(MakeDescs(k, src, dst).bwd_weights.impl_info_str()) == "jit:avx2") {
     const auto pd = MakeDescs(k, Any(src), Any(dst)).bwd_weights;
     if (pd.src_desc() != src || pd.diff_dst_desc() != dst) {
       const int64_t image = pd.src_desc().get_size() + pd.diff_dst_desc().get_size();
