@@ -18,8 +18,8 @@
 // Activations are used in place as nhwc (oneDNN's blocked activation layouts cost reorders of
 // whole maps and were slower here), except by a dense weight gradient that runs AVX2's direct
 // kernel (`jit:avx2`): it runs far faster on blocked layouts, so each slice reorders its maps
-// there in chunks of at most 16 MiB (ChunkImages). Weights are
-// described with explicit strides and reordered to and from the layout the primitive asks for.
+// there in chunks of at most 16 MiB (ChunkImages). Weights are described with explicit strides
+// and reordered to and from the layout the primitive asks for.
 //
 // Threads: a call splits its batch into one slice per thread of XLA's intra-op pool and runs
 // each slice as a single-threaded oneDNN primitive on that pool (parallel.h), so oneDNN never
@@ -170,10 +170,10 @@ Descs MakeDescs(const Key& k, const dnnl::memory::desc& src, const dnnl::memory:
 // Images per chunk when weight-gradient key k runs on the activation layouts oneDNN prefers,
 // or 0 where it runs on nhwc: grouped and depthwise convolutions and small ones (their
 // reorders cost more than they save), and wherever oneDNN's nhwc kernel is not AVX2's direct
-// one, or it prefers nhwc. That kernel runs at down to half its own speed on blocked layouts,
-// reorders included; AVX-512's direct kernel runs as fast on nhwc, so there the reorders were
-// pure cost (docs/performance.md). Decided from descriptors alone, once per layer shape;
-// chunks bound the reordered copies.
+// one, or it prefers nhwc. On nhwc that kernel runs at down to half the speed it reaches on
+// blocked layouts, reorders included; AVX-512's direct kernel runs as fast on nhwc, where the
+// reorders were pure cost (docs/performance.md). Decided from descriptors alone, once per layer
+// shape; chunks bound the reordered copies.
 int64_t ChunkImages(Key k) {
   if (k.groups != 1 || k.ho * k.wo * k.kh * k.kw * k.ci * k.co < kBlockedMinMacs) return 0;
   k.n = 1;
