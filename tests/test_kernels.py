@@ -53,6 +53,10 @@ CONVS = {
     "depthwise_valid": ((3, 6, 6, 17), (3, 3), 1, 17, 1, ((0, 0), (0, 0)), 17),
     "depthwise/2": ((2, 9, 9, 8), (3, 3), 1, 8, 2, ((1, 1), (1, 1)), 8),
     "grouped": ((2, 8, 8, 8), (3, 3), 2, 12, 1, ((1, 1), (1, 1)), 4),
+    # Winograd's forward pass and input gradient (stride-1 3x3 SAME, 128 channels or more each
+    # way): odd sizes end in half tiles, a batch of 3 splits into slices of 1 and 2 images.
+    "3x3_winograd": ((3, 9, 11, 128), (3, 3), 128, 136, 1, ((1, 1), (1, 1)), 1),
+    "3x3_winograd_smallest_map": ((2, 4, 5, 144), (3, 3), 144, 128, 1, ((1, 1), (1, 1)), 1),
 }
 
 
@@ -114,6 +118,40 @@ def test_a_weight_gradient_in_chunks_matches_lax():
   assert out.stdout.rstrip().endswith("matched")
 
 
+WINOGRAD = """
+import jax, jax.numpy as jnp, numpy as np
+from xrayjax import kernels
+rng = np.random.default_rng(6)
+pad = ((1, 1), (1, 1))
+for cin, cout in ((128, 256), (64, 256)):  # Winograd's, then too few input channels
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, cin), np.float32))
+  w = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32))
+  y, vjp = jax.vjp(lambda x: kernels.conv(x, w, 1, pad), x)
+  print(cin, cout, np.asarray(vjp(y)[0]).view(np.uint32).sum(dtype=np.uint64))
+"""
+
+
+def test_winograd_runs_where_it_pays_and_can_be_turned_off():
+  def run(winograd):
+    env = dict(os.environ, ONEDNN_VERBOSE="1", XRAYJAX_WINOGRAD=winograd)
+    out = subprocess.run([sys.executable, "-c", WINOGRAD], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+  on, off = run("1"), run("0")
+  # 128 -> 256 channels: the forward pass's 16 products over a slice's tiles (16 an image: 4x4
+  # blocks of 2x2 outputs), then the input gradient's (256 -> 128); the weight gradient stays
+  # oneDNN's convolution.
+  assert re.search(r"matmul,.*,16x\d+x128:16x128x256,", on), on[-3000:]
+  assert re.search(r"matmul,.*,16x\d+x256:16x256x128,", on), on[-3000:]
+  assert not re.search(r"convolution,[^,]*,(forward|backward_data).*ic128oc256_ih8", on)
+  assert "ic64oc256" in on and "matmul" not in off
+  # Different sums of the same products: the results differ by round-off.
+  sums = [dict(l.split(" ", 2)[::2] for l in o.splitlines() if l[:1].isdigit())
+          for o in (on, off)]
+  assert sums[0]["64"] == sums[1]["64"] and sums[0]["128"] != sums[1]["128"]
+
+
 def test_an_empty_batch_gives_empty_maps_and_zero_gradients():
   x = jnp.zeros((0, 8, 8, 4), jnp.float32)
   w = jnp.ones((3, 3, 4, 5), jnp.float32)
@@ -150,17 +188,18 @@ def test_fused_bias_and_relu_match_lax_in_value_and_all_three_gradients(form):
     assert f"xrayjax_dnnl_{target}" in hlo
 
 
-def test_the_fused_layer_trains_bit_for_bit_as_conv_then_relu():
+@pytest.mark.parametrize("cin, cout", [(3, 8), (128, 128)])  # direct, Winograd
+def test_the_fused_layer_trains_bit_for_bit_as_conv_then_relu(cin, cout):
   """ConvReLU has nn.Conv's parameters and gives the same loss and gradients to the last bit as
   `common.conv` then a ReLU, so fusing VGG16's layers moves no result, not even by round-off."""
   rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.standard_normal((4, 12, 12, 3), np.float32))
-  fused, unfused = common.ConvReLU(8, (3, 3)), common.conv(8, (3, 3), padding="SAME")
+  x = jnp.asarray(rng.standard_normal((4, 12, 12, cin), np.float32))
+  fused, unfused = common.ConvReLU(cout, (3, 3)), common.conv(cout, (3, 3), padding="SAME")
   params = unfused.init(jax.random.key(0), x)
   assert jax.tree.all(jax.tree.map(jnp.array_equal, fused.init(jax.random.key(0), x), params))
   params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape, np.float32)),
                         params)  # a bias that is not zero
-  weights = jnp.asarray(rng.standard_normal((4, 12, 12, 8), np.float32))
+  weights = jnp.asarray(rng.standard_normal((4, 12, 12, cout), np.float32))
   grad = lambda f: jax.jit(jax.value_and_grad(lambda p: jnp.sum(f(p) * weights)))(params)
   (v, g) = grad(lambda p: fused.apply(p, x))
   (rv, rg) = grad(lambda p: jax.nn.relu(unfused.apply(p, x)))
@@ -352,7 +391,10 @@ def test_convolutions_are_bit_reproducible():
       lambda x, w, b: kernels.conv_bias_relu(x, w, b, 1, pad), x, w, g[0, 0, 0])[1](g))
   pool = jax.jit(lambda x, w, g: jax.vjp(lambda x: kernels.max_pool(x, (3, 3), (2, 2), pad),
                                          x)[1](g[:, :20, :20, :96]))
-  for f in (dense, depth, point, fused, pool):
+  w128 = jnp.asarray(rng.standard_normal((3, 3, 128, 128), np.float32))
+  winograd = jax.jit(lambda x, w, g: jax.vjp(lambda x: kernels.conv(x, w128, 1, pad),
+                                             g[:, :9, :11, :128])[1](g[:, 9:18, :11, 32:]))
+  for f in (dense, depth, point, fused, pool, winograd):
     first = jax.tree.map(np.asarray, f(x, w, g))
     for _ in range(3):
       jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, f(x, w, g)), first)

@@ -237,6 +237,197 @@ Entry* Get(const Key& k) {
   return g_cache.emplace(k, std::move(e)).first->second.get();
 }
 
+// --- Winograd F(2x2, 3x3): stride-1 3x3 "same" convolutions with many channels ---------------
+// Their forward pass and input gradient compute each 2x2 block of outputs from a 4x4 block of
+// inputs (a tile) with 16 products a pair of channels instead of 36 (Lavin and Gray, "Fast
+// Algorithms for Convolutional Neural Networks", 2016): transformed inputs V = B^T d B and
+// weights U = G g G^T, 16 matrix products M = V U (oneDNN's matmul) over a block of tiles, and
+// outputs A^T M A. oneDNN 3.2 has no Winograd convolution on these CPUs. The results differ
+// from the direct convolution's by round-off; each output is computed by one thread in a
+// fixed order, so runs stay bit-reproducible. Where it runs, and what it gains there:
+// docs/performance.md. XRAYJAX_WINOGRAD=0 keeps the direct convolution everywhere.
+constexpr int64_t kWinoMinChannels = 128, kWinoMinSize = 4;
+
+bool UseWinograd(const Key& k) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("XRAYJAX_WINOGRAD");
+    return !(v && std::string(v) == "0");
+  }();
+  return enabled && k.pass != kBwdWeights && k.groups == 1 && k.kh == 3 && k.kw == 3 &&
+         k.s == 1 && k.pt == 1 && k.pl == 1 && k.ho == k.h && k.wo == k.w &&
+         std::min(k.ci, k.co) >= kWinoMinChannels &&
+         std::min(k.h, k.w) >= kWinoMinSize;
+}
+
+// The 16 matrix products of a block of `tb` tiles, (16, tb, cin) x (16, cin, cout): the
+// weights are stored (16, ci, co) as the HWIO weights are, so the input gradient
+// (cin = co, cout = ci) reads them transposed.
+struct WinoKey {
+  int64_t tb, cin, cout, transposed;
+  auto Tie() const { return std::tie(tb, cin, cout, transposed); }
+  bool operator<(const WinoKey& o) const { return Tie() < o.Tie(); }
+};
+
+struct WinoEntry {
+  dnnl::matmul prim;
+  dnnl::memory::desc src, weights, dst, scratchpad;
+};
+
+std::map<WinoKey, std::unique_ptr<WinoEntry>> g_wino;  // guarded by g_mu
+thread_local Buffer t_zeros;
+
+WinoEntry* GetMatmul(const WinoKey& k) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto found = g_wino.find(k);
+  if (found != g_wino.end()) return found->second.get();
+  auto e = std::make_unique<WinoEntry>();
+  e->src = dnnl::memory::desc({16, k.tb, k.cin}, dt::f32, dnnl::memory::format_tag::abc);
+  e->dst = dnnl::memory::desc({16, k.tb, k.cout}, dt::f32, dnnl::memory::format_tag::abc);
+  e->weights = k.transposed
+      ? dnnl::memory::desc({16, k.cin, k.cout}, dt::f32, dims{k.cin * k.cout, 1, k.cin})
+      : dnnl::memory::desc({16, k.cin, k.cout}, dt::f32, dnnl::memory::format_tag::abc);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::matmul::primitive_desc pd(Engine(), e->src, e->weights, e->dst, attr);
+  e->prim = dnnl::matmul(pd);
+  e->scratchpad = pd.scratchpad_desc();
+  return g_wino.emplace(k, std::move(e)).first->second.get();
+}
+
+// U[p][c][o] = (G g G^T)[p] for g = w[:, :, c, o] (HWIO), or for the input gradient the same of
+// w rotated by 180 degrees; rows c in [c0, c1).
+void TransformWeights(const float* w, int64_t ci, int64_t co, bool rotate, int64_t c0,
+                      int64_t c1, float* U) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const float* g[9];
+    for (int i = 0; i < 3; ++i) {
+      for (int j = 0; j < 3; ++j) {
+        const int a = rotate ? 2 - i : i, b = rotate ? 2 - j : j;
+        g[i * 3 + j] = w + ((a * 3 + b) * ci + c) * co;
+      }
+    }
+    float* u = U + c * co;
+    const int64_t plane = ci * co;
+#pragma omp simd
+    for (int64_t o = 0; o < co; ++o) {
+      float t[4][3];  // G g: rows of G times g's columns
+      for (int j = 0; j < 3; ++j) {
+        const float g0 = g[j][o], g1 = g[3 + j][o], g2 = g[6 + j][o];
+        t[0][j] = g0;
+        t[1][j] = .5f * (g0 + g1 + g2);
+        t[2][j] = .5f * (g0 - g1 + g2);
+        t[3][j] = g2;
+      }
+      for (int i = 0; i < 4; ++i) {  // (G g) G^T
+        u[(i * 4 + 0) * plane + o] = t[i][0];
+        u[(i * 4 + 1) * plane + o] = .5f * (t[i][0] + t[i][1] + t[i][2]);
+        u[(i * 4 + 2) * plane + o] = .5f * (t[i][0] - t[i][1] + t[i][2]);
+        u[(i * 4 + 3) * plane + o] = t[i][2];
+      }
+    }
+  }
+}
+
+// The forward pass (with k.bias, plus the bias and the ReLU) or the input gradient of key k
+// (UseWinograd) on activations `act`, weights w, into `out`, in slices of the batch.
+ffi::Error RunWinograd(ffi::ThreadPool& pool, const Key& k, const float* act, const float* w,
+                       float* out, const float* bias) {
+  const bool fwd = k.pass == kFwd;
+  const int64_t cin = fwd ? k.ci : k.co, cout = fwd ? k.co : k.ci, h = k.h, wd = k.w;
+  const int64_t th = (h + 1) / 2, tw = (wd + 1) / 2, per_image = th * tw;
+  const int64_t block = std::clamp<int64_t>(65536 / std::max(cin, cout), 32, 512);
+  float* U = static_cast<float*>(t_call.Get(16 * k.ci * k.co * sizeof(float)));
+  constexpr int64_t kRows = 16;
+  const int64_t row_blocks = (k.ci + kRows - 1) / kRows;
+  xrayjax::ParallelFor(pool, row_blocks, xrayjax::Workers(pool, row_blocks), [&](int64_t r) {
+    TransformWeights(w, k.ci, k.co, !fwd, r * kRows, std::min(k.ci, (r + 1) * kRows), U);
+  });
+  auto& engine = Engine();
+  const std::string error = xrayjax::ForSlices(pool, k.n, xrayjax::Workers(pool, k.n),
+                                               [&](int64_t, int64_t n0, int64_t n, int) {
+    const float* x = act + n0 * h * wd * cin;
+    float* y = out + n0 * h * wd * cout;
+    const int64_t tiles = n * per_image;
+    float* zeros = static_cast<float*>(t_zeros.Get(cin * sizeof(float)));
+    std::fill_n(zeros, cin, 0.f);
+    dnnl::stream stream(engine);
+    for (int64_t t0 = 0; t0 < tiles; t0 += block) {
+      const int64_t tb = std::min(block, tiles - t0);
+      WinoEntry* e = GetMatmul({tb, cin, cout, !fwd});
+      float* V = static_cast<float*>(t_src.Get(e->src.get_size()));
+      float* M = static_cast<float*>(t_dst.Get(e->dst.get_size()));
+      // V = B^T d B for each tile's 4x4 inputs d (zeros outside the map).
+      const int64_t vp = tb * cin;
+      for (int64_t t = 0; t < tb; ++t) {
+        const int64_t img = (t0 + t) / per_image, r = (t0 + t) % per_image;
+        const int64_t y0 = 2 * (r / tw) - 1, x0 = 2 * (r % tw) - 1;
+        const float* d[16];
+        for (int i = 0; i < 4; ++i) {
+          for (int j = 0; j < 4; ++j) {
+            const int64_t yy = y0 + i, xx = x0 + j;
+            d[i * 4 + j] = yy < 0 || yy >= h || xx < 0 || xx >= wd
+                ? zeros : x + ((img * h + yy) * wd + xx) * cin;
+          }
+        }
+        float* v = V + t * cin;
+#pragma omp simd
+        for (int64_t c = 0; c < cin; ++c) {
+          float q[4][4];  // B^T d
+          for (int j = 0; j < 4; ++j) {
+            const float d0 = d[j][c], d1 = d[4 + j][c], d2 = d[8 + j][c], d3 = d[12 + j][c];
+            q[0][j] = d0 - d2;
+            q[1][j] = d1 + d2;
+            q[2][j] = d2 - d1;
+            q[3][j] = d1 - d3;
+          }
+          for (int i = 0; i < 4; ++i) {  // (B^T d) B
+            v[(i * 4 + 0) * vp + c] = q[i][0] - q[i][2];
+            v[(i * 4 + 1) * vp + c] = q[i][1] + q[i][2];
+            v[(i * 4 + 2) * vp + c] = q[i][2] - q[i][1];
+            v[(i * 4 + 3) * vp + c] = q[i][1] - q[i][3];
+          }
+        }
+      }
+      dnnl::memory scratchpad(e->scratchpad, engine, t_scratchpad.Get(e->scratchpad.get_size()));
+      e->prim.execute(stream, {{DNNL_ARG_SRC, dnnl::memory(e->src, engine, V)},
+                               {DNNL_ARG_WEIGHTS, dnnl::memory(e->weights, engine, U)},
+                               {DNNL_ARG_DST, dnnl::memory(e->dst, engine, M)},
+                               {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      stream.wait();
+      // Outputs A^T M A, plus the bias and the ReLU (added after the sum, as XLA adds them).
+      const int64_t mp = tb * cout;
+      for (int64_t t = 0; t < tb; ++t) {
+        const int64_t img = (t0 + t) / per_image, r = (t0 + t) % per_image;
+        const int64_t y0 = 2 * (r / tw), x0 = 2 * (r % tw);
+        const bool right = x0 + 1 < wd, down = y0 + 1 < h;
+        const float* m = M + t * cout;
+        float* o = y + ((img * h + y0) * wd + x0) * cout;
+#pragma omp simd
+        for (int64_t c = 0; c < cout; ++c) {
+          float s[2][4];  // A^T M
+          for (int j = 0; j < 4; ++j) {
+            const float m0 = m[j * mp + c], m1 = m[(4 + j) * mp + c],
+                        m2 = m[(8 + j) * mp + c], m3 = m[(12 + j) * mp + c];
+            s[0][j] = m0 + m1 + m2;
+            s[1][j] = m1 - m2 - m3;
+          }
+          float a[4] = {s[0][0] + s[0][1] + s[0][2], s[0][1] - s[0][2] - s[0][3],
+                        s[1][0] + s[1][1] + s[1][2], s[1][1] - s[1][2] - s[1][3]};
+          if (bias) {
+            for (float& v : a) v = std::max(v + bias[c], 0.f);
+          }
+          o[c] = a[0];
+          if (right) o[cout + c] = a[1];
+          if (down) o[wd * cout + c] = a[2];
+          if (down && right) o[(wd + 1) * cout + c] = a[3];
+        }
+      }
+    }
+  });
+  if (!error.empty()) return ffi::Error::Internal("dnnl_conv: oneDNN failed: " + error);
+  return ffi::Error::Success();
+}
+
 // Runs pass k.pass on activations `act` (x, or g for the input gradient), the other operand
 // `other` (w, or g for the weight gradient) and the result `out`, in slices of the batch; with
 // k.bias, the forward pass reads the bias `bias`.
@@ -252,6 +443,7 @@ ffi::Error Run(ffi::ThreadPool& pool, Key k, const float* act, const float* othe
     if (k.pass == kBwdWeights) std::fill_n(out, k.kh * k.kw * (k.ci / k.groups) * k.co, 0.f);
     return ffi::Error::Success();
   }
+  if (UseWinograd(k)) return RunWinograd(pool, k, act, other, out, bias);
   // Slice p holds images [n * p / parts, n * (p + 1) / parts): at most two sizes.
   const int parts = xrayjax::Workers(pool, k.n);
   const int64_t x_image = k.h * k.w * k.ci, y_image = k.ho * k.wo * k.co;
