@@ -128,6 +128,7 @@ for cin, cout in ((128, 256), (64, 256)):  # Winograd's, then too few input chan
   w = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32))
   y, vjp = jax.vjp(lambda x: kernels.conv(x, w, 1, pad), x)
   print(cin, cout, np.asarray(vjp(y)[0]).view(np.uint32).sum(dtype=np.uint64))
+print(kernels.status())
 """
 
 
@@ -146,6 +147,8 @@ def test_winograd_runs_where_it_pays_and_can_be_turned_off():
   assert re.search(r"matmul,.*,16x\d+x256:16x256x128,", on), on[-3000:]
   assert not re.search(r"convolution,[^,]*,(forward|backward_data).*ic128oc256_ih8", on)
   assert "ic64oc256" in on and "matmul" not in off
+  assert "(Winograd F(2x2, 3x3) for wide 3x3 layers)" in on
+  assert "(Winograd F(2x2, 3x3) off: XRAYJAX_WINOGRAD=0)" in off
   # Different sums of the same products: the results differ by round-off.
   sums = [dict(l.split(" ", 2)[::2] for l in o.splitlines() if l[:1].isdigit())
           for o in (on, off)]

@@ -5,7 +5,10 @@ XLA's CPU backend runs convolutions well below this machine's peak, and grouped 
 far below it (docs/performance.md has the figures). Every float32 convolution with a kernel
 larger than 1x1 (dense, strided, grouped, depthwise) runs its forward pass, input gradient and
 weight gradient through oneDNN (`onednn_conv.cc`), the library TensorFlow's CPU kernels call,
-from the `onednn-cpu-gomp` wheel. 1x1 convolutions run their forward pass through oneDNN too,
+from the `onednn-cpu-gomp` wheel; stride-1 3x3 SAME ones with 128 channels or more on each side
+run their forward pass and input gradient as Winograd F(2x2, 3x3) there (2.25 times fewer
+multiplications; our transforms, oneDNN's matmul for the products; `XRAYJAX_WINOGRAD=0` keeps
+the direct convolution, whose results differ by round-off). 1x1 convolutions run their forward pass through oneDNN too,
 their input gradient as one matrix product (XLA's `dot_general`), and their weight gradient as
 a native OpenBLAS `sgemm` (`cpu_kernels.cc`), where XLA first copies both operands into
 transposed layouts and oneDNN was slower (the figures are in docs/performance.md). Overlapping
@@ -115,8 +118,10 @@ def _load() -> tuple[bool, str]:
   except (ImportError, OSError, RuntimeError) as e:
     logging.warning("xrayjax.kernels: using XLA's convolutions on the CPU: %s", e)
     return False, f"XLA's convolutions (native kernels unavailable: {e})"
-  return True, (f"native CPU kernels: oneDNN {_onednn()[0]} convolutions and max pooling, "
-                f"Threefry-2x32 ({path})")
+  winograd = ("off: XRAYJAX_WINOGRAD=0" if os.environ.get("XRAYJAX_WINOGRAD", "1") == "0"
+              else "for wide 3x3 layers")
+  return True, (f"native CPU kernels: oneDNN {_onednn()[0]} convolutions (Winograd F(2x2, 3x3) "
+                f"{winograd}) and max pooling, Threefry-2x32 ({path})")
 
 
 def _threefry2x32(k1, k2, x1, x2):

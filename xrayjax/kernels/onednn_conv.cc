@@ -7,7 +7,9 @@
 //   xrayjax_dnnl_conv_fwd(x[N,H,W,Ci], w[KH,KW,Ci/G,Co]) -> y[N,Ho,Wo,Co]
 //   xrayjax_dnnl_conv_bwd_data(g[N,Ho,Wo,Co], w) -> dx[N,H,W,Ci]
 //   xrayjax_dnnl_conv_bwd_weights(x, g) -> dw[KH,KW,Ci/G,Co]
-// and a forward pass with a bias and a ReLU (VGG16's layers), fused as TensorFlow fuses them:
+// Stride-1 3x3 SAME convolutions with 128 channels or more on each side run their forward pass
+// and input gradient as Winograd F(2x2, 3x3) instead (RunWinograd, below).
+// And a forward pass with a bias and a ReLU (VGG16's layers), fused as TensorFlow fuses them:
 // oneDNN adds the bias and applies the ReLU as it writes each output (the bias's gradient stays
 // XLA's sum, so training matches the unfused layers bit for bit):
 //   xrayjax_dnnl_conv_bias_relu_fwd(x, w, b[Co]) -> y = max(conv(x, w) + b, 0)
