@@ -8,10 +8,11 @@ weight gradient through oneDNN (`onednn_conv.cc`), the library TensorFlow's CPU 
 from the `onednn-cpu-gomp` wheel; stride-1 3x3 SAME ones with 128 channels or more on each side
 run their forward pass and input gradient as Winograd F(2x2, 3x3) there (2.25 times fewer
 multiplications; our transforms, oneDNN's matmul for the products; `XRAYJAX_WINOGRAD=0` keeps
-the direct convolution, whose results differ by round-off). 1x1 convolutions run their forward pass through oneDNN too,
-their input gradient as one matrix product (XLA's `dot_general`), and their weight gradient as
-a native OpenBLAS `sgemm` (`cpu_kernels.cc`), where XLA first copies both operands into
-transposed layouts and oneDNN was slower (the figures are in docs/performance.md). Overlapping
+the direct convolution, whose results differ by round-off). 1x1 convolutions run their forward
+pass through oneDNN too, their input gradient as one matrix product (XLA's `dot_general`), and
+their weight gradient as a native OpenBLAS `sgemm` (`cpu_kernels.cc`), where XLA first copies
+both operands into transposed layouts and oneDNN was slower (the figures are in
+docs/performance.md). Overlapping
 max pools (the ResNets' stem, Xception) run oneDNN's forward pass, which records each window's
 first maximum, and its input gradient, which reads that record (`onednn_pool.cc`), where XLA
 differentiates reduce-window through four index arrays and a scatter. jax.random's hash,
