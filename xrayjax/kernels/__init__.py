@@ -119,8 +119,8 @@ def _load() -> tuple[bool, str]:
   except (ImportError, OSError, RuntimeError) as e:
     logging.warning("xrayjax.kernels: using XLA's convolutions on the CPU: %s", e)
     return False, f"XLA's convolutions (native kernels unavailable: {e})"
-  winograd = ("off: XRAYJAX_WINOGRAD=0" if os.environ.get("XRAYJAX_WINOGRAD", "1") == "0"
-              else "for wide 3x3 layers")
+  winograd = ("for wide 3x3 layers" if lib.xrayjax_winograd_enabled()
+              else "off: XRAYJAX_WINOGRAD=0")
   return True, (f"native CPU kernels: oneDNN {_onednn()[0]} convolutions (Winograd F(2x2, 3x3) "
                 f"{winograd}) and max pooling, Threefry-2x32 ({path})")
 

@@ -250,12 +250,16 @@ Entry* Get(const Key& k) {
 // docs/performance.md. XRAYJAX_WINOGRAD=0 keeps the direct convolution everywhere.
 constexpr int64_t kWinoMinChannels = 128, kWinoMinSize = 4;
 
-bool UseWinograd(const Key& k) {
+bool WinogradEnabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("XRAYJAX_WINOGRAD");
     return !(v && std::string(v) == "0");
   }();
-  return enabled && k.pass != kBwdWeights && k.groups == 1 && k.kh == 3 && k.kw == 3 &&
+  return enabled;
+}
+
+bool UseWinograd(const Key& k) {
+  return WinogradEnabled() && k.pass != kBwdWeights && k.groups == 1 && k.kh == 3 && k.kw == 3 &&
          k.s == 1 && k.pt == 1 && k.pl == 1 && k.ho == k.h && k.wo == k.w &&
          std::min(k.ci, k.co) >= kWinoMinChannels &&
          std::min(k.h, k.w) >= kWinoMinSize;
@@ -617,6 +621,9 @@ ffi::Error ConvBiasRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
                                     .Attr<int64_t>("pt")              \
                                     .Attr<int64_t>("pl")              \
                                     .Attr<int64_t>("groups"));
+
+// For status(): whether Winograd's layers run (the library reads XRAYJAX_WINOGRAD once).
+extern "C" int xrayjax_winograd_enabled() { return WinogradEnabled(); }
 
 XRAYJAX_DNNL_CONV(xrayjax_dnnl_conv_fwd, kFwd)
 XRAYJAX_DNNL_CONV(xrayjax_dnnl_conv_bwd_data, kBwdData)
